@@ -1,0 +1,38 @@
+"""Small helpers shared by every command module: the workspace option, one-line errors, the console."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+out = Console()
+
+
+class UserError(Exception):
+    """A mistake in the user's input (bad path, unknown name, malformed file): one line, exit 2."""
+
+
+def default_work() -> Path:
+    """The workspace folder: ``$ICF_WORK`` or ``./icf-work``."""
+    return Path(os.environ.get("ICF_WORK", "icf-work"))
+
+
+WorkOption = typer.Option(
+    None, "--work", help="Workspace folder for every generated artefact (env ICF_WORK, default ./icf-work)."
+)
+
+
+def work_dir(work: Path | None) -> Path:
+    """Resolve the ``--work`` option (None → env / default)."""
+    return (work if work is not None else default_work()).expanduser()
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on one line and exit with ``code`` (no traceback)."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)

@@ -1,0 +1,276 @@
+"""Model and training configuration: dataclasses, the three presets, TOML loading and ``key=value`` overrides.
+
+Presets (SPEC §5):
+
+* ``paper-r50`` / ``paper-pvt`` — the paper's setting: 224×224 frames, ResNet-50 or PVT-v2-b5 backbone,
+  VGGish audio encoder, d = 256, AdamW lr 1e-4, batch 8, 60 epochs, and every loss weight from the
+  supplement's Table 1 (λ_z 0.8, λ_ortho 1, λ_bce = λ_dice = λ_focal = 1, λ_cf 0.2, λ_CDCL 0.2,
+  λ_v↔a 0.4, λ_a↔l 0.3, λ_v↔l 0.3, k^t 15, k^c 8, s^d = 200).
+* ``tiny`` — the same architecture shrunk so it trains in minutes on 2 CPU cores: 64 px frames, a
+  one-block-per-stage ResNet with narrow channels, a small CNN on the log-Mel instead of VGGish, d = 48,
+  k^t = 3, k^c = 2, 10 reverse diffusion steps.
+
+A TOML file holds ``preset`` and ``dataset`` keys plus optional ``[model]`` and ``[train]`` tables whose
+keys override the preset; ``key=value`` strings (``model.d_model=64``, ``train.lr=3e-4`` or, when the
+name is unique, ``d_model=64``) are parsed as TOML values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("s4", "ms3", "avss")
+PRESETS = ("tiny", "paper-r50", "paper-pvt")
+COMPONENTS = frozenset({"mit", "sc", "cdcl"})
+AVSS_NUM_CLASSES = 71  # 70 sounding classes + background (manifests/avss.toml)
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of :class:`icf.model.ICF` (architecture, MIT, SC, CDCL, loss weights).
+
+    ``num_classes`` is 1 for the binary subsets (S4, MS3: one mask logit) and 71 for AVSS (class logits incl.
+    background). ``frames`` is T (5 or 10); ``segment_div`` is 2 for S4/MS3 and 4 for AVSS (supplement §3
+    note 1: segment windows of ⌈T/2⌉ or ⌈T/4⌉ frames).
+    """
+
+    dataset: str = "s4"
+    num_classes: int = 1
+    frames: int = 5
+    image_size: int = 224
+    # --- baseline segmenter
+    backbone: str = "resnet50"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str | None = None
+    audio_encoder: str = "vggish"  # "vggish" (icf.encoders.vggish.VGGish) | "cnn" (small CNN, tiny preset)
+    audio_weights: str | None = None
+    freeze_audio: bool = True  # keep loaded VGGish weights fixed (ignored when weights are random)
+    audio_channels: tuple[int, ...] = (32, 64, 128)  # widths of the small CNN ("cnn" encoder)
+    d_model: int = 256
+    num_heads: int = 8
+    ffn_dim: int = 1024
+    enc_layers: int = 6  # MSDeformAttn pixel-decoder layers
+    dec_layers: int = 6  # bidirectional query-decoder layers
+    num_points: int = 4  # sampling points per head and level in MSDeformAttn
+    num_queries: int = 100  # learnable queries
+    num_audio_queries: int = 16  # audio-conditioned queries per frame
+    dropout: float = 0.0
+    # --- MIT (Eq. 1-5)
+    k_t: int = 15  # soft prompts per level (supplement Table 1; note 2 says 30)
+    n_ctx: int = 4  # pseudo-word tokens per soft prompt
+    text_mode: str = "tower"  # "tower" (soft prompts through frozen text towers) | "bank" (cached text bank)
+    hard_top1: bool = False  # Eq. 3 as a hard arg-max (straight-through) instead of a softmax
+    mit_tau: float = 0.1  # Eq. 1 temperature
+    select_tau: float = 0.07  # Eq. 3 softmax temperature over candidates
+    mit_pool: int = 7  # spatial size the MIT channel tokens are pooled to
+    segment_div: int = 2
+    # --- SC (Eq. 6-12)
+    k_c: int = 8  # Top-K counterfactuals kept (Eq. 12); 2·k_c candidates are generated
+    cf_start_step: int = 200  # s^d: diffusion step t* where orthogonalisation intervenes
+    diffusion_train_steps: int = 1000
+    cf_steps: int = 10  # DDIM steps from t* back to 0
+    alpha_range: tuple[float, float] = (0.7, 0.8)  # α_k ~ U[lo, hi) (§4.2 "α^o = [0.7, 0.8)")
+    eps_hidden: int = 512  # ε-network width
+    # --- CDCL (Eq. 13-17)
+    tau: float = 0.1  # contrastive temperature (logits = −D/τ)
+    theta: float = 0.8  # cosine threshold on ℓ^a for the positives of L_v↔a
+    gamma: float = 0.1  # entropy weight γ in Eq. 15
+    cov_eps: float = 1e-4  # ε of the Σ + εI regulariser (and the text Gaussians' covariance)
+    entropy_per_dim: bool = True  # use H/d in Eq. 15 (d-independent scale)
+    # --- losses (Eq. 10, 11, 18, 19; supplement Table 1)
+    lambda_bce: float = 1.0
+    lambda_dice: float = 1.0
+    lambda_focal: float = 1.0
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    lambda_cf: float = 0.2
+    lambda_cdcl: float = 0.2
+    lambda_va: float = 0.4
+    lambda_vl: float = 0.3
+    lambda_al: float = 0.3
+    lambda_z: float = 0.8
+    lambda_ortho: float = 1.0
+    ablate: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.ablate = frozenset(self.ablate)
+        self.audio_channels = tuple(self.audio_channels)
+        self.alpha_range = tuple(self.alpha_range)
+        unknown = self.ablate - COMPONENTS
+        if unknown:
+            raise ValueError(f"unknown ablate component(s) {sorted(unknown)}; expected a subset of {sorted(COMPONENTS)}")
+        if self.text_mode not in ("tower", "bank"):
+            raise ValueError(f"text_mode must be 'tower' or 'bank', not {self.text_mode!r}")
+        if self.audio_encoder not in ("vggish", "cnn"):
+            raise ValueError(f"audio_encoder must be 'vggish' or 'cnn', not {self.audio_encoder!r}")
+        if not 0 < self.cf_start_step <= self.diffusion_train_steps:
+            raise ValueError("cf_start_step must lie in (0, diffusion_train_steps]")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+
+    def uses(self, component: str) -> bool:
+        """Whether ``component`` (mit | sc | cdcl) is on. SC needs MIT's z (paper §4.2: "The SC cannot work
+        independently of the MIT"), so ablating MIT also switches SC off."""
+        if component == "sc":
+            return "sc" not in self.ablate and "mit" not in self.ablate
+        return component not in self.ablate
+
+    @property
+    def binary(self) -> bool:
+        """True for S4/MS3 (one sigmoid mask channel), False for AVSS (softmax over classes)."""
+        return self.num_classes == 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings read by the trainer (icf/train)."""
+
+    lr: float = 1e-4
+    batch_size: int = 8
+    epochs: int = 60
+    weight_decay: float = 1e-4
+    schedule: str = "poly"  # "poly" | "cosine" | "constant"
+    warmup_steps: int = 0
+    backbone_lr_mult: float = 0.1
+    grad_clip: float = 1.0
+    amp: bool = True  # used only on CUDA
+    seed: int = 0
+    max_steps: int | None = None  # stop early (tiny runs, smoke tests)
+
+
+def _dataset_fields(dataset: str) -> dict[str, Any]:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    if dataset == "avss":
+        return dict(dataset=dataset, num_classes=AVSS_NUM_CLASSES, frames=10, segment_div=4)
+    return dict(dataset=dataset, num_classes=1, frames=5, segment_div=2)
+
+
+def preset(name: str, dataset: str) -> tuple[ModelConfig, TrainConfig]:
+    """The named preset (``tiny`` | ``paper-r50`` | ``paper-pvt``) for ``dataset`` (``s4`` | ``ms3`` | ``avss``)."""
+    base = _dataset_fields(dataset)
+    if name == "paper-r50":
+        return ModelConfig(**base, backbone="resnet50"), TrainConfig()
+    if name == "paper-pvt":
+        return ModelConfig(**base, backbone="pvt_v2_b5"), TrainConfig()
+    if name == "tiny":
+        model = ModelConfig(
+            **base,
+            image_size=64,
+            backbone="resnet18",
+            backbone_kwargs={"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 96]},
+            audio_encoder="cnn",
+            audio_channels=(16, 32, 48),
+            d_model=48,
+            num_heads=4,
+            ffn_dim=96,
+            enc_layers=1,
+            dec_layers=2,
+            num_points=2,
+            num_queries=4,
+            num_audio_queries=4,
+            k_t=3,
+            n_ctx=2,
+            mit_pool=2,
+            k_c=2,
+            cf_steps=10,
+            eps_hidden=64,
+        )
+        return model, TrainConfig(lr=1e-3, batch_size=4, epochs=30, weight_decay=1e-4, grad_clip=1.0)
+    raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    """Turn a TOML value into the field's type (lists → tuples / frozensets where the field wants them)."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in names:
+        raise ValueError(f"unknown {cls.__name__} key {key!r}")
+    if key == "ablate":
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        return frozenset(value)
+    if isinstance(value, list) and key != "backbone_kwargs":
+        return tuple(value)
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """A ``key=value`` right-hand side as TOML (``64``, ``1e-3``, ``true``, ``[1,2]``, ``"x"``); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """Apply ``key=value`` overrides; keys are ``model.X``, ``train.X`` or a bare ``X`` that names one field."""
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    m_updates: dict[str, Any] = {}
+    t_updates: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, text = (s.strip() for s in item.split("=", 1))
+        section, _, name = key.rpartition(".")
+        if not section:
+            section = "model" if name in model_fields else "train" if name in train_fields else ""
+            if name in model_fields and name in train_fields:
+                raise ValueError(f"override key {name!r} is ambiguous; write model.{name} or train.{name}")
+        if section == "model":
+            m_updates[name] = _coerce(ModelConfig, name, _parse_value(text))
+        elif section == "train":
+            t_updates[name] = _coerce(TrainConfig, name, _parse_value(text))
+        else:
+            raise ValueError(f"unknown config key {key!r}")
+    return dataclasses.replace(model, **m_updates), dataclasses.replace(train, **t_updates)
+
+
+def load_toml(path: str | Path, overrides: list[str] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """Read a config TOML (``preset``, ``dataset``, optional ``[model]`` / ``[train]`` tables) then apply overrides.
+
+    Raises:
+        ValueError: naming ``path`` and the reason, for unreadable TOML or unknown keys.
+    """
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"{path}: cannot read config ({err})") from err
+    try:
+        model, train = preset(doc.get("preset", "tiny"), doc.get("dataset", "s4"))
+        items = [f"model.{k}={_toml_literal(v)}" for k, v in doc.get("model", {}).items()]
+        items += [f"train.{k}={_toml_literal(v)}" for k, v in doc.get("train", {}).items()]
+        return apply_overrides(model, train, items + list(overrides or []))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def _toml_literal(value: Any) -> str:
+    """Render a parsed TOML value back into TOML text (round trip through ``_parse_value``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def to_dict(model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
+    """JSON/TOML-friendly view of both configs (sets → sorted lists, tuples → lists), for checkpoints and logs."""
+
+    def plain(cfg: Any) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            out[f.name] = sorted(v) if isinstance(v, frozenset) else list(v) if isinstance(v, tuple) else v
+        return out
+
+    return {"model": plain(model), "train": plain(train)}

@@ -1,0 +1,81 @@
+"""Evaluation of a predictor on a split of the shards, with the robustness settings of §6.
+
+A predictor maps a Batch to per-frame predictions ``(B, T, H, W)``: foreground probabilities for S4/MS3,
+class ids for AVSS (``ICF.predict`` does this; so do the baselines). Clips are read in shard order in
+batches of 4 (the official test batch size, which the ``official`` F aggregation depends on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from icf.data.shards import ShardSet, ShardStream, make_loader
+from icf.eval.metrics import OFFICIAL_CLIPS_PER_BATCH, make_metrics
+from icf.eval.robustness import AudioRotation, frame_mix, noisy_batch
+
+Predictor = Callable[[dict[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Robustness settings: background noise (dB SNR), frame-mix fraction, clip-shuffled audio."""
+
+    snr_db: float | None = None
+    frame_mix: float | None = None
+    shuffle_audio: bool = False
+    seed: int = 0
+
+    def describe(self) -> str:
+        parts = [f"snr {self.snr_db:g} dB" if self.snr_db is not None else "", f"frame-mix {self.frame_mix:g}" if self.frame_mix else "",
+                 "shuffled audio" if self.shuffle_audio else ""]
+        return ", ".join(p for p in parts if p) or "clean"
+
+
+def batches(shards: ShardSet, split: str, image_size: int, limit: int | None = None, workers: int = 0) -> Iterator[dict[str, Any]]:
+    """The clips of ``split`` in shard order, batches of 4."""
+    stream = ShardStream(shards, split, OFFICIAL_CLIPS_PER_BATCH, image_size, train=False, limit=limit)
+    yield from make_loader(stream, workers)
+
+
+def perturbed(stream: Iterator[dict[str, Any]], p: Perturbation) -> Iterator[dict[str, Any]]:
+    """Apply the audio shuffle, then noise, then frame mixing to every batch (seeded by ``p.seed``)."""
+    gen = torch.Generator().manual_seed(p.seed)
+    rotate = AudioRotation() if p.shuffle_audio else None
+    for batch in stream:
+        if rotate is not None:
+            batch = rotate(batch)
+        if p.snr_db is not None:
+            batch = noisy_batch(batch, p.snr_db, gen)
+        if p.frame_mix:
+            batch = frame_mix(batch, p.frame_mix, gen)
+        yield batch
+
+
+@torch.no_grad()
+def evaluate(
+    predict: Predictor,
+    shards: ShardSet,
+    split: str,
+    image_size: int,
+    f_mode: str = "official",
+    perturbation: Perturbation = Perturbation(),
+    limit: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Metrics of ``predict`` on ``split`` (see :mod:`icf.eval.metrics` for the keys)."""
+    metrics = make_metrics(shards.dataset, shards.num_classes, f_mode)
+    for batch in perturbed(batches(shards, split, image_size, limit), perturbation):
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        pred = predict(moved).cpu()
+        metrics.update(pred, batch["masks"], batch["gt"] & batch["valid"])
+    return {**metrics.compute(), "split": split, "setting": perturbation.describe()}
+
+
+def model_predictor(model: torch.nn.Module) -> Predictor:
+    """``model.predict`` in eval mode."""
+    model.eval()
+    return lambda batch: model.predict(batch)

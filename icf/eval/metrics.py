@@ -1,0 +1,311 @@
+"""AVSBench metrics exactly as the official evaluation code computes them (FORMATS.md §2), streaming.
+
+Two accumulators, one per task. Both take one batch at a time (``update``) and give every number at the
+end (``compute``); the per-frame work is vectorised, the aggregation follows the official loops.
+
+S4 / MS3 (binary, :class:`BinaryMetrics`, FORMATS §2.1–2.2), on foreground probabilities in [0, 1]:
+
+* J: per frame, foreground IoU of ``prob > 0.5`` with the GT, ``inter / (union + 1e-7)``; a frame whose GT
+  is empty scores the background IoU instead (true negatives / H·W).
+* F: per frame, precision and recall of ``prob >= th`` for the official 255 thresholds
+  ``linspace(0, 1 - 1e-10, 255)`` (float32), F_β with β² = 0.3, NaN → 0; empty-GT frames are skipped.
+  ``official`` mode: the frames of each batch of 4 clips (in evaluation order) give a mean F curve whose
+  maximum is that batch's F; a batch without a non-empty frame scores 0 (as the official code does); the
+  result is the mean over batches. J is averaged the official way too (mean per batch, then over
+  batches). ``dataset`` mode: one mean curve over every non-empty frame of the split, then its maximum
+  (the batch-size independent fix); J is the plain mean over frames.
+
+AVSS (71 classes incl. background, :class:`SemanticMetrics`, FORMATS §2.3), on class-index maps:
+
+* per frame and per class c: IoU_c = inter / (2.22e-16 + union), F_c = F_β(P_c, R_c) with NaN → 0; the
+  class's frame count grows only where c is in prediction ∪ GT. Per-class mean = sum / count (0 where a
+  class never occurs), J (= mIoU) and F are the means over **all** classes, background included.
+* ``J_present`` / ``F_present``: the same per-class means averaged over the classes that occur in the
+  split's ground truth (SPEC §6; the official mean caps a split holding k classes at (k + 1) / 71).
+* Padded frames: the official AVSS test pads v1s/v1m clips to 10 frames with all-background labels and
+  all-background predictions and scores them, which inflates the background IoU. Here only frames with
+  ground truth are scored (``gt``; padded frames never have GT), as COMBO-AVS does.
+
+FDR (both tasks; CAVP ``ForegroundDetect``, FORMATS §2.4): a dataset-level pixel confusion matrix over the
+scored frames (rows GT, columns prediction; binary tasks use the two classes background/foreground at the
+0.5 threshold), FDR_c = FP_c / (FP_c + TP_c), NaN-mean over classes (classes never predicted drop out).
+
+Every returned value is a fraction in [0, 1] (papers print ×100).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+F_BETA2 = 0.3
+N_THRESHOLDS = 255
+J_EPS = 1e-7
+SEM_EPS = 2.220446049250313e-16
+OFFICIAL_CLIPS_PER_BATCH = 4
+F_MODES = ("official", "dataset")
+
+
+def f_thresholds(n: int = N_THRESHOLDS) -> torch.Tensor:
+    """The official thresholds ``torch.linspace(0, 1 - 1e-10, n)`` in float32 (the last one rounds to 1.0)."""
+    return torch.linspace(0, 1 - 1e-10, n, dtype=torch.float32)
+
+
+def binary_frame_iou(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Official per-frame J.
+
+    Args:
+        probs: ``(N, H, W)`` foreground probabilities.
+        masks: ``(N, H, W)`` 0/1 ground truth.
+    Returns:
+        ``(N,)`` float64 IoU; empty-GT frames give TN / H·W.
+    """
+    pred = probs.float() > 0.5
+    target = masks.bool()
+    n_pixels = target.shape[-1] * target.shape[-2]
+    inter = (pred & target).flatten(1).sum(1).double()
+    union = (pred | target).flatten(1).sum(1).double()
+    empty = target.flatten(1).sum(1) == 0
+    inter_bg = (~pred & ~target).flatten(1).sum(1).double()
+    inter = torch.where(empty, inter_bg, inter)
+    union = torch.where(empty, torch.full_like(union, float(n_pixels)), union)
+    return inter / (union + J_EPS)
+
+
+def binary_frame_fcurves(probs: torch.Tensor, masks: torch.Tensor, n: int = N_THRESHOLDS) -> torch.Tensor:
+    """Official per-frame F_β curves over the ``n`` thresholds, in O(pixels) via threshold buckets.
+
+    A pixel with probability p is predicted positive at threshold i iff ``p >= th[i]``, i.e. for the first
+    ``k = #{i : th[i] <= p}`` thresholds; counting pixels per k and taking reverse cumulative sums gives
+    the predicted-positive and true-positive counts at every threshold at once.
+
+    Args:
+        probs: ``(N, H, W)`` foreground probabilities.
+        masks: ``(N, H, W)`` 0/1 ground truth.
+    Returns:
+        ``(N, n)`` float64 F curves (NaN → 0, as the official code).
+    """
+    th = f_thresholds(n)
+    frames = probs.shape[0]
+    k = torch.searchsorted(th, probs.float().flatten(1).contiguous(), right=True)  # (N, HW) in 0..n
+    fg = masks.flatten(1).bool()
+    offset = torch.arange(frames).unsqueeze(1) * (n + 1)
+    hist_all = torch.bincount((k + offset).flatten(), minlength=frames * (n + 1)).view(frames, n + 1)
+    hist_fg = torch.bincount((k + offset)[fg], minlength=frames * (n + 1)).view(frames, n + 1)
+    # positives at threshold i = pixels whose bucket k > i
+    n_pos = hist_all.flip(1).cumsum(1).flip(1)[:, 1:].double()
+    tp = hist_fg.flip(1).cumsum(1).flip(1)[:, 1:].double()
+    n_gt = fg.sum(1, keepdim=True).double()
+    precision = torch.where(n_pos > 0, tp / n_pos.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(n_gt > 0, tp / n_gt.clamp_min(1), torch.zeros_like(tp))
+    f = (1 + F_BETA2) * precision * recall / (F_BETA2 * precision + recall)
+    return torch.nan_to_num(f, nan=0.0)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Pixel confusion matrix ``(K, K)`` int64, rows = GT class, columns = predicted class."""
+    idx = target.reshape(-1).long() * num_classes + pred.reshape(-1).long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def false_discovery_rate(cm: torch.Tensor) -> float:
+    """CAVP FDR: ``nanmean_c FP_c / (FP_c + TP_c)`` from a dataset-level confusion matrix (nan if empty)."""
+    cm = cm.double()
+    tp = cm.diag()
+    fp = cm.sum(0) - tp
+    rates = fp / (fp + tp)
+    return float(torch.nanmean(rates)) if torch.isfinite(rates).any() else float("nan")
+
+
+def semantic_frame_areas(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
+    """Per-frame, per-class pixel areas (the official ``histc`` counts).
+
+    Args:
+        pred, target: ``(N, H, W)`` class indices in ``[0, K)``.
+    Returns:
+        ``inter, area_pred, area_lab``, each ``(N, K)`` float64.
+    """
+    frames = target.shape[0]
+    pred = pred.flatten(1).long()
+    target = target.flatten(1).long()
+    offset = torch.arange(frames).unsqueeze(1) * num_classes
+    size = frames * num_classes
+
+    def count(idx: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(idx, minlength=size).view(frames, num_classes).double()
+
+    hit = pred == target
+    return count((target + offset)[hit]), count((pred + offset).flatten()), count((target + offset).flatten())
+
+
+def _check(pred: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor) -> None:
+    if pred.shape != masks.shape or pred.dim() != 4 or gt.shape != pred.shape[:2]:
+        raise ValueError(
+            f"expected pred and masks (B, T, H, W) and gt (B, T); got {tuple(pred.shape)}, "
+            f"{tuple(masks.shape)}, {tuple(gt.shape)}"
+        )
+
+
+@dataclass
+class _ClipStats:
+    """What the official batch-wise aggregation needs from one clip."""
+
+    iou_sum: float
+    n_frames: int
+    f_sum: torch.Tensor  # (255,) sum of F curves over the clip's non-empty-GT frames
+    n_nonempty: int
+
+
+@dataclass
+class BinaryMetrics:
+    """Streaming S4/MS3 J, F, FDR. Feed clips in evaluation order (the ``official`` F depends on it)."""
+
+    f_mode: str = "official"
+    clips_per_batch: int = OFFICIAL_CLIPS_PER_BATCH
+    clips: list[_ClipStats] = field(default_factory=list)
+    cm: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, dtype=torch.int64))
+
+    def __post_init__(self) -> None:
+        if self.f_mode not in F_MODES:
+            raise ValueError(f"f_mode must be one of {F_MODES}, got {self.f_mode!r}")
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            probs: ``(B, T, H, W)`` foreground probabilities in [0, 1].
+            masks: ``(B, T, H, W)`` 0/1 ground truth.
+            gt: ``(B, T)`` bool, frames that have ground truth (only those are scored).
+        """
+        _check(probs, masks, gt)
+        probs, masks, gt = probs.detach().cpu(), masks.detach().cpu(), gt.detach().cpu().bool()
+        for b in range(probs.shape[0]):
+            p, m = probs[b][gt[b]], masks[b][gt[b]]
+            if p.shape[0] == 0:
+                continue
+            nonempty = m.flatten(1).sum(1) > 0
+            curves = binary_frame_fcurves(p[nonempty], m[nonempty])
+            self.clips.append(
+                _ClipStats(
+                    iou_sum=float(binary_frame_iou(p, m).sum()),
+                    n_frames=int(p.shape[0]),
+                    f_sum=curves.sum(0),
+                    n_nonempty=int(nonempty.sum()),
+                )
+            )
+            self.cm += confusion_matrix((p.float() > 0.5).long(), m.long(), 2)
+
+    def _batches(self) -> list[list[_ClipStats]]:
+        n = self.clips_per_batch
+        return [self.clips[i : i + n] for i in range(0, len(self.clips), n)]
+
+    def compute(self) -> dict[str, float | int | str]:
+        """``J``, ``F``, ``JF`` = (J + F) / 2, ``FDR``, ``n_frames``, ``f_mode``."""
+        if not self.clips:
+            raise ValueError("no frame with ground truth was scored")
+        if self.f_mode == "official":
+            j_b, f_b = [], []
+            for batch in self._batches():
+                j_b.append(sum(c.iou_sum for c in batch) / sum(c.n_frames for c in batch))
+                n_ne = sum(c.n_nonempty for c in batch)
+                f_b.append(float((sum(c.f_sum for c in batch) / n_ne).max()) if n_ne else 0.0)
+            j, f = float(np.mean(j_b)), float(np.mean(f_b))
+        else:
+            j = sum(c.iou_sum for c in self.clips) / sum(c.n_frames for c in self.clips)
+            n_ne = sum(c.n_nonempty for c in self.clips)
+            f = float((sum(c.f_sum for c in self.clips) / n_ne).max()) if n_ne else 0.0
+        return {
+            "J": j,
+            "F": f,
+            "JF": (j + f) / 2,
+            "FDR": false_discovery_rate(self.cm),
+            "n_frames": sum(c.n_frames for c in self.clips),
+            "f_mode": self.f_mode,
+        }
+
+
+@dataclass
+class SemanticMetrics:
+    """Streaming AVSS mIoU (J), F, their present-class versions, and FDR over ``num_classes`` classes."""
+
+    num_classes: int = 71
+    iou_sum: torch.Tensor = field(init=False)
+    f_sum: torch.Tensor = field(init=False)
+    count: torch.Tensor = field(init=False)
+    gt_area: torch.Tensor = field(init=False)
+    cm: torch.Tensor = field(init=False)
+    n_frames: int = 0
+
+    def __post_init__(self) -> None:
+        k = self.num_classes
+        self.iou_sum = torch.zeros(k, dtype=torch.float64)
+        self.f_sum = torch.zeros(k, dtype=torch.float64)
+        self.count = torch.zeros(k, dtype=torch.int64)
+        self.gt_area = torch.zeros(k, dtype=torch.int64)
+        self.cm = torch.zeros(k, k, dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            pred: ``(B, T, H, W)`` predicted class indices in ``[0, K)``.
+            masks: ``(B, T, H, W)`` GT class indices (0 = background).
+            gt: ``(B, T)`` bool, frames that have ground truth (only those are scored).
+        """
+        _check(pred, masks, gt)
+        gt = gt.detach().cpu().bool()
+        pred, masks = pred.detach().cpu()[gt].long(), masks.detach().cpu()[gt].long()
+        if pred.shape[0] == 0:
+            return
+        k = self.num_classes
+        for name, x in (("prediction", pred), ("mask", masks)):
+            if int(x.min()) < 0 or int(x.max()) >= k:
+                raise ValueError(f"{name} class ids must lie in [0, {k}); got [{int(x.min())}, {int(x.max())}]")
+        inter, area_pred, area_lab = semantic_frame_areas(pred, masks, k)
+        union = area_pred + area_lab - inter
+        self.iou_sum += (inter / (SEM_EPS + union)).sum(0)
+        self.count += (union > 0).sum(0)
+        precision, recall = inter / area_pred, inter / area_lab
+        f = (1 + F_BETA2) * precision * recall / (F_BETA2 * precision + recall)
+        self.f_sum += torch.nan_to_num(f, nan=0.0).sum(0)
+        self.gt_area += area_lab.sum(0).long()
+        self.cm += confusion_matrix(pred, masks, k)
+        self.n_frames += int(pred.shape[0])
+
+    def per_class(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class mean IoU and F ``(K,)``: sum over frames / frames where the class occurs (0 if never)."""
+        iou = torch.nan_to_num(self.iou_sum / self.count, nan=0.0)
+        f = torch.nan_to_num(self.f_sum / self.count, nan=0.0)
+        return iou, f
+
+    def compute(self) -> dict[str, float | int | list[int]]:
+        """``J`` (mIoU over all classes), ``F``, ``JF``, ``J_present``, ``F_present``, ``FDR``, ``n_frames``,
+        ``present_classes`` (ids occurring in the GT)."""
+        if self.n_frames == 0:
+            raise ValueError("no frame with ground truth was scored")
+        iou, f = self.per_class()
+        present = self.gt_area > 0
+        j, fs = float(iou.mean()), float(f.mean())
+        return {
+            "J": j,
+            "F": fs,
+            "JF": (j + fs) / 2,
+            "J_present": float(iou[present].mean()),
+            "F_present": float(f[present].mean()),
+            "FDR": false_discovery_rate(self.cm),
+            "n_frames": self.n_frames,
+            "present_classes": present.nonzero().flatten().tolist(),
+        }
+
+
+def make_metrics(task: str, num_classes: int = 71, f_mode: str = "official") -> BinaryMetrics | SemanticMetrics:
+    """The accumulator for a dataset: ``s4``/``ms3`` → :class:`BinaryMetrics`, ``avss`` → :class:`SemanticMetrics`."""
+    if task in ("s4", "ms3"):
+        return BinaryMetrics(f_mode=f_mode)
+    if task == "avss":
+        return SemanticMetrics(num_classes=num_classes)
+    raise ValueError(f"unknown dataset {task!r}; expected s4, ms3 or avss")

@@ -1,0 +1,54 @@
+"""Command-line output of the eval/train commands: metric tables or JSON, and one-line user errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from rich.table import Table
+
+from icf.clitools import UserError, fail, out
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Run a command so that a :class:`UserError` becomes ``error: ...`` on one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            fail(str(err))
+
+    return wrapper  # type: ignore[return-value]
+
+COLUMNS = ("J", "F", "JF", "J_present", "F_present", "FDR", "n_frames")
+
+
+def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
+    """A table with one row per named result; fractions are printed ×100 like the papers."""
+    present = [c for c in COLUMNS if any(c in r for r in rows.values())]
+    table = Table(title=title or None)
+    table.add_column("setting")
+    for col in present:
+        table.add_column(col + ("" if col == "n_frames" else " ×100"), justify="right")
+    for name, r in rows.items():
+        cells = []
+        for col in present:
+            v = r.get(col)
+            cells.append("" if v is None else str(v) if col == "n_frames" else f"{100 * v:.2f}")
+        table.add_row(name, *cells)
+    return table
+
+
+def print_results(rows: dict[str, dict[str, Any]], as_json: bool, title: str = "") -> None:
+    """Print ``rows`` as a table, or as JSON on stdout: the single result when there is one, else all by name."""
+    if as_json:
+        payload = next(iter(rows.values())) if len(rows) == 1 else rows
+        print(json.dumps(payload, sort_keys=True))
+    else:
+        out.print(metrics_table(rows, title))

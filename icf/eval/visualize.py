@@ -1,0 +1,74 @@
+"""PNG panels of clips: the frames, the ground truth and the prediction overlaid in palette colours.
+
+One panel per clip, three rows × T columns (frames without GT show the frame in the GT row; padded
+frames are left out): row 1 the frame, row 2 the GT overlay, row 3 the predicted overlay.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from icf.data.shards import IMAGENET_MEAN, IMAGENET_STD
+
+ALPHA = 0.55
+GAP = 2
+
+
+def denormalise(frames: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised ``(T, 3, H, W)`` → uint8 ``(T, H, W, 3)``."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = (frames.cpu().float() * std + mean).clamp(0, 1) * 255
+    return rgb.round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def overlay(rgb: np.ndarray, ids: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Blend the palette colour of every non-background pixel of ``ids (H, W)`` into ``rgb (H, W, 3)``."""
+    out = rgb.astype(np.float32)
+    fg = ids > 0
+    out[fg] = (1 - ALPHA) * out[fg] + ALPHA * palette[ids[fg]].astype(np.float32)
+    return out.round().astype(np.uint8)
+
+
+def clip_panel(frames: torch.Tensor, gt_masks: torch.Tensor, gt: torch.Tensor, pred: torch.Tensor,
+               valid: torch.Tensor, palette: np.ndarray) -> np.ndarray:
+    """One clip → uint8 panel ``(3·H + 2·GAP, n·W + (n-1)·GAP, 3)`` over its ``n`` real frames.
+
+    Args:
+        frames: ``(T, 3, H, W)`` normalised; gt_masks, pred: ``(T, H, W)`` class ids (0/1 for binary);
+        gt, valid: ``(T,)`` bool.
+    """
+    rgb = denormalise(frames)
+    cols = []
+    for t in valid.nonzero().flatten().tolist():
+        gt_view = overlay(rgb[t], gt_masks[t].numpy(), palette) if gt[t] else rgb[t]
+        cols.append([rgb[t], gt_view, overlay(rgb[t], pred[t].numpy(), palette)])
+    h, w = rgb.shape[1:3]
+    panel = np.full((3 * h + 2 * GAP, len(cols) * w + (len(cols) - 1) * GAP, 3), 255, np.uint8)
+    for c, col in enumerate(cols):
+        for r, img in enumerate(col):
+            panel[r * (h + GAP) : r * (h + GAP) + h, c * (w + GAP) : c * (w + GAP) + w] = img
+    return panel
+
+
+def panel_palette(colors: tuple[tuple[int, int, int], ...], binary: bool) -> np.ndarray:
+    """The overlay colours: the dataset palette, with a visible foreground colour for binary masks."""
+    if binary:
+        return np.array([[0, 0, 0], [255, 64, 32]], np.uint8)
+    return np.asarray(colors, np.uint8)
+
+
+def save_panels(batch: dict, pred_ids: torch.Tensor, out: Path, palette: np.ndarray) -> list[Path]:
+    """Write ``out/<uid>.png`` for every clip of ``batch``; ``pred_ids (B, T, H, W)`` class ids or 0/1."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for b, uid in enumerate(batch["uid"]):
+        panel = clip_panel(batch["frames"][b], batch["masks"][b], batch["gt"][b], pred_ids[b].cpu(), batch["valid"][b], palette)
+        path = out / f"{uid.replace('/', '_')}.png"
+        Image.fromarray(panel).save(path)
+        paths.append(path)
+    return paths

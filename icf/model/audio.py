@@ -1,0 +1,52 @@
+"""Audio encoder on the cached log-Mel patches (one 0.96 s patch per frame, VGGish framing).
+
+``vggish`` (paper §4): `icf.encoders.vggish.VGGish` (128-d embedding per patch, weights from a local
+torchvggish state dict) followed by a linear map to d. With loaded weights and ``freeze_audio`` the VGGish
+stays fixed, as in AVSBench-style baselines; with random weights it is always trained (a frozen random
+tower would carry no information). ``cnn`` (tiny preset): a few conv–BN–ReLU–pool blocks, global pooling
+and a linear map to d.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import Tensor, nn
+
+from icf.config import ModelConfig
+from icf.encoders.vggish import VGGish
+
+log = logging.getLogger("icf.model")
+
+
+def _small_cnn(channels: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = 1
+    for out in channels:
+        layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        width = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class AudioEncoder(nn.Module):
+    """log-Mel ``(B, T, 96, 64)`` → audio features A ``(B, T, d)`` (paper §3.1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.audio_encoder == "vggish":
+            vggish = VGGish(weights=cfg.audio_weights)
+            if cfg.audio_weights is None:
+                log.warning("audio encoder: VGGish with RANDOM initialisation (no audio_weights); it will be trained")
+            elif cfg.freeze_audio:
+                vggish.requires_grad_(False)
+            self.body: nn.Module = vggish
+            width = vggish.embed_dim
+        else:
+            self.body = _small_cnn(cfg.audio_channels)
+            width = cfg.audio_channels[-1]
+        self.proj = nn.Sequential(nn.Linear(width, cfg.d_model), nn.LayerNorm(cfg.d_model))
+
+    def forward(self, mel: Tensor) -> Tensor:
+        b, t = mel.shape[:2]
+        feats = self.body(mel.reshape(b * t, 1, *mel.shape[2:]))
+        return self.proj(feats).view(b, t, -1)

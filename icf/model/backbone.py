@@ -1,0 +1,48 @@
+"""Visual backbone: a timm model in ``features_only`` mode giving the four stride-4/8/16/32 feature maps.
+
+``resnet50`` and ``pvt_v2_b0`` … ``b5`` are the paper's choices (§4, ImageNet-pretrained); the tiny preset
+uses timm's ``resnet18`` builder with one block per stage and narrow channels (``backbone_kwargs``).
+Pretrained weights are read only from a local file (timm's ``pretrained_cfg_overlay={"file": ...}``, the
+state dict of the full classification model); without one the backbone is randomly initialised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import Tensor, nn
+
+
+class BackboneWeightsError(ValueError):
+    """The backbone weights file is missing or does not fit the architecture."""
+
+
+class Backbone(nn.Module):
+    """Frames ``(N, 3, H, W)`` → four maps ``(N, C_i, H/s_i, W/s_i)`` with s = 4, 8, 16, 32.
+
+    Attributes:
+        channels: C_i of the four maps.
+    """
+
+    def __init__(self, name: str, weights: str | None = None, kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        if weights is not None and not Path(weights).expanduser().is_file():
+            raise BackboneWeightsError(f"backbone weights {weights}: file does not exist")
+        extra: dict[str, Any] = dict(kwargs or {})
+        if weights is not None:
+            extra["pretrained_cfg_overlay"] = {"file": str(Path(weights).expanduser())}
+        try:
+            self.body = timm.create_model(
+                name, features_only=True, out_indices=(-4, -3, -2, -1), pretrained=weights is not None, **extra
+            )
+        except RuntimeError as err:  # state-dict mismatch
+            raise BackboneWeightsError(f"backbone weights {weights}: do not fit {name} ({str(err).splitlines()[0]})") from err
+        reductions = self.body.feature_info.reduction()
+        if list(reductions) != [4, 8, 16, 32]:
+            raise ValueError(f"backbone {name} gives feature strides {reductions}, expected [4, 8, 16, 32]")
+        self.channels: list[int] = list(self.body.feature_info.channels())
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.body(x)

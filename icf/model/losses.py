@@ -1,0 +1,75 @@
+"""Segmentation loss L_Seg (paper Eq. 18): λ_bce·BCE + λ_dice·Dice + λ_focal·focal, on ground-truth frames only.
+
+Binary form (S4/MS3, one logit channel): sigmoid BCE, soft Dice per frame, sigmoid focal loss (α, γ).
+Multi-class form (AVSS, K logits): softmax cross-entropy, soft Dice per frame and class (averaged over the
+classes), softmax focal loss (1 − p_y)^γ·CE. Frames count only where ``gt & valid``: frames without
+annotation (S4 train frames 2–5, AVSS v1s frames 1–4) and padding never contribute.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from icf.config import ModelConfig
+
+
+def dice_loss(prob: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """1 − (2·Σ p·y + s)/(Σ p + Σ y + s) over the pixels of each map ``(N, …, H, W)`` → ``(N, …)``."""
+    inter = (prob * target).flatten(-2).sum(-1)
+    total = prob.flatten(-2).sum(-1) + target.flatten(-2).sum(-1)
+    return 1 - (2 * inter + smooth) / (total + smooth)
+
+
+def binary_losses(logits: Tensor, target: Tensor, gamma: float, alpha: float) -> dict[str, Tensor]:
+    """logits, target ``(N, H, W)`` (target 0/1) → mean BCE, Dice and sigmoid focal loss."""
+    target = target.to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    prob = logits.sigmoid()
+    p_t = prob * target + (1 - prob) * (1 - target)
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    focal = alpha_t * (1 - p_t).pow(gamma) * bce
+    return {"bce": bce.mean(), "dice": dice_loss(prob, target).mean(), "focal": focal.mean()}
+
+
+def multiclass_losses(logits: Tensor, target: Tensor, gamma: float) -> dict[str, Tensor]:
+    """logits ``(N, K, H, W)``, target ``(N, H, W)`` class ids → mean CE, Dice (over classes) and softmax focal loss."""
+    ce = F.cross_entropy(logits, target, reduction="none")
+    prob = logits.softmax(1)
+    p_y = prob.gather(1, target[:, None]).squeeze(1)
+    focal = (1 - p_y).pow(gamma) * ce
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
+    return {"bce": ce.mean(), "dice": dice_loss(prob, onehot).mean(), "focal": focal.mean()}
+
+
+def segmentation_loss(logits: Tensor, masks: Tensor, gt: Tensor, valid: Tensor, cfg: ModelConfig) -> dict[str, Tensor]:
+    """Eq. 18 on the frames with ground truth.
+
+    Args:
+        logits: ``(B, T, K, H, W)``; masks: ``(B, T, H, W)`` int64; gt, valid: ``(B, T)`` bool.
+    Returns: ``seg`` (weighted sum) and its parts ``bce`` (CE in the multi-class form), ``dice``, ``focal``.
+    """
+    keep = gt & valid
+    if not bool(keep.any()):
+        zero = logits.sum() * 0.0  # keeps the graph connected when a batch has no annotated frame
+        return {"seg": zero, "bce": zero, "dice": zero, "focal": zero}
+    picked, target = logits[keep], masks[keep]
+    if cfg.binary:
+        parts = binary_losses(picked[:, 0], target, cfg.focal_gamma, cfg.focal_alpha)
+    else:
+        parts = multiclass_losses(picked, target, cfg.focal_gamma)
+    parts["seg"] = cfg.lambda_bce * parts["bce"] + cfg.lambda_dice * parts["dice"] + cfg.lambda_focal * parts["focal"]
+    return parts
+
+
+def total_loss(parts: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
+    """Eq. 19: L_Seg + λ_cf·L_cf + λ_CDCL·(λ_v↔a·L_v↔a + λ_v↔l·L_v↔l + λ_a↔l·L_a↔l), over the terms present."""
+    total = parts["seg"]
+    if "cf" in parts:
+        total = total + cfg.lambda_cf * parts["cf"]
+    weights = {"v_a": cfg.lambda_va, "v_l": cfg.lambda_vl, "a_l": cfg.lambda_al}
+    contrast = [weights[k] * parts[k] for k in weights if k in parts]
+    if contrast:
+        total = total + cfg.lambda_cdcl * sum(contrast)
+    return total

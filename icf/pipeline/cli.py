@@ -1,0 +1,233 @@
+"""``icf stage index|<unit stages>|all`` and ``icf status``.
+
+Each unit stage's command is generated from its ``Config`` dataclass (one ``--flag`` per field, help from
+the field's ``metadata["help"]``) plus the options every stage shares, so a new stage module gets its
+command without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from icf.clitools import UserError, WorkOption, console, fail, out, work_dir
+from icf.data.sample import DATASETS
+from icf.pipeline.engine import RunOptions, StageSummary, run_stage
+from icf.pipeline.ledger import Workspace
+from icf.pipeline.stage import Stage
+from icf.pipeline.store import read_json
+from icf.stages import stage_classes
+from icf.stages.index import DEFAULT_UNIT_SIZE, IndexSummary, run_index
+
+stage_app = typer.Typer(help="Run pipeline stages (each skips what is already done).", no_args_is_help=True)
+
+P = inspect.Parameter
+
+
+def _opt(name: str, annotation: Any, default: Any, *flags: str, help: str = "") -> P:
+    return P(name, P.KEYWORD_ONLY, default=typer.Option(default, *flags, help=help), annotation=annotation)
+
+
+DATASET = _opt("dataset", str, ..., "--dataset", help=f"One of {', '.join(DATASETS)}.")
+WORK = P("work", P.KEYWORD_ONLY, default=WorkOption, annotation=Path | None)
+STRICT = _opt("strict", bool, False, "--strict", help="Exit 1 when any sample failed.")
+JSON = _opt("json_out", bool, False, "--json", help="Print the summary as JSON on stdout.")
+FORCE = _opt("force", bool, False, "--force", help="Recompute even what is done.")
+RUN_PARAMS = [
+    DATASET,
+    WORK,
+    _opt("ray_address", str | None, None, "--ray-address",
+         help="Join a running cluster: 'auto' or 'ray://host:port' (default: start an embedded local Ray)."),
+    _opt("executor", str, "ray", "--executor", help="'ray' or 'local' (in-process, for debugging)."),
+    FORCE,
+    _opt("only", str | None, None, "--only", help="Comma-separated clip ids: (re)compute only these."),
+    _opt("retry_failed", bool, False, "--retry-failed", help="Recompute only the samples that failed before."),
+    STRICT,
+    _opt("workers", int | None, None, "--workers", help="Actors for model stages (default: one per GPU or CPU)."),
+    _opt("batch_size", int, 8, "--batch-size", help="Clips per process() call on a worker."),
+    _opt("progress", bool, True, "--progress/--no-progress", help="Show the progress bar."),
+    JSON,
+]
+INDEX_PARAMS = [
+    _opt("root", Path | None, None, "--root", help="Dataset folder holding the subset's metadata CSV."),
+    _opt("split", list[str] | None, None, "--split", help="Only this split (repeatable)."),
+    _opt("unit_size", int, DEFAULT_UNIT_SIZE, "--unit-size", help="Clips per work unit."),
+]
+
+
+def _config_params(classes: list[type[Stage]]) -> list[P]:
+    """One option per Config field of ``classes`` (a field shared by two stages must agree)."""
+    params: dict[str, P] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            flag = "--" + f.name.replace("_", "-")
+            flags = (f"{flag}/--no-{flag[2:]}",) if hints[f.name] is bool else (flag,)
+            param = _opt(f.name, hints[f.name], f.default, *flags, help=f.metadata.get("help", ""))
+            if f.name in params and params[f.name].default.default != f.default:
+                raise RuntimeError(f"config field {f.name!r} has different defaults in two stages")
+            params[f.name] = param
+    return list(params.values())
+
+
+def _with_signature(fn: Callable[..., None], params: list[P], name: str, doc: str) -> Callable[..., None]:
+    fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    fn.__name__ = name
+    fn.__doc__ = doc
+    return fn
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except UserError as err:
+        fail(str(err))
+
+
+def _workspace(dataset: str, work: Path | None) -> Workspace:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    return Workspace(work_dir(work), dataset)
+
+
+def _options(kw: dict[str, Any]) -> RunOptions:
+    if kw["executor"] not in ("ray", "local"):
+        raise UserError(f"--executor must be 'ray' or 'local', not {kw['executor']!r}")
+    only = frozenset(u.strip() for u in kw["only"].split(",") if u.strip()) if kw["only"] else None
+    return RunOptions(
+        executor=kw["executor"], force=kw["force"], only=only, retry_failed=kw["retry_failed"],
+        workers=kw["workers"], batch_size=kw["batch_size"], progress=kw["progress"],
+    )
+
+
+def _build(cls: type[Stage], kw: dict[str, Any]) -> Stage:
+    names = {f.name for f in dataclasses.fields(cls.Config)}
+    return cls(cls.Config(**{k: v for k, v in kw.items() if k in names}))
+
+
+def _report(summaries: list[StageSummary | IndexSummary], json_out: bool, strict: bool) -> None:
+    for s in summaries:
+        console.print(s.line(), markup=False, highlight=False, soft_wrap=True)
+    if json_out:
+        out.print_json(json.dumps([s.to_dict() for s in summaries]))
+    failed = sum(s.failed for s in summaries)
+    if failed:
+        console.print(f"[yellow]{failed} failed samples[/]; see `icf status --failed`", highlight=False)
+    if strict and failed:
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _ray(executor: str, address: str | None) -> Iterator[None]:
+    """Connect to (or start) Ray for the command's lifetime when the executor is ``ray``."""
+    if executor != "ray":
+        yield
+        return
+    from icf.pipeline.runners import connect
+
+    started = connect(address)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _stage_command(cls: type[Stage]) -> Callable[..., None]:
+    def command(**kw: Any) -> None:
+        with _user_errors():
+            ws, opts, stage = _workspace(kw["dataset"], kw["work"]), _options(kw), _build(cls, kw)
+            with _ray(opts.executor, kw["ray_address"]):
+                summary = run_stage(ws, stage, opts, console)
+        _report([summary], kw["json_out"], kw["strict"])
+
+    return _with_signature(command, RUN_PARAMS + _config_params([cls]), cls.name, (cls.__doc__ or "").split("\n")[0])
+
+
+def index_command(**kw: Any) -> None:
+    with _user_errors():
+        ws = _workspace(kw["dataset"], kw["work"])
+        if kw["root"] is None:
+            raise UserError("--root is required: the folder holding the dataset's metadata CSV")
+        with console.status(f"{ws.dataset} index: scanning {kw['root']}"):
+            summary = run_index(ws, kw["root"], kw["split"], kw["unit_size"], kw["force"])
+    _report([summary], kw["json_out"], kw["strict"])
+
+
+def all_command(**kw: Any) -> None:
+    classes = list(stage_classes().values())
+    summaries: list[StageSummary | IndexSummary] = []
+    with _user_errors():
+        ws, opts = _workspace(kw["dataset"], kw["work"]), _options(kw)
+        stages = [_build(cls, kw) for cls in classes]
+        root = kw["root"] or _manifest_root(ws)
+        if not root:
+            raise UserError("--root is required the first time: the folder holding the dataset's metadata CSV")
+        with console.status(f"{ws.dataset} index: scanning {root}"):
+            summaries.append(run_index(ws, root, kw["split"], kw["unit_size"], kw["force"]))
+        keys: dict[str, str] = {}
+        with _ray(opts.executor, kw["ray_address"]):
+            for stage in stages:
+                summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
+                keys[stage.name] = summary.cache_key
+                summaries.append(summary)
+    _report(summaries, kw["json_out"], kw["strict"])
+
+
+def _manifest_root(ws: Workspace) -> Path | None:
+    """The root the manifest was last built from (so `stage all` may omit --root on reruns)."""
+    stats = read_json(ws.manifest_stats)
+    return Path(stats["config"]["root"]) if stats else None
+
+
+def status(
+    dataset: str = typer.Option(..., "--dataset", help=f"One of {', '.join(DATASETS)}."),
+    work: Path | None = WorkOption,
+    failed: bool = typer.Option(False, "--failed", help="List every failed sample with its reason."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
+) -> None:
+    """Per stage: units done / pending, samples ok / failed / skipped, and (with --failed) the reasons."""
+    from icf.pipeline.status import dataset_status
+
+    with _user_errors():
+        entries = dataset_status(_workspace(dataset, work))
+    if json_out:
+        out.print_json(json.dumps(entries))
+        return
+    table = Table("stage", "key", "units done", "units pending", "ok", "failed", "skipped", "pending")
+    for e in entries:
+        c = e["counts"]
+        table.add_row(e["stage"], e["cache_key"] or "-", *(str(v) if v is not None else "-" for v in
+                      (e["units_done"], e["units_pending"], c.get("ok"), c.get("failed"), c.get("skipped"), c.get("pending"))))
+    out.print(table)
+    if failed:
+        for e in entries:
+            for f in e["failures"]:
+                out.print(f"{e['stage']}\t{f['uid']}\t{f['error']}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``icf stage ...`` and ``icf status`` to the root app."""
+    classes = list(stage_classes().values())
+    stage_app.command("index")(_with_signature(
+        index_command, [DATASET, WORK, *INDEX_PARAMS, FORCE, STRICT, JSON], "index",
+        "Scan the dataset folder into WORK/<dataset>/manifest.parquet (one row per clip, ok/failed)."))
+    for cls in classes:
+        stage_app.command(cls.name)(_stage_command(cls))
+    stage_app.command("all")(_with_signature(
+        all_command, RUN_PARAMS + INDEX_PARAMS + _config_params(classes), "all",
+        "index, then every stage in order, skipping what is done."))
+    app.add_typer(stage_app, name="stage")
+    app.command("status")(status)

@@ -1,0 +1,142 @@
+"""Where everything lives in the workspace, and the per-unit ledger.
+
+Layout::
+
+    WORK/<dataset>/manifest.parquet             one row per clip (+ status, error, unit)
+    WORK/<dataset>/manifest.stats.json          the index stage's key, config and counts
+    WORK/<dataset>/<stage>/current.json         key + config of the stage's latest run (for ``icf status``)
+    WORK/<dataset>/<stage>/<key>/unit-XXXXX.out.parquet     outputs of the unit's ok samples
+    WORK/<dataset>/<stage>/<key>/unit-XXXXX.status.parquet  every sample: uid, status, error, duration_s
+    WORK/<dataset>/<stage>/<key>/unit-XXXXX.stats.json      written last: the unit is done iff it names
+                                                            the current key and input signature and has
+                                                            no pending sample
+    WORK/<dataset>/<stage>/<key>/finish.json    the stage's dataset-level step is done (when it has one)
+
+Sample statuses: ``ok``; ``failed`` (this stage could not process it; ``error`` names the file and
+reason); ``skipped`` (an upstream stage failed it); ``pending`` (not computed yet, e.g. after ``--only``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from icf.clitools import UserError
+from icf.pipeline.plan import Unit
+from icf.pipeline.store import Output, atomic_write_json, atomic_write_parquet, read_json, write_outputs
+
+OK, FAILED, SKIPPED, PENDING = "ok", "failed", "skipped", "pending"
+STATUS_SCHEMA = pa.schema(
+    [("uid", pa.string()), ("status", pa.string()), ("error", pa.string()), ("duration_s", pa.float64())]
+)
+
+
+@dataclass(frozen=True)
+class SampleStatus:
+    status: str
+    error: str | None = None
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths of one dataset inside the workspace folder."""
+
+    work: Path
+    dataset: str
+
+    @property
+    def root(self) -> Path:
+        return self.work / self.dataset
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def manifest_stats(self) -> Path:
+        return self.root / "manifest.stats.json"
+
+    def stage_root(self, stage: str) -> Path:
+        return self.root / stage
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def current(self, stage: str) -> dict[str, Any] | None:
+        """The key and config of the stage's latest run, or None if it never ran."""
+        return read_json(self.stage_root(stage) / "current.json")
+
+    def set_current(self, stage: str, info: dict[str, Any]) -> None:
+        atomic_write_json(self.stage_root(stage) / "current.json", info)
+
+    def read_manifest(self) -> pa.Table:
+        """The manifest table; a one-line error when the index stage has not run."""
+        stats = read_json(self.manifest_stats)
+        if stats is None or not self.manifest.exists():
+            raise UserError(
+                f"no manifest for {self.dataset!r} in {self.root}; run `icf stage index --dataset "
+                f"{self.dataset} --root DATA --work {self.work}` first"
+            )
+        return pq.read_table(self.manifest)
+
+    def index_key(self) -> str:
+        stats = read_json(self.manifest_stats)
+        if stats is None:
+            raise UserError(f"no manifest for {self.dataset!r} in {self.root}; run `icf stage index` first")
+        return str(stats["cache_key"])
+
+
+def unit_path(stage_dir: Path, unit: Unit, kind: str) -> Path:
+    """``kind`` is ``out.parquet``, ``status.parquet`` or ``stats.json``."""
+    return stage_dir / f"{unit.stem}.{kind}"
+
+
+def read_stats(stage_dir: Path, unit: Unit) -> dict[str, Any] | None:
+    return read_json(unit_path(stage_dir, unit, "stats.json"))
+
+
+def read_status(stage_dir: Path, unit: Unit) -> dict[str, SampleStatus]:
+    path = unit_path(stage_dir, unit, "status.parquet")
+    if not path.exists():
+        return {}
+    rows = pq.read_table(path).to_pylist()
+    return {r["uid"]: SampleStatus(r["status"], r["error"], r["duration_s"]) for r in rows}
+
+
+def is_done(stats: dict[str, Any] | None, key: str, inputs: str) -> bool:
+    """A unit counts as done only when its stats name this key and input signature and nothing is pending."""
+    return bool(stats) and stats["cache_key"] == key and stats["inputs"] == inputs and stats["pending"] == 0
+
+
+def write_unit(
+    stage_dir: Path,
+    unit: Unit,
+    outputs: dict[str, dict[str, Output]],
+    status: dict[str, SampleStatus],
+    stats: dict[str, Any],
+) -> dict[str, Any]:
+    """Write outputs, then the status table, then the stats file (last, so it marks completion).
+
+    Returns the stats as written (with per-status counts added).
+    """
+    uids = sorted(status)
+    table = pa.Table.from_pydict(
+        {
+            "uid": uids,
+            "status": [status[u].status for u in uids],
+            "error": [status[u].error for u in uids],
+            "duration_s": [float(status[u].duration_s) for u in uids],
+        },
+        schema=STATUS_SCHEMA,
+    )
+    counts = {s: sum(status[u].status == s for u in uids) for s in (OK, FAILED, SKIPPED, PENDING)}
+    full = {**stats, **counts, "unit": unit.id, "split": unit.split, "n": len(uids)}
+    write_outputs(unit_path(stage_dir, unit, "out.parquet"), outputs)
+    atomic_write_parquet(unit_path(stage_dir, unit, "status.parquet"), table)
+    atomic_write_json(unit_path(stage_dir, unit, "stats.json"), full)
+    return full

@@ -1,0 +1,129 @@
+"""Runners: where units execute. Both yield one :class:`UnitReport` per unit as units finish.
+
+* :class:`LocalRunner` — in-process, one unit after another (``--executor local``, for debugging).
+* :class:`RayRunner` — CPU stages: one Ray task per unit (``max_retries`` reruns a unit whose worker
+  died). Model stages: a pool of long-lived actors, so ``setup()`` loads weights once per worker, with
+  ``num_gpus=1`` each when the cluster has GPUs (``max_restarts`` / ``max_task_retries`` bring a dead
+  actor back and resend its unit). Tasks and actors use the SPREAD strategy so units fan out over nodes.
+
+The workspace must be a path every node sees (one machine, or a shared filesystem on a cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+from icf.pipeline.stage import Stage
+from icf.pipeline.worker import UnitJob, UnitReport, run_unit
+
+MAX_RETRIES = 3
+
+
+class Runner(Protocol):
+    def run(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]: ...
+
+
+class LocalRunner:
+    """Runs every unit in this process."""
+
+    def run(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
+        if jobs:
+            stage.setup()
+        for job in jobs:
+            yield run_unit(stage, job)
+
+
+def _task(stage: Stage, job: UnitJob) -> UnitReport:
+    """Body of a Ray task: a CPU stage's setup is cheap, so it runs per unit."""
+    stage.setup()
+    return run_unit(stage, job)
+
+
+class _StageActor:
+    """Body of a Ray actor: ``setup()`` once, then any number of units."""
+
+    def __init__(self, stage: Stage) -> None:
+        stage.setup()
+        self.stage = stage
+
+    def run(self, job: UnitJob) -> UnitReport:
+        return run_unit(self.stage, job)
+
+
+def connect(address: str | None) -> bool:
+    """Join ``address`` (``auto``, ``ray://host:port``) or start an embedded Ray on this machine's CPUs.
+
+    Returns True when this call started Ray (the caller then shuts it down). Reuses a live connection.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
+    return True
+
+
+class RayRunner:
+    """Runs units on the connected Ray cluster.
+
+    Args:
+        workers: actors for model stages (default: one per GPU, else one per CPU of the cluster).
+        max_retries: how often a unit is resent after its worker or actor died.
+    """
+
+    def __init__(self, workers: int | None = None, max_retries: int = MAX_RETRIES) -> None:
+        self.workers = workers
+        self.max_retries = max_retries
+
+    def run(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
+        if not jobs:
+            return iter(())
+        return self._actors(stage, jobs) if stage.uses_model else self._tasks(stage, jobs)
+
+    def _tasks(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
+        import ray
+
+        remote = ray.remote(_task).options(
+            num_cpus=1, max_retries=self.max_retries, retry_exceptions=False, scheduling_strategy="SPREAD"
+        )
+        stage_ref = ray.put(stage)
+        pending = [remote.remote(stage_ref, job) for job in jobs]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+
+    def _actors(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
+        import ray
+        from ray.util import ActorPool
+
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        n = self.workers or gpus or max(1, int(resources.get("CPU", 1)))
+        cls = ray.remote(_StageActor).options(
+            num_cpus=1,
+            num_gpus=1 if gpus else 0,
+            max_restarts=self.max_retries,
+            max_task_retries=self.max_retries,
+            scheduling_strategy="SPREAD",
+        )
+        actors = [cls.remote(stage) for _ in range(min(n, len(jobs)))]
+        try:
+            yield from ActorPool(actors).map_unordered(lambda actor, job: actor.run.remote(job), list(jobs))
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+
+def make_runner(executor: str, workers: int | None = None) -> Runner:
+    if executor == "local":
+        return LocalRunner()
+    if executor == "ray":
+        return RayRunner(workers)
+    raise ValueError(f"unknown executor {executor!r}; expected 'ray' or 'local'")

@@ -1,0 +1,111 @@
+"""The stage contract: what a stage declares and the one method the engine calls per batch.
+
+A stage is a class with
+
+* ``name`` and ``version`` (bump the version whenever the code changes its outputs),
+* ``needs``: upstream stage names whose outputs it reads (the manifest is always available),
+* ``uses_model``: True → the Ray runner keeps one long-lived actor per worker, so ``setup()`` (model
+  loading) runs once per worker, with a GPU when the cluster has one; False → one Ray task per unit,
+* a ``Config`` dataclass: every field that changes outputs; it is hashed into the cache key together with
+  the version and the upstream keys, and each field becomes a ``--flag`` of ``icf stage <name>``,
+* ``setup()`` (once per worker), ``process(samples, inputs) -> [Result]`` (never raises for a bad
+  sample: it returns ``Result.failed(uid, reason)``), and optionally ``finish(ctx)`` which runs once in the
+  driver after every unit is done (dataset-level outputs such as text banks or the final tar shards).
+
+Adding a stage means adding one module to ``icf/stages/`` that defines a subclass of :class:`Stage`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from icf.data.sample import Sample
+from icf.pipeline.store import Output
+
+# Per sample, per upstream stage, that stage's outputs: inputs[uid][stage][name].
+Inputs = Mapping[str, Mapping[str, Mapping[str, Output]]]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What ``process`` says about one sample: outputs when ok, a reason naming the file when failed."""
+
+    uid: str
+    outputs: dict[str, Output] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def success(cls, uid: str, **outputs: Output) -> "Result":
+        return cls(uid, dict(outputs))
+
+    @classmethod
+    def failed(cls, uid: str, reason: str) -> "Result":
+        return cls(uid, {}, reason)
+
+
+@dataclass(frozen=True)
+class FinishContext:
+    """What ``Stage.finish`` may read and where it writes.
+
+    Attributes:
+        dataset: ``s4`` | ``ms3`` | ``avss``.
+        dataset_dir: ``WORK/<dataset>``.
+        stage_dir: ``WORK/<dataset>/<stage>/<cache-key>`` (this stage's outputs).
+        cache_key: this stage's key.
+        upstream_dirs: upstream stage name → its keyed folder.
+        units: unit id → (split, uids that are ok in this stage), in unit order.
+    """
+
+    dataset: str
+    dataset_dir: Path
+    stage_dir: Path
+    cache_key: str
+    upstream_dirs: Mapping[str, Path]
+    units: Mapping[int, tuple[str, tuple[str, ...]]]
+
+
+class Stage:
+    """Base class of every unit stage (see the module docstring for the contract)."""
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()
+    uses_model: ClassVar[bool] = False
+
+    @dataclass(frozen=True)
+    class Config:
+        """No options."""
+
+    def __init__(self, config: Any = None) -> None:
+        self.cfg = config if config is not None else self.Config()
+
+    def config(self) -> dict[str, Any]:
+        """Everything that changes the outputs (hashed into the cache key)."""
+        return dataclasses.asdict(self.cfg)
+
+    def stats(self) -> dict[str, Any]:
+        """Extra facts recorded in every unit's stats file (e.g. ``weights: random``)."""
+        return {}
+
+    def notices(self) -> list[str]:
+        """Loud messages shown before the stage runs (e.g. that a tower has random weights)."""
+        return []
+
+    def setup(self) -> None:
+        """Load models or tables; called once per worker before the first ``process``."""
+
+    def process(self, samples: Sequence[Sample], inputs: Inputs) -> list[Result]:
+        """One result per sample, same order; a bad sample gives ``Result.failed``, never an exception."""
+        raise NotImplementedError(f"stage {self.name!r} must implement process()")
+
+    def finish(self, ctx: FinishContext) -> dict[str, Any]:
+        """Dataset-level work after every unit is done; returns facts for the summary (default: none)."""
+        return {}

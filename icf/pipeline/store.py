@@ -1,0 +1,126 @@
+"""Atomic, deterministic writes and the per-unit output table.
+
+Every file the engine writes goes through :func:`atomic_write`: the bytes land in a temp file beside the
+target and are renamed over it, so a run killed at any instant leaves either the old file or the new one,
+never half of one. Temp files carry a ``.tmp-`` infix and are ignored (and swept) by readers.
+
+A unit's outputs are one parquet table in long form, one row per (uid, output name):
+``uid: str, name: str, kind: "npy"|"raw", data: binary``. Arrays are stored as ``.npy`` bytes, raw bytes
+(e.g. an encoded JPEG) as they are, so a stage may emit any mix of both and a variable set of names.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_INFIX = ".tmp-"
+Output = np.ndarray | bytes
+
+_OUTPUT_SCHEMA = pa.schema(
+    [("uid", pa.string()), ("name", pa.string()), ("kind", pa.string()), ("data", pa.binary())]
+)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a unique temp file and ``os.replace`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TMP_INFIX}{uuid.uuid4().hex[:12]}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Pretty, key-sorted JSON written atomically (same object → same bytes)."""
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any | None:
+    """The JSON in ``path``, or None when the file does not exist."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Serialise a table to parquet bytes (no per-write metadata such as timestamps)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    atomic_write(path, parquet_bytes(table))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as ``.npy`` file bytes."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """A ``.npz`` archive with sorted members and a fixed timestamp, so equal arrays give equal bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, npy_bytes(arrays[name]))
+    return buf.getvalue()
+
+
+def write_outputs(path: Path, outputs: Mapping[str, Mapping[str, Output]]) -> None:
+    """Write ``{uid: {name: array | bytes}}`` as one long parquet table, rows sorted by (uid, name)."""
+    rows: dict[str, list] = {"uid": [], "name": [], "kind": [], "data": []}
+    for uid in sorted(outputs):
+        for name in sorted(outputs[uid]):
+            value = outputs[uid][name]
+            is_raw = isinstance(value, (bytes, bytearray))
+            rows["uid"].append(uid)
+            rows["name"].append(name)
+            rows["kind"].append("raw" if is_raw else "npy")
+            rows["data"].append(bytes(value) if is_raw else npy_bytes(value))
+    atomic_write_parquet(path, pa.Table.from_pydict(rows, schema=_OUTPUT_SCHEMA))
+
+
+def read_outputs(path: Path, uids: set[str] | None = None) -> dict[str, dict[str, Output]]:
+    """Inverse of :func:`write_outputs`; ``uids`` restricts which samples are decoded."""
+    if not path.exists():
+        return {}
+    table = pq.read_table(path)
+    result: dict[str, dict[str, Output]] = {}
+    for uid, name, kind, data in zip(*(table.column(c).to_pylist() for c in ("uid", "name", "kind", "data"))):
+        if uids is not None and uid not in uids:
+            continue
+        result.setdefault(uid, {})[name] = data if kind == "raw" else npy_load(data)
+    return result
+
+
+def sweep_temp_files(folder: Path) -> int:
+    """Delete temp files a killed run left behind in ``folder``; returns how many."""
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if TMP_INFIX in p.name]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)

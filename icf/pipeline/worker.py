@@ -1,0 +1,116 @@
+"""What runs on a worker for one unit: read inputs, call ``Stage.process`` in batches, write the ledger.
+
+The same function runs in-process (``--executor local``), in a Ray task (CPU stages) and in a Ray actor
+(model stages), so every runner produces byte-identical unit files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from icf.data.sample import Sample
+from icf.pipeline.ledger import FAILED, OK, PENDING, SKIPPED, SampleStatus, read_status, unit_path, write_unit
+from icf.pipeline.plan import Unit
+from icf.pipeline.stage import Result, Stage
+from icf.pipeline.store import Output, read_outputs
+
+
+@dataclass(frozen=True)
+class UnitJob:
+    """Everything a worker needs to (re)compute one unit.
+
+    Attributes:
+        unit: the unit (id, split, all its uids).
+        samples: the unit's manifest rows as Samples, in ``unit.uids`` order.
+        stage_dir: ``WORK/<dataset>/<stage>/<key>``.
+        cache_key, inputs: written into the stats; ``inputs`` is the signature of which uids upstream
+            stages passed, so a change upstream makes the unit not-done.
+        skipped: uid → reason, for samples an upstream stage failed (not processed here).
+        todo: uids to compute now; every other eligible uid keeps its previous result (or stays pending).
+        reuse: whether the previous unit files belong to this key/signature and may be merged.
+        upstream_dirs: upstream stage name → keyed folder, for ``inputs[uid][stage][name]``.
+        batch_size: samples per ``process`` call.
+        extra_stats: ``Stage.stats()`` from the driver (e.g. ``weights: random``).
+    """
+
+    unit: Unit
+    samples: tuple[Sample, ...]
+    stage_dir: Path
+    cache_key: str
+    inputs: str
+    skipped: Mapping[str, str]
+    todo: tuple[str, ...]
+    reuse: bool
+    upstream_dirs: Mapping[str, Path]
+    batch_size: int
+    extra_stats: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    unit: int
+    computed: int
+    stats: dict
+
+
+def _non_finite(outputs: Mapping[str, Output]) -> str | None:
+    """Name of the first float output holding NaN or Inf, or None."""
+    for name in sorted(outputs):
+        value = outputs[name]
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
+            return name
+    return None
+
+
+def _check(stage: Stage, batch: list[Sample], results: list[Result]) -> None:
+    if [r.uid for r in results] != [s.uid for s in batch]:
+        raise RuntimeError(f"stage {stage.name!r}: process() must return one result per sample, in order")
+
+
+def _load_inputs(job: UnitJob, uids: set[str]) -> dict[str, dict[str, dict[str, Output]]]:
+    inputs: dict[str, dict[str, dict[str, Output]]] = {u: {} for u in uids}
+    for name, folder in job.upstream_dirs.items():
+        for uid, outs in read_outputs(unit_path(folder, job.unit, "out.parquet"), uids).items():
+            inputs[uid][name] = outs
+    return inputs
+
+
+def run_unit(stage: Stage, job: UnitJob) -> UnitReport:
+    """Compute ``job.todo`` for one unit, merge with what is kept, and write the unit's files."""
+    outputs = read_outputs(unit_path(job.stage_dir, job.unit, "out.parquet")) if job.reuse else {}
+    status = read_status(job.stage_dir, job.unit) if job.reuse else {}
+    for uid in job.unit.uids:
+        if uid in job.skipped:
+            status[uid] = SampleStatus(SKIPPED, job.skipped[uid])
+            outputs.pop(uid, None)
+        elif uid not in status:
+            status[uid] = SampleStatus(PENDING)
+    todo = set(job.todo) - set(job.skipped)
+    batch_all = [s for s in job.samples if s.uid in todo]
+    inputs = _load_inputs(job, todo)
+    for start in range(0, len(batch_all), job.batch_size):
+        batch = batch_all[start : start + job.batch_size]
+        t0 = time.perf_counter()
+        results = stage.process(batch, inputs)
+        per_sample = (time.perf_counter() - t0) / len(batch)
+        _check(stage, batch, results)
+        for res in results:
+            bad = _non_finite(res.outputs) if res.ok else None
+            if res.ok and bad is None:
+                outputs[res.uid] = res.outputs
+                status[res.uid] = SampleStatus(OK, None, per_sample)
+            else:
+                outputs.pop(res.uid, None)
+                reason = res.error if bad is None else f"NaN or Inf in the {bad} output computed from this clip"
+                status[res.uid] = SampleStatus(FAILED, reason, per_sample)
+    stats = {"stage": stage.name, "cache_key": job.cache_key, "inputs": job.inputs, **job.extra_stats}
+    written = write_unit(job.stage_dir, job.unit, outputs, status, stats)
+    return UnitReport(job.unit.id, len(batch_all), written)
+
+
+__all__ = ["UnitJob", "UnitReport", "run_unit", "OK", "FAILED"]

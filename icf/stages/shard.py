@@ -1,0 +1,201 @@
+"""Stage ``shard``: everything the trainer reads, as deterministic WebDataset tars + ``shards.json``.
+
+Per unit (parallel, cached like any stage) each ok clip becomes its tar members, kept as bytes:
+``f{t}.jpg`` (frames resized as the official loaders do — AVSS train: short side to S then centre crop;
+otherwise S×S — bilinear, fixed JPEG quality), ``m{t}.png`` (uint8 class-index or 0/1 mask, nearest, only
+frames with GT), ``gt.npy``, ``mel.npy``, ``clip.npy``, ``vclip.npy``, ``vclip_seg.npy``, ``clap.npy``,
+``clap_clip.npy`` and ``meta.json`` (uid, dataset, split, subset, n_frames, classes, label ids).
+
+``finish`` packs those members into ``WORK/<dataset>/shards/<split>/{dataset}-{split}-{NNNNNN}.tar``
+(units in id order, clips by uid inside a unit, members sorted, mtime 0, uid/gid 0, mode 0644, GNU tar;
+a new shard starts when the next clip would pass the target size), copies the extract stage's text bank
+beside them and writes ``WORK/<dataset>/shards.json`` last, atomically. Same inputs → same bytes.
+Clips that failed here or upstream are left out (they are in the ledger with their reasons).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from icf.data.io import read_mask, read_rgb
+from icf.data.manifests import load_info
+from icf.data.sample import Sample
+from icf.pipeline.plan import SPLIT_ORDER
+from icf.pipeline.stage import FinishContext, Inputs, Result, Stage
+from icf.pipeline.store import TMP_INFIX, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs
+
+EMBEDDINGS = ("clip", "vclip", "vclip_seg", "clap", "clap_clip")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def sample_key(uid: str) -> str:
+    """WebDataset key of a clip: the uid with dots replaced (the key ends at the first dot)."""
+    return uid.replace(".", "_")
+
+
+def fit(img: Image.Image, size: int, crop: bool, resample: Image.Resampling) -> Image.Image:
+    """Resize to ``size``×``size``; with ``crop`` scale the short side to ``size`` and centre-crop instead."""
+    if not crop:
+        return img.resize((size, size), resample)
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.resize((nw, nh), resample).crop((left, top, left + size, top + size))
+
+
+class _TarWriter:
+    """Writes one split's shards: fixed tar metadata, a new file past ``target`` bytes, atomic renames."""
+
+    def __init__(self, folder: Path, prefix: str, target: int) -> None:
+        self.folder, self.prefix, self.target = folder, prefix, target
+        self.entries: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        size = sum(512 + -(-len(v) // 512) * 512 for v in members.values())
+        if self._tar is not None and self._size + size > self.target:
+            self._close()
+        if self._tar is None:
+            self._open()
+        for name in sorted(members):
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode = len(members[name]), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(members[name]))
+        self._size += size
+        self._count += 1
+
+    def _open(self) -> None:
+        self._name = f"{self.prefix}-{len(self.entries):06d}.tar"
+        self._tmp = self.folder / f"{self._name}{TMP_INFIX}{uuid.uuid4().hex[:12]}"
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.GNU_FORMAT)
+        self._size = self._count = 0
+
+    def _close(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        self._tar = None
+        final = self.folder / self._name
+        os.replace(self._tmp, final)
+        digest = hashlib.sha256()
+        with final.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        self.entries.append({"name": self._name, "nsamples": self._count, "filesize": final.stat().st_size,
+                             "sha256": digest.hexdigest()})
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finish the last shard, delete stale shards of this split from older runs, return the entries."""
+        if self._tar is not None:
+            self._close()
+        keep = {e["name"] for e in self.entries}
+        for stale in self.folder.glob(f"{self.prefix}-*.tar"):
+            if stale.name not in keep:
+                stale.unlink()
+        return self.entries
+
+
+class ShardStage(Stage):
+    """WebDataset tar shards per split and the shards.json index the trainer reads."""
+
+    name = "shard"
+    version = "1"
+    needs = ("mel", "extract")
+
+    @dataclass(frozen=True)
+    class Config:
+        image_size: int = field(default=224, metadata=_help("Frames and masks are stored at S×S."))
+        jpeg_quality: int = field(default=90, metadata=_help("JPEG quality of the stored frames."))
+        shard_mb: int = field(default=256, metadata=_help("Target shard size (MB)."))
+
+    def members(self, s: Sample, upstream: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+        """The tar members of one clip (raises ``ValueError`` naming the file on bad media)."""
+        info = load_info(s.dataset)
+        crop = s.dataset == "avss" and s.split == "train"
+        size = self.cfg.image_size
+        out: dict[str, bytes] = {}
+        for t, (frame_path, mask_path) in enumerate(zip(s.frame_paths, s.mask_paths)):
+            frame = read_rgb(frame_path)
+            buf = io.BytesIO()
+            fit(Image.fromarray(frame), size, crop, Image.Resampling.BILINEAR).save(buf, "JPEG", quality=self.cfg.jpeg_quality)
+            out[f"f{t}.jpg"] = buf.getvalue()
+            if not s.gt_frames[t]:
+                continue
+            mask = read_mask(mask_path, s.dataset)
+            if mask.shape != frame.shape[:2]:
+                raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but frame "
+                                 f"{frame_path} is {frame.shape[1]}x{frame.shape[0]}")
+            buf = io.BytesIO()
+            fit(Image.fromarray(mask, "L"), size, crop, Image.Resampling.NEAREST).save(buf, "PNG")
+            out[f"m{t}.png"] = buf.getvalue()
+        arrays = {"mel": upstream["mel"]["mel"], **{k: upstream["extract"][k] for k in EMBEDDINGS}}
+        for name in ("mel", "clip", "clap"):
+            if arrays[name].shape[0] != s.n_frames:
+                raise ValueError(f"{s.uid}: {name} has {arrays[name].shape[0]} rows for {s.n_frames} frames")
+        out["gt.npy"] = npy_bytes(np.array(s.gt_frames, dtype=bool))
+        out.update({f"{k}.npy": npy_bytes(v) for k, v in arrays.items()})
+        meta = {"uid": s.uid, "dataset": s.dataset, "split": s.split, "subset": s.subset, "n_frames": s.n_frames,
+                "classes": list(s.classes), "labels": [info.class_id(c) for c in s.classes]}
+        out["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+        return out
+
+    def process(self, samples: Sequence[Sample], inputs: Inputs) -> list[Result]:
+        results = []
+        for s in samples:
+            try:
+                results.append(Result.success(s.uid, **self.members(s, inputs[s.uid])))
+            except (ValueError, KeyError) as err:
+                results.append(Result.failed(s.uid, str(err).strip('"')))
+        return results
+
+    def _write_split(self, ctx: FinishContext, split: str, units: Iterable[int]) -> list[dict[str, Any]]:
+        folder = ctx.dataset_dir / "shards" / split
+        writer = _TarWriter(folder, f"{ctx.dataset}-{split}", self.cfg.shard_mb * 1_000_000)
+        for unit_id in units:
+            outputs = read_outputs(ctx.stage_dir / f"unit-{unit_id:05d}.out.parquet")
+            for uid in sorted(outputs):
+                writer.add(sample_key(uid), outputs[uid])
+        return [{"url": f"shards/{split}/{e['name']}", "nsamples": e["nsamples"], "filesize": e["filesize"],
+                 "sha256": e["sha256"]} for e in writer.close()]
+
+    def finish(self, ctx: FinishContext) -> dict[str, Any]:
+        """Pack the units into tar shards per split; write the text bank copy and ``shards.json``."""
+        info = load_info(ctx.dataset)
+        by_split: dict[str, list[int]] = {}
+        for unit_id, (split, _) in sorted(ctx.units.items()):
+            by_split.setdefault(split, []).append(unit_id)
+        order = [s for s in SPLIT_ORDER if s in by_split] + sorted(set(by_split) - set(SPLIT_ORDER))
+        splits = {split: self._write_split(ctx, split, by_split[split]) for split in order}
+        extract = read_json(ctx.upstream_dirs["extract"] / "finish.json")["result"]
+        bank = "shards/text_bank.npz"
+        atomic_write(ctx.dataset_dir / bank, (ctx.upstream_dirs["extract"] / extract["text_bank"]).read_bytes())
+        index = {
+            "dataset": ctx.dataset,
+            "cache_key": ctx.cache_key,
+            "image_size": self.cfg.image_size,
+            "num_classes": info.num_classes,
+            "classes": list(info.classes),
+            "encoders": extract["encoders"],
+            "text_bank": bank,
+            "splits": splits,
+        }
+        atomic_write_json(ctx.dataset_dir / "shards.json", index)
+        return {"shards": sum(len(v) for v in splits.values()), "samples": sum(e["nsamples"] for v in splits.values() for e in v)}

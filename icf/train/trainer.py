@@ -1,0 +1,304 @@
+"""The training loop (SPEC §6): shards in, checkpoints + ``metrics.jsonl`` + ``loss.png`` out.
+
+Read top to bottom: a run folder and its config, seeds, the shard stream, the model (trainable parts +
+frozen text towers rebuilt from the encoder spec of ``shards.json``), AdamW with a warm-up + poly/cosine
+schedule over ``epochs × batches per epoch`` steps, then the loop. ``max_steps`` only stops early; it never
+changes the schedule, so a run stopped at step 3 and resumed to step 6 takes the same 6 steps as one
+uninterrupted run (same batches, same learning rates, same random draws).
+
+A run folder holds ``run.json`` (dataset, preset, shards path, both configs), ``checkpoint.pt`` (latest),
+``metrics.jsonl`` (one JSON object per step) and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from icf.clitools import UserError, console
+from icf.config import ModelConfig, TrainConfig, apply_overrides, preset, to_dict
+from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
+from icf.train import checkpoint
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+@dataclass
+class RunSpec:
+    """What ``icf train`` was asked to do."""
+
+    dataset: str
+    preset: str
+    work: Path
+    out: Path
+    epochs: int | None = None
+    max_steps: int | None = None
+    ablate: frozenset[str] = frozenset()
+    seed: int = 0
+    workers: int = 0
+    overrides: list[str] = field(default_factory=list)
+    checkpoint_every: int = 50
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def build_configs(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
+    """Preset + ``key=value`` overrides + the command-line switches (ablate, epochs, max steps, seed)."""
+    try:
+        model_cfg, train_cfg = preset(spec.preset, spec.dataset)
+        extra = [f"model.ablate={json.dumps(sorted(spec.ablate))}", f"train.seed={spec.seed}"]
+        if spec.epochs is not None:
+            extra.append(f"train.epochs={spec.epochs}")
+        if spec.max_steps is not None:
+            extra.append(f"train.max_steps={spec.max_steps}")
+        return apply_overrides(model_cfg, train_cfg, list(spec.overrides) + extra)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def shards_path(work: Path, dataset: str) -> Path:
+    """``WORK/<dataset>/shards.json``."""
+    return work / dataset / "shards.json"
+
+
+def write_run_file(run: Path, spec: RunSpec, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "dataset": spec.dataset,
+        "preset": spec.preset,
+        "shards": str(shards_path(spec.work, spec.dataset).resolve()),
+        "workers": spec.workers,
+        "checkpoint_every": spec.checkpoint_every,
+        **to_dict(model_cfg, train_cfg),
+    }
+    (run / RUN_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def read_run_file(run: Path) -> tuple[dict[str, Any], ModelConfig, TrainConfig]:
+    """``run.json`` → (the document, ModelConfig, TrainConfig); ``UserError`` when absent or malformed."""
+    path = run / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not a training run (no {RUN_FILE})")
+    try:
+        doc = json.loads(path.read_text())
+        model_cfg = ModelConfig(**{k: (tuple(v) if isinstance(v, list) and k != "ablate" else v) for k, v in doc["model"].items()})
+        train_cfg = TrainConfig(**doc["train"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: malformed run file ({err})") from None
+    return doc, model_cfg, train_cfg
+
+
+# ----------------------------------------------------------------------------- model and optimiser
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(model_cfg: ModelConfig, shards: ShardSet, device: torch.device) -> nn.Module:
+    """``ICF(cfg, encoders, text_bank)`` with the frozen towers of the shards' encoder spec."""
+    from icf.encoders import EncoderSpec, load
+    from icf.model import ICF
+
+    if model_cfg.dataset != shards.dataset:
+        raise UserError(f"{shards.path}: shards hold {shards.dataset}, the config is for {model_cfg.dataset}")
+    if not shards.text_bank.is_file():
+        raise UserError(f"{shards.text_bank}: text bank not found (named by {shards.path})")
+    encoders = load(EncoderSpec.from_dict(shards.encoders), device=str(device))
+    with np.load(shards.text_bank) as npz:
+        bank = {k: npz[k] for k in npz.files}
+    return ICF(model_cfg, encoders, bank).to(device)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``model.parameter_groups`` (the backbone at ``lr · backbone_lr_mult``)."""
+    groups = [g for g in model.parameter_groups(cfg) if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base learning rate at ``step``: linear warm-up, then poly (power 0.9), cosine or constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if cfg.schedule == "poly":
+        return (1.0 - progress) ** 0.9
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "constant":
+        return 1.0
+    raise UserError(f"unknown schedule {cfg.schedule!r}; expected poly, cosine or constant")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast(device: torch.device, cfg: TrainConfig) -> torch.autocast:
+    """bf16 autocast on CUDA when ``amp`` is set; a disabled context elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+
+
+def train_step(model: nn.Module, loss_of: Any, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+               scheduler: Any, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """One optimisation step; returns every scalar loss term, the gradient norm and the learning rate."""
+    model.train()
+    with autocast(device, cfg):
+        out = model(batch)
+        losses = loss_of(out, batch)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+    optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]
+    scheduler.step()
+    record = {k: float(v.detach()) for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    return {**record, "grad_norm": float(grad_norm), "lr": lr}
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def append_metrics(run: Path, record: dict[str, Any]) -> None:
+    with (run / METRICS_FILE).open("a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_losses(run: Path) -> Path:
+    """``loss.png``: total and segmentation loss per step (raw and a 20-step moving average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(run) if "total" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("total", "seg"):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        if not pts:
+            continue
+        steps, values = zip(*pts)
+        line = ax.plot(steps, values, alpha=0.3, lw=1)[0]
+        w = min(20, len(values))
+        smooth = np.convolve(values, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, color=line.get_color(), lw=2, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(run.name)
+    ax.legend()
+    fig.tight_layout()
+    path = run / LOSS_PLOT
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(spec: RunSpec, resume: bool = False) -> Path:
+    """Train (or, with ``resume``, continue the run in ``spec.out``) and return the run folder."""
+    run = spec.out
+    if resume:
+        doc, model_cfg, train_cfg = read_run_file(run)
+        if spec.max_steps is not None:
+            train_cfg.max_steps = spec.max_steps
+        shards = ShardSet.load(doc["shards"])
+        workers = spec.workers
+    else:
+        if (run / checkpoint.CHECKPOINT).exists():
+            raise UserError(f"{run}: already holds a run (use --resume {run} to continue it, or another --out)")
+        model_cfg, train_cfg = build_configs(spec)
+        shards = ShardSet.load(shards_path(spec.work, spec.dataset))
+        write_run_file(run, spec, model_cfg, train_cfg)
+        workers = spec.workers
+    seed_everything(train_cfg.seed)
+    device = pick_device()
+
+    stream = ShardStream(shards, "train", train_cfg.batch_size, model_cfg.image_size, train=True, seed=train_cfg.seed)
+    loader = make_loader(stream, workers)
+    steps_per_epoch = len(stream)
+    if steps_per_epoch == 0:
+        raise UserError(f"{shards.path}: {stream.num_samples()} train clips, fewer than one batch of {train_cfg.batch_size}")
+    total = train_cfg.epochs * steps_per_epoch
+    stop = min(total, train_cfg.max_steps) if train_cfg.max_steps else total
+
+    model = build_model(model_cfg, shards, device)
+    optimizer = make_optimizer(model, train_cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, train_cfg))
+    step, position = 0, DataPosition()
+    ckpt_path = run / checkpoint.CHECKPOINT
+    if resume:
+        state = checkpoint.load(ckpt_path)
+        checkpoint.load_model_state(model, state["model"], ckpt_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, position = state["step"], DataPosition(**state["position"])
+    every = json.loads((run / RUN_FILE).read_text()).get("checkpoint_every", spec.checkpoint_every)
+
+    console.print(f"[bold]run[/] {run}  device {device.type}  {steps_per_epoch} steps/epoch  steps {step}→{stop}")
+    t0 = time.time()
+    with _progress() as bar:
+        task = bar.add_task("train", total=stop, completed=step, loss=float("nan"))
+        while step < stop:
+            stream.set_position(position.epoch, position.batch)
+            for batch in loader:
+                record = train_step(model, model.loss, to_device(batch, device), optimizer, scheduler, train_cfg, device)
+                step += 1
+                nxt = position.batch + 1
+                position = DataPosition(position.epoch + 1, 0) if nxt == steps_per_epoch else DataPosition(position.epoch, nxt)
+                append_metrics(run, {"step": step, "epoch": position.epoch, "time": round(time.time() - t0, 3), **record})
+                bar.update(task, completed=step, loss=record["total"])
+                if step % every == 0 or step == stop:
+                    checkpoint.save(ckpt_path, model, optimizer, scheduler, step, position.to_dict())
+                if step >= stop or position.batch == 0:
+                    break
+    plot_losses(run)
+    return run
+
+
+def load_trained(run: Path, device: torch.device | None = None) -> tuple[nn.Module, ShardSet, dict[str, Any], ModelConfig, TrainConfig]:
+    """A trained run's model (eval mode, latest checkpoint), its shards and configs."""
+    device = device or pick_device()
+    doc, model_cfg, train_cfg = read_run_file(run)
+    shards = ShardSet.load(doc["shards"])
+    seed_everything(train_cfg.seed)
+    model = build_model(model_cfg, shards, device)
+    path = run / checkpoint.CHECKPOINT
+    checkpoint.load_model_state(model, checkpoint.load(path)["model"], path)
+    return model.eval(), shards, doc, model_cfg, train_cfg

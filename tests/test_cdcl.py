@@ -1,0 +1,154 @@
+"""CDCL (Eq. 13–17): the T×T closed forms against a slow float64 scipy reference, and the loss properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from icf.model import cdcl
+
+EPS = 1e-3
+
+
+def _ref_cov(x: np.ndarray, eps: float, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and Σ + εI of one clip (T, d) over its real frames, the plain d×d way."""
+    if mask is not None:
+        x = x[mask]
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / len(x) + eps * np.eye(x.shape[1])
+
+
+def ref_entropy(x: np.ndarray, eps: float, mask: np.ndarray | None = None) -> float:
+    _, cov = _ref_cov(x, eps, mask)
+    sign, logdet = np.linalg.slogdet(cov)
+    assert sign > 0
+    d = x.shape[1]
+    return 0.5 * (d * np.log(2 * np.pi * np.e) + logdet)
+
+
+def ref_w2(x: np.ndarray, y: np.ndarray, eps: float) -> float:
+    mx, sx = _ref_cov(x, eps)
+    my, sy = _ref_cov(y, eps)
+    rx = scipy.linalg.sqrtm(sx)
+    cross = scipy.linalg.sqrtm(rx @ sy @ rx)
+    return float(np.sum((mx - my) ** 2) + np.trace(sx + sy - 2 * cross.real))
+
+
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("t,d", [(5, 32), (10, 64), (3, 3), (8, 5)])
+def test_entropy_matches_slogdet(t: int, d: int) -> None:
+    x = _rand(4, t, d, seed=t * d)
+    got = cdcl.gaussian_entropy(x, EPS).numpy()
+    want = np.array([ref_entropy(xi, EPS) for xi in x.numpy()])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t1,t2,d", [(5, 5, 32), (10, 4, 48), (5, 1, 16), (4, 6, 6)])
+def test_wasserstein2_matches_sqrtm(t1: int, t2: int, d: int) -> None:
+    x = _rand(3, t1, d, seed=1) * 0.5
+    y = _rand(2, t2, d, seed=2) * 0.5 + 0.1
+    got = cdcl.wasserstein2(x, y, EPS).numpy()
+    want = np.array([[ref_w2(xi, yj, EPS) for yj in y.numpy()] for xi in x.numpy()])
+    assert got.shape == (3, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_masked_frames_are_ignored() -> None:
+    x = _rand(2, 6, 20, seed=3)
+    mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    x_garbage = x.clone()
+    x_garbage[1, 3:] = 1e3  # padding content must not matter
+    h = cdcl.gaussian_entropy(x_garbage, EPS, mask)
+    np.testing.assert_allclose(h[1].item(), ref_entropy(x[1].numpy(), EPS, mask[1].numpy()), rtol=1e-6)
+    y = _rand(1, 4, 20, seed=4)
+    w = cdcl.wasserstein2(x_garbage, y, EPS, x_mask=mask)
+    np.testing.assert_allclose(w[1, 0].item(), ref_w2(x[1, :3].numpy(), y[0].numpy(), EPS), rtol=1e-6)
+
+
+def test_w2_is_zero_on_itself_and_symmetric() -> None:
+    x = _rand(3, 5, 64, seed=5)
+    y = _rand(4, 5, 64, seed=6)
+    self_dist = cdcl.wasserstein2(x, x, EPS).diagonal()
+    assert torch.all(self_dist.abs() < 1e-9)
+    torch.testing.assert_close(cdcl.wasserstein2(x, y, EPS), cdcl.wasserstein2(y, x, EPS).T, rtol=1e-9, atol=1e-10)
+    # and a different clip is at a positive distance
+    assert torch.all(cdcl.wasserstein2(x, y, EPS) > 1e-3)
+
+
+def test_finite_gradients_when_frames_repeat_and_t_much_smaller_than_d() -> None:
+    base = _rand(2, 1, 256, seed=7)
+    x = base.repeat(1, 5, 1)  # five identical frames: Σ = 0, every Gram eigenvalue repeated
+    x[1, 3:] = _rand(1, 2, 256, seed=8)  # second clip: two distinct frames, repeated
+    x[1, 4] = x[1, 3]
+    x.requires_grad_(True)
+    y = _rand(3, 10, 256, seed=9).requires_grad_(True)
+    d = cdcl.distribution_distance(x, y, eps=1e-4, gamma=0.1, per_dim=True)
+    d.sum().backward()
+    assert torch.isfinite(d).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+    assert x.grad.abs().sum() > 0
+
+
+def test_gradient_matches_finite_differences() -> None:
+    x = _rand(1, 4, 12, seed=10).requires_grad_(True)
+    y = _rand(1, 3, 12, seed=11).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: cdcl.wasserstein2(a, b, EPS), (x, y), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda a: cdcl.gaussian_entropy(a, EPS), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_float32_close_to_float64() -> None:
+    x = _rand(4, 10, 256, seed=12)
+    y = _rand(4, 10, 256, seed=13)
+    x, y = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+    d64 = cdcl.wasserstein2(x, y, 1e-4)
+    d32 = cdcl.wasserstein2(x.float(), y.float(), 1e-4).double()
+    torch.testing.assert_close(d32, d64, rtol=1e-3, atol=1e-4)
+
+
+def test_visual_audio_loss_falls_as_positives_approach() -> None:
+    """Eq. 16 with logits −D/τ: shrinking positive distances / growing negative ones lowers the loss."""
+    dist = torch.full((4, 4), 2.0)
+    positives = torch.eye(4, dtype=torch.bool)
+    base = cdcl.loss_visual_audio(dist, positives, 0.1)
+    closer = cdcl.loss_visual_audio(dist - torch.eye(4), positives, 0.1)
+    farther = cdcl.loss_visual_audio(dist + (1 - torch.eye(4)), positives, 0.1)
+    assert closer < base and farther < base
+
+
+def test_visual_audio_loss_on_features() -> None:
+    """Moving clip i's audio frames toward its visual frames lowers L_v↔a."""
+    v = _rand(4, 5, 16, seed=14)
+    a = _rand(4, 5, 16, seed=15)
+    pos = torch.eye(4, dtype=torch.bool)
+
+    def loss(audio: torch.Tensor) -> torch.Tensor:
+        d = cdcl.distribution_distance(v, audio, eps=EPS, gamma=0.0, per_dim=True)
+        return cdcl.loss_visual_audio(d, pos, 1.0)
+
+    assert loss(0.5 * a + 0.5 * v) < loss(a)
+
+
+def test_audio_positives_use_threshold() -> None:
+    anchor = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    pos = cdcl.audio_positives(anchor, theta=0.8)
+    assert pos.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+
+
+def test_text_loss_sign_and_weights() -> None:
+    pos = torch.tensor([1.0, 1.0])
+    neg = torch.tensor([[1.0, 3.0], [1.0, 3.0]])
+    w = cdcl.counterfactual_weights(torch.tensor([[0.7, 0.79], [0.7, 0.79]]))
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+    assert w[0, 0] > w[0, 1]  # weaker counterfactual = harder negative = larger weight
+    base = cdcl.loss_text(pos, neg, w, 0.5)
+    assert cdcl.loss_text(pos - 0.5, neg, w, 0.5) < base
+    assert cdcl.loss_text(pos, neg + 0.5, w, 0.5) < base
+    # the text Gaussian (T = 1) has covariance εI: its entropy is the constant ½·d·log(2πeε)
+    z = _rand(3, 1, 8, seed=16)
+    torch.testing.assert_close(cdcl.gaussian_entropy(z, EPS), torch.full((3,), 0.5 * 8 * np.log(2 * np.pi * np.e * EPS), dtype=torch.float64))

@@ -1,0 +1,243 @@
+"""Official AVSBench metrics: hand-computed cases and a slow, loop-by-loop reference (FORMATS.md §2)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from icf.eval.metrics import (
+    BinaryMetrics,
+    SemanticMetrics,
+    binary_frame_fcurves,
+    binary_frame_iou,
+    f_thresholds,
+    make_metrics,
+)
+
+# ---------------------------------------------------------------- hand-computed cases
+
+
+def test_binary_frame_j_by_hand() -> None:
+    gt = torch.tensor([[[1, 1, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]])
+    probs = torch.tensor([[[0.9, 0.4, 0.6], [0.1, 0.0, 0.2]], [[0.6, 0.1, 0.1], [0.1, 0.5, 0.1]]])
+    iou = binary_frame_iou(probs, gt)
+    # frame 0: pred = p > 0.5 = {(0,0), (0,2)}; GT = {(0,0), (0,1)} → inter 1, union 3 → 1 / (3 + 1e-7)
+    # frame 1: empty GT → background IoU; 0.5 is not > 0.5 so only (0,0) is foreground → TN 5 of 6 pixels
+    assert iou.tolist() == pytest.approx([1 / (3 + 1e-7), 5 / (6 + 1e-7)], abs=1e-12)
+
+
+def test_binary_frame_f_curve_by_hand() -> None:
+    gt = torch.tensor([[[1, 1, 0], [0, 0, 0]]])
+    probs = torch.tensor([[[0.9, 0.4, 0.6], [0.1, 0.0, 0.2]]])
+    curve = binary_frame_fcurves(probs, gt)[0]
+    # F = 1.3 P R / (0.3 P + R); GT = the pixels at 0.9 and 0.4
+    # th = 0          : all 6 positive, P 2/6 R 1  → 1.3/3 / 1.1          = 0.393939…
+    # th in (0.4, 0.6]: {0.9, 0.6},     P 1/2 R 1/2 → 0.325 / 0.65         = 0.5
+    # th in (0.2, 0.4]: {0.9, 0.4, 0.6} P 2/3 R 1  → 0.86667 / 1.2       = 0.722222…
+    # th in (0.6, 0.9]: {0.9},          P 1  R 1/2 → 0.65 / 0.8            = 0.8125 (the maximum)
+    # th > 0.9        : nothing         → 0
+    th = f_thresholds()
+    assert curve[0] == pytest.approx((1.3 / 3) / 1.1)
+    assert curve[int((th <= 0.4).sum()) - 1] == pytest.approx(0.86666666 / 1.2)  # last th <= 0.4
+    assert curve[int((th <= 0.6).sum()) - 1] == pytest.approx(0.5)
+    assert curve[int((th <= 0.9).sum()) - 1] == pytest.approx(0.8125)
+    assert curve[-1] == 0.0
+    assert float(curve.max()) == pytest.approx(0.8125)
+
+
+def _frame(pixels: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(pixels).view(1, 1, 2, 3)
+
+
+def test_binary_official_vs_dataset_by_hand() -> None:
+    # five one-frame clips; GT = 2 of 6 pixels. A: perfect 0/1 prediction; B: one wrong pixel only.
+    gt = [[1, 1, 0], [0, 0, 0]]
+    good, bad = [[1, 1, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 1]]
+    order = [good, good, good, bad, bad]
+    for mode in ("official", "dataset"):
+        m = BinaryMetrics(f_mode=mode)
+        for pred in order:
+            m.update(_frame(pred).float(), _frame(gt), torch.ones(1, 1, dtype=torch.bool))
+        r = m.compute()
+        # F curves: A = 1 for every th > 0 and 0.393939 at th = 0; B = 0 for th > 0 and 0.393939 at th = 0
+        # J: A = 2 / (2 + 1e-7) ≈ 1, B = 0
+        if mode == "official":
+            # batches of 4 clips: {A, A, A, B} → J 3/4, F max(3/4, 0.3939) = 3/4; {B} → J 0, F 0.393939
+            assert r["J"] == pytest.approx((0.75 + 0.0) / 2, abs=1e-7)
+            assert r["F"] == pytest.approx((0.75 + (1.3 / 3) / 1.1) / 2)
+        else:
+            # one curve over 5 frames: th > 0 → 3/5, th = 0 → 0.3939 → F = 0.6; J = 3/5
+            assert r["J"] == pytest.approx(0.6, abs=1e-7)
+            assert r["F"] == pytest.approx(0.6)
+        assert r["JF"] == pytest.approx((r["J"] + r["F"]) / 2)
+        # pixel confusion: fg TP 3·2 = 6, FP 2 (one per B); bg TP 3·4 + 2·3 = 18, FP (GT fg → bg) 2·2 = 4
+        # FDR = mean(2/8, 4/22)
+        assert r["FDR"] == pytest.approx((2 / 8 + 4 / 22) / 2)
+        assert r["n_frames"] == 5
+
+
+def test_binary_all_empty_batch_scores_zero_f_officially() -> None:
+    # official quirk: a batch of 4 clips without any non-empty-GT frame contributes F = 0
+    m = BinaryMetrics()
+    for _ in range(4):
+        m.update(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 2, 3, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool))
+    r = m.compute()
+    assert r["F"] == 0.0
+    assert r["J"] == pytest.approx(6 / (6 + 1e-7))  # all background correctly predicted
+
+
+def test_semantic_by_hand() -> None:
+    gt = torch.tensor([[[0, 1, 1], [0, 2, 2]], [[0, 0, 0], [0, 0, 0]]]).view(1, 2, 2, 3)
+    pred = torch.tensor([[[0, 1, 2], [0, 2, 0]], [[0, 0, 0], [0, 0, 3]]]).view(1, 2, 2, 3)
+    m = SemanticMetrics(num_classes=4)
+    m.update(pred, gt, torch.ones(1, 2, dtype=torch.bool))
+    r = m.compute()
+    # frame 1: c0 GT 2 pred 3 inter 2 → IoU 2/3, P 2/3 R 1 → F = 1.3·(2/3)/(0.2+1)     = 0.722222
+    #          c1 GT 2 pred 1 inter 1 → IoU 1/2, P 1 R 1/2   → F = 0.65/0.8             = 0.8125
+    #          c2 GT 2 pred 2 inter 1 → IoU 1/3, P R = 1/2   → F = 0.5
+    # frame 2: c0 GT 6 pred 5 inter 5 → IoU 5/6, P 1 R 5/6   → F = 1.3·(5/6)/(0.3+5/6) = 0.955882
+    #          c3 GT 0 pred 1         → IoU 0, F 0, counted (in pred ∪ GT)
+    f0 = (1.3 * 2 / 3 / 1.2 + 1.3 * 5 / 6 / (0.3 + 5 / 6)) / 2
+    iou = [(2 / 3 + 5 / 6) / 2, 0.5, 1 / 3, 0.0]
+    fs = [f0, 0.8125, 0.5, 0.0]
+    assert r["J"] == pytest.approx(sum(iou) / 4)
+    assert r["F"] == pytest.approx(sum(fs) / 4)
+    assert r["J_present"] == pytest.approx(sum(iou[:3]) / 3)  # class 3 never in the GT
+    assert r["F_present"] == pytest.approx(sum(fs[:3]) / 3)
+    assert r["present_classes"] == [0, 1, 2]
+    # confusion columns: pred0 TP 7 FP 1; pred1 TP 1 FP 0; pred2 TP 1 FP 1; pred3 TP 0 FP 1
+    assert r["FDR"] == pytest.approx((1 / 8 + 0 + 1 / 2 + 1) / 4)
+    assert r["n_frames"] == 2
+
+
+def test_semantic_skips_frames_without_gt() -> None:
+    gt_map = torch.zeros(1, 2, 2, 3, dtype=torch.long)
+    pred = torch.zeros(1, 2, 2, 3, dtype=torch.long)
+    pred[0, 1] = 5  # the padded frame is all wrong, but it has no GT
+    m = SemanticMetrics(num_classes=71)
+    m.update(pred, gt_map, torch.tensor([[True, False]]))
+    r = m.compute()
+    assert r["n_frames"] == 1
+    assert r["J"] == pytest.approx(1 / 71)  # background IoU 1, 70 classes never seen score 0
+    assert r["J_present"] == pytest.approx(1.0)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="f_mode"):
+        BinaryMetrics(f_mode="best")
+    with pytest.raises(ValueError, match="no frame"):
+        BinaryMetrics().compute()
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        SemanticMetrics(num_classes=4).update(
+            torch.full((1, 1, 2, 2), 4), torch.zeros(1, 1, 2, 2, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
+        )
+    with pytest.raises(ValueError, match="expected"):
+        BinaryMetrics().update(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.ones(1, 1, dtype=torch.bool))
+    assert isinstance(make_metrics("ms3"), BinaryMetrics) and isinstance(make_metrics("avss"), SemanticMetrics)
+
+
+# ---------------------------------------------------------------- slow reference (official loops)
+
+
+def _ref_binary(clips: list[tuple[np.ndarray, np.ndarray]], mode: str) -> tuple[float, float]:
+    """Per-threshold loops exactly as AVSBench utility.py, in float64; batches of 4 clips."""
+    th = f_thresholds().numpy()  # the official float32 thresholds
+
+    def frame_j(p: np.ndarray, y: np.ndarray) -> float:
+        pred = (p > np.float32(0.5)).astype(np.float64)
+        if y.sum() == 0:
+            return float(((1 - pred) * (1 - y)).sum() / (y.size + 1e-7))
+        return float((pred * y).sum() / (np.maximum(pred, y).sum() + 1e-7))
+
+    def frame_f(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(th))
+        for i, t in enumerate(th):
+            yt = (p >= t).astype(np.float64)
+            tp = (yt * y).sum()
+            prec, rec = tp / (yt.sum() + 1e-20), tp / (y.sum() + 1e-20)
+            with np.errstate(invalid="ignore"):
+                f = 1.3 * prec * rec / (0.3 * prec + rec)
+            out[i] = 0.0 if math.isnan(f) else f
+        return out
+
+    groups = [clips[i : i + 4] for i in range(0, len(clips), 4)] if mode == "official" else [clips]
+    js, fs = [], []
+    for g in groups:
+        frames = [(p[t], y[t]) for p, y in g for t in range(p.shape[0])]
+        js.append(np.mean([frame_j(p, y) for p, y in frames]))
+        curves = [frame_f(p, y) for p, y in frames if y.sum() > 0]
+        fs.append(np.mean(curves, axis=0).max() if curves else 0.0)
+    return float(np.mean(js)), float(np.mean(fs))
+
+
+@pytest.mark.parametrize("mode", ["official", "dataset"])
+def test_binary_matches_reference(mode: str) -> None:
+    rng = np.random.default_rng(0)
+    clips = []
+    for c in range(7):  # 7 clips → one full and one partial official batch
+        y = (rng.random((5, 12, 10)) < rng.uniform(0.1, 0.6)).astype(np.float64)
+        if c == 2:
+            y[1] = 0  # an empty-GT frame
+        noise = rng.random((5, 12, 10))
+        p = np.clip(0.6 * y + 0.5 * noise, 0, 1)
+        p = (np.round(p * 255) / 255).astype(np.float32)  # PNG quantisation: ties land on thresholds
+        clips.append((p, y))
+    m = BinaryMetrics(f_mode=mode)
+    for start in (0, 3, 5):  # uneven caller batches must not change the official 4-clip grouping
+        stop = {0: 3, 3: 5, 5: 7}[start]
+        p = torch.from_numpy(np.stack([c[0] for c in clips[start:stop]]))
+        y = torch.from_numpy(np.stack([c[1] for c in clips[start:stop]])).long()
+        m.update(p, y, torch.ones(p.shape[:2], dtype=torch.bool))
+    r = m.compute()
+    ref_j, ref_f = _ref_binary(clips, mode)
+    assert r["J"] == pytest.approx(ref_j, abs=1e-12)
+    assert r["F"] == pytest.approx(ref_f, abs=1e-12)
+    assert r["n_frames"] == 35
+
+
+def _ref_semantic(pred: np.ndarray, target: np.ndarray, k: int) -> dict[str, float]:
+    """Per frame, per class loops as AVSBench compute_color_metrics.py + test.py, float64."""
+    iou_sum, f_sum, count, gt_area = np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k)
+    cm = np.zeros((k, k))
+    for p, y in zip(pred, target):
+        for c in range(k):
+            inter = float(((p == c) & (y == c)).sum())
+            ap, al = float((p == c).sum()), float((y == c).sum())
+            union = ap + al - inter
+            iou_sum[c] += inter / (2.220446049250313e-16 + union)
+            count[c] += union > 0
+            gt_area[c] += al
+            with np.errstate(invalid="ignore", divide="ignore"):
+                prec, rec = np.float64(inter) / ap, np.float64(inter) / al
+                f = 1.3 * prec * rec / (0.3 * prec + rec)
+            f_sum[c] += 0.0 if np.isnan(f) else f
+        for a, b in zip(y.ravel(), p.ravel()):
+            cm[a, b] += 1
+    with np.errstate(invalid="ignore"):
+        iou = np.nan_to_num(iou_sum / count)
+        fs = np.nan_to_num(f_sum / count)
+        tp = np.diag(cm)
+        fdr = np.nanmean((cm.sum(0) - tp) / cm.sum(0))
+    present = gt_area > 0
+    return {"J": iou.mean(), "F": fs.mean(), "J_present": iou[present].mean(), "F_present": fs[present].mean(), "FDR": fdr}
+
+
+def test_semantic_matches_reference() -> None:
+    rng = np.random.default_rng(1)
+    k = 9
+    target = rng.integers(0, 6, size=(3, 4, 8, 8))  # classes 6..8 never in the GT
+    pred = np.where(rng.random(target.shape) < 0.6, target, rng.integers(0, k, size=target.shape))
+    pred[0, 0] = 0  # a frame predicting only background
+    gt = torch.tensor([[True, True, True, False], [True] * 4, [True, False, True, True]])
+    m = SemanticMetrics(num_classes=k)
+    m.update(torch.from_numpy(pred[:2]), torch.from_numpy(target[:2]), gt[:2])
+    m.update(torch.from_numpy(pred[2:]), torch.from_numpy(target[2:]), gt[2:])
+    r = m.compute()
+    sel = gt.numpy()
+    ref = _ref_semantic(pred[sel], target[sel], k)
+    for key, value in ref.items():
+        assert r[key] == pytest.approx(value, abs=1e-12), key
+    assert r["n_frames"] == int(sel.sum())

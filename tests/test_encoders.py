@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import open_clip.transform
 import pytest
 import torch
 from PIL import Image
@@ -119,7 +120,8 @@ def test_clip_preprocess_matches_open_clip_pil_transform(clip):
     frames = random_frames(3, 72, 96)
     ours = clip.preprocess(frames)
     assert ours.shape == (3, 3, clip.image_size, clip.image_size) and ours.dtype == torch.float32
-    reference = torch.stack([clip._transform(Image.fromarray(f)) for f in frames])
+    pil_transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(**clip.model.visual.preprocess_cfg), is_train=False)
+    reference = torch.stack([pil_transform(Image.fromarray(f)) for f in frames])
     # both resample in uint8; rounding may differ by one grey level (1/255/std ≈ 0.015 after normalising)
     assert (ours - reference).abs().max() < 0.016
     assert (ours - reference).abs().mean() < 1e-3

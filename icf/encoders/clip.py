@@ -56,7 +56,7 @@ class ClipEncoder:
         pretrained = str(weights_file(weights, f"CLIP {model_name}")) if weights else None
         with seeded(seed):
             try:
-                model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+                model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
             except RuntimeError as err:
                 raise EncoderWeightsError(
                     f"CLIP {model_name} weights {weights}: do not fit the architecture ({str(err).splitlines()[0]})"
@@ -71,7 +71,6 @@ class ClipEncoder:
         self.model_name = model_name
         self.device = torch.device(device)
         self.model = freeze(model).to(self.device)
-        self._transform = transform  # open_clip's per-image PIL transform, the reference for `preprocess`
         self._preprocess_cfg = preprocess_cfg
         self._tokenizer = open_clip.get_tokenizer(model_name)
         self.image_size: int = int(preprocess_cfg["size"][0])

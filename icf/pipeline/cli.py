@@ -60,7 +60,8 @@ RUN_PARAMS = [
 INDEX_PARAMS = [
     _opt("root", Path | None, None, "--root", help="Dataset folder holding the subset's metadata CSV."),
     _opt("split", list[str] | None, None, "--split", help="Only this split (repeatable)."),
-    _opt("unit_size", int, DEFAULT_UNIT_SIZE, "--unit-size", help="Clips per work unit."),
+    _opt("unit_size", int | None, None, "--unit-size",
+         help=f"Clips per work unit (default: the manifest's, else {DEFAULT_UNIT_SIZE})."),
 ]
 
 

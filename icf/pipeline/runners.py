@@ -27,13 +27,25 @@ class Runner(Protocol):
 
 
 class LocalRunner:
-    """Runs every unit in this process."""
+    """Runs every unit in this process, with torch on one thread like a Ray worker (``num_cpus=1``).
+
+    Float reductions on CPU may group differently with another thread count; one thread everywhere keeps
+    the bytes every executor writes identical.
+    """
 
     def run(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
-        if jobs:
+        if not jobs:
+            return
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
             stage.setup()
-        for job in jobs:
-            yield run_unit(stage, job)
+            for job in jobs:
+                yield run_unit(stage, job)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _task(stage: Stage, job: UnitJob) -> UnitReport:

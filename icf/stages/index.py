@@ -60,10 +60,16 @@ def _failures(table: pa.Table) -> list[tuple[str, str]]:
 
 
 def run_index(
-    ws: Workspace, root: Path, splits: list[str] | None, unit_size: int = DEFAULT_UNIT_SIZE, force: bool = False
+    ws: Workspace, root: Path, splits: list[str] | None, unit_size: int | None = None, force: bool = False
 ) -> IndexSummary:
-    """Build (or keep) the manifest of ``ws.dataset`` under ``root``; raises ``UserError`` for a bad root/CSV."""
+    """Build (or keep) the manifest of ``ws.dataset`` under ``root``; raises ``UserError`` for a bad root/CSV.
+
+    ``unit_size`` None keeps the existing manifest's unit size (else ``DEFAULT_UNIT_SIZE``).
+    """
     t0 = time.perf_counter()
+    stats = read_json(ws.manifest_stats)
+    if unit_size is None:
+        unit_size = stats["config"]["unit_size"] if stats else DEFAULT_UNIT_SIZE
     config = {
         "dataset": ws.dataset,
         "root": str(Path(root).expanduser().resolve()),
@@ -71,7 +77,6 @@ def run_index(
         "unit_size": unit_size,
     }
     config_key = cache_key("index", VERSION, config, {})
-    stats = read_json(ws.manifest_stats)
     if stats and not force and stats["config_key"] == config_key and ws.manifest.exists():
         failures = _failures(ws.read_manifest())
         return IndexSummary(stats["cache_key"], stats["ok"], stats["failed"], failures, False, time.perf_counter() - t0)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from icf.clitools import UserError
-from icf.encoders import PROMPT_TEMPLATES, EncoderSpec, class_phrase, load, prompts, text_bank
+from icf.encoders import PROMPT_TEMPLATES, EncoderSpec, class_phrase, load, prompt_slots, prompts, text_bank
 from icf.encoders.clap import ClapEncoder, fit_clip_length
 from icf.encoders.clip import ClipEncoder
 from icf.encoders.spec import EncoderWeightsError, RandomWeightsWarning
@@ -120,7 +120,8 @@ def test_clip_preprocess_matches_open_clip_pil_transform(clip):
     frames = random_frames(3, 72, 96)
     ours = clip.preprocess(frames)
     assert ours.shape == (3, 3, clip.image_size, clip.image_size) and ours.dtype == torch.float32
-    pil_transform = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(**clip.model.visual.preprocess_cfg), is_train=False)
+    cfg = open_clip.transform.PreprocessCfg(**clip.model.visual.preprocess_cfg)
+    pil_transform = open_clip.transform.image_transform_v2(cfg, is_train=False)
     reference = torch.stack([pil_transform(Image.fromarray(f)) for f in frames])
     # both resample in uint8; rounding may differ by one grey level (1/255/std ≈ 0.015 after normalising)
     assert (ours - reference).abs().max() < 0.016
@@ -137,13 +138,14 @@ def test_clip_image_embeddings_shape_and_norm(clip):
 
 
 def test_clip_text_from_embeddings_equals_encode_text(clip):
-    ids = clip.tokenize(["A frame of dog.", "A video of male speech, man speaking."])
+    texts = ["A frame of dog.", "A video of male speech, man speaking."]
+    ids = clip.tokenize(texts)
     assert ids.shape == (2, clip.context_length) and ids.dtype == torch.int64
     reference = clip.model.encode_text(ids, normalize=True)
     embeds = clip.token_embedding(ids)
     assert embeds.shape == (2, clip.context_length, clip.width)
     assert torch.allclose(clip.encode_text_embeddings(embeds, ids), reference, atol=1e-6)
-    assert torch.allclose(clip.encode_text(["A frame of dog.", "A video of male speech, man speaking."]), reference, atol=1e-6)
+    assert torch.allclose(clip.encode_text(texts), reference, atol=1e-6)
 
 
 def test_clip_soft_prompts_get_gradients_tower_does_not(clip):
@@ -155,7 +157,9 @@ def test_clip_soft_prompts_get_gradients_tower_does_not(clip):
     out[0, 0].backward()
     assert soft.grad is not None and soft.grad.abs().sum() > 0
     assert all(p.grad is None for p in clip.model.parameters())
-    moved = clip.encode_text_embeddings(spliced.detach() + torch.nn.functional.pad(torch.ones(1, 1, clip.width), (0, 0, 4, clip.context_length - 5)), ids)
+    nudge = torch.zeros_like(spliced)
+    nudge[:, 4] = 1.0
+    moved = clip.encode_text_embeddings(spliced.detach() + nudge, ids)
     assert not torch.allclose(moved, out.detach())  # the spliced vector really reaches the output
 
 
@@ -177,8 +181,12 @@ def test_clip_weight_errors_name_the_file(tmp_path):
         ClipEncoder(TINY.clip_model, weights=str(tmp_path))
     wrong = tmp_path / "vggish.pt"
     torch.save(VGGish(**NARROW_VGGISH).state_dict(), wrong)
-    with pytest.raises(EncoderWeightsError, match="do not fit"):
+    with pytest.raises(EncoderWeightsError, match="vggish.pt: do not fit icf-tiny-clip"):
         ClipEncoder(TINY.clip_model, weights=str(wrong))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(EncoderWeightsError, match="garbage.pt: cannot be read"):
+        ClipEncoder(TINY.clip_model, weights=str(garbage))
     with pytest.raises(EncoderWeightsError, match="not an open_clip config"):
         ClipEncoder("ViT-Nope-1")
 
@@ -236,7 +244,9 @@ def test_videoclip_pooling_matches_float64_reference(clip):
     np.testing.assert_allclose(segments.numpy(), unit(np.stack([ref[0:3].mean(0), ref[2:5].mean(0)])), atol=1e-6)
     ids = video.tokenize(["A video of dog."])
     assert torch.equal(video.encode_text(["A video of dog."]), clip.encode_text(["A video of dog."]))
-    assert torch.equal(video.encode_text_embeddings(video.token_embedding(ids), ids), clip.encode_text_embeddings(clip.token_embedding(ids), ids))
+    embeds = video.token_embedding(ids)
+    assert torch.equal(embeds, clip.token_embedding(ids))
+    assert torch.equal(video.encode_text_embeddings(embeds, ids), clip.encode_text_embeddings(embeds, ids))
 
 
 # ---- CLAP ----------------------------------------------------------------------------------------
@@ -405,10 +415,30 @@ def test_load_and_text_bank():
     names = ["dog", "baby_laughter", "race-car"]
     bank = text_bank(encoders, names)
     assert set(bank) == set(PROMPT_TEMPLATES)
-    dims = {"video": encoders.clip.dim, "segment": encoders.clip.dim, "frame": encoders.clip.dim, "audio": encoders.clap.dim}
+    dims = {"video": encoders.clip.dim, "segment": encoders.clip.dim, "frame": encoders.clip.dim}
+    dims["audio"] = encoders.clap.dim
     for level, emb in bank.items():
         assert emb.shape == (3, dims[level]) and emb.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(bank["frame"][1], encoders.clip.encode_text(["A frame of baby laughter."])[0].numpy(), atol=1e-6)
-    np.testing.assert_allclose(bank["audio"][2], encoders.clap.encode_text(["An audio of race car."])[0].numpy(), atol=1e-6)
+    frame = encoders.clip.encode_text(["A frame of baby laughter."])[0].numpy()
+    np.testing.assert_allclose(bank["frame"][1], frame, atol=1e-6)
+    audio = encoders.clap.encode_text(["An audio of race car."])[0].numpy()
+    np.testing.assert_allclose(bank["audio"][2], audio, atol=1e-6)
     assert not np.allclose(bank["video"], bank["frame"])  # the templates differ, so do the prompts
+
+
+@pytest.mark.parametrize("level", ["frame", "audio"])
+def test_prompt_slots_splice_into_the_template(level, clip, clap, roberta_dir):
+    towers = [clip] if level == "frame" else [clap, ClapEncoder(TINY.clap_amodel, "roberta", text_dir=str(roberta_dir))]
+    for tower in towers:
+        ids, slots = prompt_slots(tower, level, n_slots=3)
+        assert ids.shape == (1, tower.context_length) and len(slots) == 3
+        assert (slots.diff() > 0).all() and (ids[0, slots] == ids[0, slots[0]]).all()  # one placeholder id each
+        # a pseudo-word equal to the embedding of a real word "Z" reproduces the prompt "… of Z."
+        one_ids, one_slot = prompt_slots(tower, level, n_slots=1)
+        z_prompt = prompts(level, ["Z"])[0]
+        z_ids = tower.tokenize([z_prompt])
+        assert ((z_ids != one_ids).nonzero()[:, 1] == one_slot).all()
+        embeds = tower.token_embedding(one_ids)
+        embeds[:, one_slot] = tower.token_embedding(z_ids[:, one_slot])
+        assert torch.allclose(tower.encode_text_embeddings(embeds, one_ids), tower.encode_text([z_prompt]), atol=1e-5)

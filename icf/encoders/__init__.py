@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import torch
 
 from icf.encoders.spec import EncoderSpec, EncoderWeightsError, RandomWeightsWarning
 
@@ -30,6 +31,7 @@ __all__ = [
     "RandomWeightsWarning",
     "class_phrase",
     "load",
+    "prompt_slots",
     "prompts",
     "text_bank",
 ]
@@ -81,6 +83,25 @@ def class_phrase(name: str) -> str:
 def prompts(level: str, class_names: Sequence[str]) -> list[str]:
     """The level's template filled with each class phrase."""
     return [PROMPT_TEMPLATES[level].format(class_phrase(n)) for n in class_names]
+
+
+class TextTower(Protocol):
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+
+def prompt_slots(tower: TextTower, level: str, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the level's template with ``n_slots`` pseudo-word slots in place of the class.
+
+    Returns ``ids (1, L)`` and the slot positions ``(n_slots,)``: the positions whose id changes
+    when the placeholder word changes. MIT overwrites the token embeddings at those positions with
+    its learnable soft prompts and runs ``tower.encode_text_embeddings(embeds, ids)``.
+    """
+    filled = [PROMPT_TEMPLATES[level].format(" ".join([word] * n_slots)) for word in ("X", "Y")]
+    ids = tower.tokenize(filled)
+    positions = (ids[0] != ids[1]).nonzero().flatten()
+    if len(positions) != n_slots:
+        raise ValueError(f"{level} template: {n_slots} slots tokenise to {len(positions)} differing positions")
+    return ids[:1], positions
 
 
 def text_bank(encoders: Encoders, class_names: Sequence[str]) -> dict[str, np.ndarray]:

@@ -112,7 +112,8 @@ def build_clap_model(amodel: str, tmodel: str, text_dir: Path | None, seed: int)
         if text_dir is not None:
             stack.enter_context(mock.patch.object(clap_model, "RobertaModel", _LocalRoberta(text_dir)))
         if amodel in _SWIN_SIZES:
-            stack.enter_context(mock.patch.object(clap_model, "create_htsat_model", partial(_sized_htsat, _SWIN_SIZES[amodel])))
+            builder = partial(_sized_htsat, _SWIN_SIZES[amodel])
+            stack.enter_context(mock.patch.object(clap_model, "create_htsat_model", builder))
         stack.enter_context(seeded(seed))
         model, cfg = clap_factory.create_model(amodel, tmodel, pretrained="", precision="fp32", device="cpu")
     return model, cfg
@@ -241,8 +242,9 @@ class ClapEncoder:
 
     def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids ``(N, L)`` → input embeddings ``(N, L, W)`` (the frozen lookup table)."""
-        table = self.model.token_embedding if self.tmodel == "transformer" else self.model.text_branch.embeddings.word_embeddings
-        return table(ids.to(self.device))
+        if self.tmodel == "transformer":
+            return self.model.token_embedding(ids.to(self.device))
+        return self.model.text_branch.embeddings.word_embeddings(ids.to(self.device))
 
     def encode_text_embeddings(self, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Text tower from input embeddings ``(N, L, W)`` and their ids ``(N, L)`` → normalised ``(N, D)``.

@@ -7,6 +7,7 @@ tokenised template and receive gradients through the frozen tower.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,7 +17,16 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from open_clip.transformer import text_global_pool
 
-from icf.encoders.spec import TINY_CLIP, EncoderWeightsError, freeze, register_config, seeded, warn_random, weights_file
+from icf.encoders.spec import (
+    TINY_CLIP,
+    EncoderWeightsError,
+    first_line,
+    freeze,
+    register_config,
+    seeded,
+    warn_random,
+    weights_file,
+)
 
 # A small ViT-B/32-shaped model: fast enough for tests and the demo on 2 CPU cores.
 TINY_CLIP_CONFIG = {
@@ -57,15 +67,18 @@ class ClipEncoder:
         with seeded(seed):
             try:
                 model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            except (pickle.UnpicklingError, EOFError) as err:
+                reason = f"cannot be read as a torch checkpoint ({first_line(err)})"
+                raise EncoderWeightsError(f"CLIP weights {pretrained}: {reason}") from err
             except RuntimeError as err:
-                raise EncoderWeightsError(
-                    f"CLIP {model_name} weights {weights}: do not fit the architecture ({str(err).splitlines()[0]})"
-                ) from err
+                reason = f"do not fit {model_name} ({first_line(err)})"
+                raise EncoderWeightsError(f"CLIP weights {pretrained}: {reason}") from err
         if not isinstance(model, open_clip.CLIP):
-            raise EncoderWeightsError(f"CLIP model {model_name!r} has a custom text tower; only built-in CLIP text towers are supported")
+            raise EncoderWeightsError(f"CLIP model {model_name!r}: only built-in CLIP text towers are supported")
         preprocess_cfg = model.visual.preprocess_cfg
         if preprocess_cfg["resize_mode"] not in ("shortest", "squash"):
-            raise EncoderWeightsError(f"CLIP {model_name}: resize mode {preprocess_cfg['resize_mode']!r} is not supported")
+            mode = preprocess_cfg["resize_mode"]
+            raise EncoderWeightsError(f"CLIP {model_name}: resize mode {mode!r} is not supported")
         if weights is None:
             warn_random(f"CLIP {model_name}", seed)
         self.model_name = model_name
@@ -98,7 +111,10 @@ class ClipEncoder:
     def encode_images(self, frames: np.ndarray | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """uint8 frames ``(N, H, W, 3)`` → L2-normalised image embeddings ``(N, D)`` float32."""
         x = as_frames(frames)
-        out = [self.model.encode_image(self.preprocess(x[i : i + batch_size]), normalize=True) for i in range(0, len(x), batch_size)]
+        out = [
+            self.model.encode_image(self.preprocess(x[i : i + batch_size]), normalize=True)
+            for i in range(0, len(x), batch_size)
+        ]
         return torch.cat(out) if out else torch.empty(0, self.dim, device=self.device)
 
     # ---- text side -----------------------------------------------------------------------------

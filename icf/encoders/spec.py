@@ -142,14 +142,20 @@ def read_checkpoint(path: str | Path, tower: str) -> dict[str, torch.Tensor]:
     try:
         ckpt = _torch_load(p)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EncoderWeightsError(f"{tower} weights {p}: cannot be read as a torch checkpoint ({first})") from err
+        reason = f"cannot be read as a torch checkpoint ({first_line(err)})"
+        raise EncoderWeightsError(f"{tower} weights {p}: {reason}") from err
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EncoderWeightsError(f"{tower} weights {p}: holds no state dict of tensors")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _torch_load(path: Path) -> Any:

@@ -67,7 +67,8 @@ class VGGish(nn.Module):
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """``(N, 1, 96, 64)`` → ``(N, embed_dim)``."""
         if mel.ndim != 4 or mel.shape[1:] != (1, PATCH_FRAMES, MEL_BANDS):
-            raise ValueError(f"VGGish expects log-Mel patches (N, 1, {PATCH_FRAMES}, {MEL_BANDS}), got {tuple(mel.shape)}")
+            expected = (1, PATCH_FRAMES, MEL_BANDS)
+            raise ValueError(f"VGGish expects log-Mel patches (N, *{expected}), got {tuple(mel.shape)}")
         x = self.features(mel)  # (N, C, 6, 4)
         # flatten in (time, freq, channel) order, the order of the original TensorFlow weights
         x = x.permute(0, 2, 3, 1).flatten(1)

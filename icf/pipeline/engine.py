@@ -16,7 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from icf.clitools import UserError
 from icf.data.sample import Sample
-from icf.pipeline.ledger import FAILED, OK, PENDING, SKIPPED, Workspace, is_done, read_stats, read_status
+from icf.pipeline.ledger import (
+    FAILED, OK, PENDING, SKIPPED, SampleStatus, Workspace, is_done, read_stats, read_status,
+)
 from icf.pipeline.plan import Unit, cache_key, digest, group_units
 from icf.pipeline.runners import make_runner
 from icf.pipeline.stage import FinishContext, Stage
@@ -112,7 +114,7 @@ def _upstream_skips(ws: Workspace, stage: Stage, ups: Mapping[str, str], units: 
     skips: dict[str, str] = {}
     for name in stage.needs:
         folder = ws.stage_dir(name, ups[name])
-        not_done = [u.id for u in units if not (read_stats(folder, u) or {}).get("pending", 1) == 0]
+        not_done = [u.id for u in units if (read_stats(folder, u) or {"pending": 1})["pending"]]
         if not_done:
             raise UserError(
                 f"stage {name!r} is not complete for {ws.dataset!r} ({len(not_done)} units pending, e.g. "
@@ -125,13 +127,15 @@ def _upstream_skips(ws: Workspace, stage: Stage, ups: Mapping[str, str], units: 
     return skips
 
 
-def _todo(unit: Unit, prev: dict | None, reuse: bool, opts: RunOptions, ws_status: dict) -> tuple[str, ...]:
+def _todo(unit: Unit, reuse: bool, opts: RunOptions, status: Mapping[str, SampleStatus]) -> tuple[str, ...]:
+    """The uids of ``unit`` to compute now: --only's, all (forced or nothing reusable), or the pending
+    ones plus, with --retry-failed, the failed ones."""
     if opts.only is not None:
         return tuple(u for u in unit.uids if u in opts.only)
     if opts.force or not reuse:
         return unit.uids
     redo = {PENDING} | ({FAILED} if opts.retry_failed else set())
-    return tuple(u for u in unit.uids if u not in ws_status or ws_status[u].status in redo)
+    return tuple(u for u in unit.uids if u not in status or status[u].status in redo)
 
 
 def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opts: RunOptions) -> tuple[list[Unit], list[UnitJob]]:
@@ -148,7 +152,7 @@ def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opt
         prev = read_stats(folder, unit)
         reuse = bool(prev) and prev["cache_key"] == key and prev["inputs"] == inputs
         status = read_status(folder, unit) if reuse else {}
-        todo = _todo(unit, prev, reuse, opts, status)
+        todo = _todo(unit, reuse, opts, status)
         if not todo and is_done(prev, key, inputs):
             continue
         jobs.append(

@@ -112,5 +112,3 @@ def run_unit(stage: Stage, job: UnitJob) -> UnitReport:
     written = write_unit(job.stage_dir, job.unit, outputs, status, stats)
     return UnitReport(job.unit.id, len(batch_all), written)
 
-
-__all__ = ["UnitJob", "UnitReport", "run_unit", "OK", "FAILED"]

@@ -34,7 +34,9 @@ from icf.data.manifests import load_info
 from icf.data.sample import Sample
 from icf.pipeline.plan import SPLIT_ORDER
 from icf.pipeline.stage import FinishContext, Inputs, Result, Stage
-from icf.pipeline.store import TMP_INFIX, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs
+from icf.pipeline.store import (
+    TMP_INFIX, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs, sweep_temp_files,
+)
 
 EMBEDDINGS = ("clip", "vclip", "vclip_seg", "clap", "clap_clip")
 
@@ -67,6 +69,7 @@ class _TarWriter:
         self.entries: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         folder.mkdir(parents=True, exist_ok=True)
+        sweep_temp_files(folder)  # half-written shards of a killed run
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         size = sum(512 + -(-len(v) // 512) * 512 for v in members.values())

@@ -266,6 +266,11 @@ def test_force_only_and_retry_failed(tmp_path):
     assert forced.computed == 14 and forced.counts == retry.counts
 
 
+def test_only_names_unknown_ids(tmp_path):
+    with pytest.raises(UserError, match="not in the s4 manifest: nope"):
+        run(make_ws(tmp_path), Toy(), only=frozenset({"c00", "nope"}))
+
+
 def test_only_on_a_fresh_stage_leaves_the_rest_pending_then_completes(tmp_path):
     ws = make_ws(tmp_path)
     part = run(ws, Toy(), only=frozenset({"c00"}))

@@ -39,6 +39,50 @@ def score(
     print_results({f"{dataset} {split}": result}, as_json, title=f"{pred}")
 
 
+@user_errors
+def eval_command(
+    run: Path = typer.Option(..., "--run", help="Training run folder (holds run.json and checkpoint.pt)."),
+    split: str = typer.Option("test", "--split", help="val | test"),
+    f_mode: str = FModeOption,
+    snr_db: float | None = typer.Option(None, "--snr-db", help="Mix white background noise into the audio at this SNR (dB)."),
+    frame_mix: float | None = typer.Option(None, "--frame-mix", help="Fraction of clips whose frames are swapped with other clips'."),
+    shuffle_audio: bool = typer.Option(False, "--shuffle-audio", help="Give every clip another clip's audio (control)."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N clips of the split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise and frame mixing."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Official metrics of a trained run on the val/test shards, optionally under the robustness settings."""
+    from icf.eval.evaluate import Perturbation, evaluate, model_predictor
+    from icf.eval.metrics import F_MODES
+    from icf.eval.report import print_results
+    from icf.train.trainer import load_trained
+
+    _check_choice("--f-mode", f_mode, F_MODES)
+    model, shards, _, model_cfg, _ = load_trained(run)
+    device = next(model.parameters()).device
+    pert = Perturbation(snr_db=snr_db, frame_mix=frame_mix, shuffle_audio=shuffle_audio, seed=seed)
+    result = evaluate(model_predictor(model), shards, split, model_cfg.image_size, f_mode, pert, limit, device)
+    print_results({pert.describe(): result}, as_json, title=f"{run} ({shards.dataset} {split})")
+
+
+@user_errors
+def predict_command(
+    run: Path = typer.Option(..., "--run", help="Training run folder."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNG panels (one per clip)."),
+    split: str = typer.Option("val", "--split", help="train | val | test"),
+    limit: int | None = typer.Option(8, "--limit", help="Only the first N clips (default 8)."),
+) -> None:
+    """PNG panels per clip: frames, ground truth and predicted masks overlaid in palette colours."""
+    from icf.eval.visualize import write_panels
+    from icf.train.trainer import load_trained
+
+    model, shards, _, model_cfg, _ = load_trained(run)
+    paths = write_panels(model, shards, split, model_cfg, out, limit)
+    typer.echo(f"{len(paths)} panels in {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``score``, ``eval`` and ``predict`` to the root app."""
     app.command("score")(score)
+    app.command("eval")(eval_command)
+    app.command("predict")(predict_command)

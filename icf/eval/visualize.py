@@ -7,12 +7,17 @@ frames are left out): row 1 the frame, row 2 the GT overlay, row 3 the predicted
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from icf.data.shards import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from icf.config import ModelConfig
+    from icf.data.shards import ShardSet
 
 ALPHA = 0.55
 GAP = 2
@@ -71,4 +76,21 @@ def save_panels(batch: dict, pred_ids: torch.Tensor, out: Path, palette: np.ndar
         path = out / f"{uid.replace('/', '_')}.png"
         Image.fromarray(panel).save(path)
         paths.append(path)
+    return paths
+
+
+@torch.no_grad()
+def write_panels(model: torch.nn.Module, shards: ShardSet, split: str, model_cfg: ModelConfig, out: Path,
+                 limit: int | None = None) -> list[Path]:
+    """Predict the first ``limit`` clips of ``split`` and write one panel per clip into ``out``."""
+    from icf.data.manifests import load_info
+    from icf.eval.evaluate import batches
+
+    palette = panel_palette(load_info(shards.dataset).palette, model_cfg.binary)
+    device = next(model.parameters()).device
+    paths: list[Path] = []
+    for batch in batches(shards, split, model_cfg.image_size, limit):
+        pred = model.predict({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}).cpu()
+        ids = (pred > 0.5).long() if model_cfg.binary else pred
+        paths += save_panels(batch, ids, out, palette)
     return paths

@@ -141,6 +141,9 @@ def _todo(unit: Unit, reuse: bool, opts: RunOptions, status: Mapping[str, Sample
 def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opts: RunOptions) -> tuple[list[Unit], list[UnitJob]]:
     """All units of the dataset, and a job for each unit that has something to compute."""
     units, samples, index_failed = manifest_units(ws)
+    unknown = sorted((opts.only or set()) - {u for unit in units for u in unit.uids})
+    if unknown:
+        raise UserError(f"--only: {len(unknown)} clip ids are not in the {ws.dataset} manifest: {', '.join(unknown[:5])}")
     skips = {**_upstream_skips(ws, stage, ups, units), **index_failed}
     folder = ws.stage_dir(stage.name, key)
     upstream_dirs = {name: ws.stage_dir(name, ups[name]) for name in stage.needs}

@@ -12,6 +12,7 @@ A run folder holds ``run.json`` (dataset, preset, shards path, both configs), ``
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -27,6 +28,8 @@ from torch import nn
 from icf.clitools import UserError, console
 from icf.config import ModelConfig, TrainConfig, apply_overrides, preset, to_dict
 from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
+from icf.encoders import EncoderSpec, Encoders
+from icf.encoders import load as load_encoders
 from icf.train import checkpoint
 
 RUN_FILE = "run.json"
@@ -114,16 +117,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@functools.lru_cache(maxsize=2)
+def frozen_towers(spec: EncoderSpec, device: str) -> Encoders:
+    """The frozen text towers of ``spec``, built once per process (they hold no trainable state)."""
+    return load_encoders(spec, device=device)
+
+
 def build_model(model_cfg: ModelConfig, shards: ShardSet, device: torch.device) -> nn.Module:
     """``ICF(cfg, encoders, text_bank)`` with the frozen towers of the shards' encoder spec."""
-    from icf.encoders import EncoderSpec, load
     from icf.model import ICF
 
     if model_cfg.dataset != shards.dataset:
         raise UserError(f"{shards.path}: shards hold {shards.dataset}, the config is for {model_cfg.dataset}")
     if not shards.text_bank.is_file():
         raise UserError(f"{shards.text_bank}: text bank not found (named by {shards.path})")
-    encoders = load(EncoderSpec.from_dict(shards.encoders), device=str(device))
+    encoders = frozen_towers(EncoderSpec.from_dict(shards.encoders), str(device))
     with np.load(shards.text_bank) as npz:
         bank = {k: npz[k] for k in npz.files}
     return ICF(model_cfg, encoders, bank).to(device)
@@ -170,7 +178,7 @@ def train_step(model: nn.Module, loss_of: Any, batch: dict[str, Any], optimizer:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
     optimizer.step()
-    lr = optimizer.param_groups[0]["lr"]
+    lr = max(g["lr"] for g in optimizer.param_groups)
     scheduler.step()
     record = {k: float(v.detach()) for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
     return {**record, "grad_norm": float(grad_norm), "lr": lr}

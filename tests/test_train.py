@@ -1,0 +1,86 @@
+"""Trainer: exact resume, run files, and the eval / predict commands on the trained run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from icf.cli import app
+from icf.train import checkpoint
+from icf.train.trainer import RunSpec, lr_factor, read_metrics, train
+from shardkit import write_avss_shards
+
+FAST = ["train.batch_size=2", "model.image_size=32"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("work")
+    write_avss_shards(root, n_train=6, n_val=3)  # 3 steps per epoch at batch 2
+    return root
+
+
+def _spec(work: Path, out: str, max_steps: int) -> RunSpec:
+    return RunSpec(dataset="avss", preset="tiny", work=work, out=work / "runs" / out, epochs=3, max_steps=max_steps,
+                   overrides=FAST, seed=7)
+
+
+def _losses(run: Path) -> list[dict[str, float]]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run)]
+
+
+def test_resume_reproduces_the_uninterrupted_run(work: Path) -> None:
+    full = train(_spec(work, "full", 4))
+    part = train(_spec(work, "part", 2))
+    state = checkpoint.load(part / checkpoint.CHECKPOINT)
+    assert state["step"] == 2 and state["position"] == {"epoch": 0, "batch": 2}
+    assert {"model", "optimizer", "scheduler", "rng", "step", "position"} <= state.keys()
+    train(_spec(work, "part", 4), resume=True)  # crosses the epoch boundary after step 3
+    a, b = _losses(full), _losses(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-6), (ra["step"], key)
+    assert {"seg", "cf", "cdcl", "lr", "grad_norm"} <= a[0].keys()
+    assert checkpoint.load(full / checkpoint.CHECKPOINT)["position"] == {"epoch": 1, "batch": 1}
+    assert Image.open(full / "loss.png").size[0] > 100
+    doc = json.loads((full / "run.json").read_text())
+    assert doc["model"]["image_size"] == 32 and doc["train"]["seed"] == 7
+
+
+def test_schedule_shape() -> None:
+    from icf.config import TrainConfig
+
+    cfg = TrainConfig(warmup_steps=2, schedule="poly")
+    f = [lr_factor(s, 10, cfg) for s in range(10)]
+    assert f[:2] == [0.5, 1.0] and f[2] == 1.0 and all(x > y for x, y in zip(f[2:], f[3:]))
+    assert lr_factor(10, 10, TrainConfig(schedule="cosine")) == pytest.approx(0.0)
+
+
+def test_eval_and_predict_commands(work: Path, tmp_path: Path) -> None:
+    run = work / "runs" / "full"
+    if not (run / checkpoint.CHECKPOINT).exists():
+        train(_spec(work, "full", 4))
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "--run", str(run), "--split", "val", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output.strip().splitlines()[-1])
+    assert {"J", "F", "JF", "FDR", "n_frames", "J_present", "F_present"} <= r.keys()
+    assert r["n_frames"] == 10 + 5 + 10  # val clips of 10, 5, 10 frames, all with GT
+    res = runner.invoke(app, ["eval", "--run", str(run), "--split", "val", "--json", "--snr-db", "0", "--frame-mix", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["setting"] == "snr 0 dB, frame-mix 0.5"
+    res = runner.invoke(app, ["predict", "--run", str(run), "--out", str(tmp_path / "viz"), "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    panels = sorted((tmp_path / "viz").glob("*.png"))
+    assert [p.name for p in panels] == ["val.000.png", "val.001.png"]
+    w, h = Image.open(panels[1]).size  # clip 1 has 5 real frames of 32 px: 5·32 + 4·2 wide, 3·32 + 2·2 high
+    assert (w, h) == (5 * 32 + 4 * 2, 3 * 32 + 2 * 2)
+    res = runner.invoke(app, ["eval", "--run", str(tmp_path), "--split", "val"])
+    assert res.exit_code == 2 and "not a training run" in res.output

@@ -64,7 +64,9 @@ def shard_hashes(work: Path, dataset: str) -> dict[str, str]:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    """Subprocess environment: offline, and no RAY_ADDRESS (a test cluster's) so `icf` embeds its own Ray."""
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**base, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,8 @@ class _StageActor:
 
 
 def connect(address: str | None) -> bool:
-    """Join ``address`` (``auto``, ``ray://host:port``) or start an embedded Ray on this machine's CPUs.
+    """Join ``address`` (``auto``, ``ray://host:port``; else ``$RAY_ADDRESS`` when set, as Ray does) or start
+    an embedded Ray on this machine's CPUs.
 
     Returns True when this call started Ray (the caller then shuts it down). Reuses a live connection.
     """
@@ -74,11 +75,13 @@ def connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS")
     common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
+        # address="local": always a fresh instance, never a cluster that happens to run on this machine
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
     return True
 
 

@@ -17,6 +17,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class RunSpec:
     workers: int = 0
     overrides: list[str] = field(default_factory=list)
     checkpoint_every: int = 50
+    time_limit_s: float | None = None  # stop (and checkpoint) after the step that passes this wall time
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -82,7 +84,6 @@ def write_run_file(run: Path, spec: RunSpec, model_cfg: ModelConfig, train_cfg: 
         "dataset": spec.dataset,
         "preset": spec.preset,
         "shards": str(shards_path(spec.work, spec.dataset).resolve()),
-        "workers": spec.workers,
         "checkpoint_every": spec.checkpoint_every,
         **to_dict(model_cfg, train_cfg),
     }
@@ -226,19 +227,33 @@ def plot_losses(run: Path) -> Path:
     return path
 
 
-def _progress():
+def _progress(enabled: bool = True):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not enabled,
     )
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(spec: RunSpec, resume: bool = False) -> Path:
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel run (Ray Train): ``rank`` of ``world``, and how to wrap the
+    model (``DistributedDataParallel``). Rank 0 alone writes the run folder."""
+
+    rank: int = 0
+    world: int = 1
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
     """Train (or, with ``resume``, continue the run in ``spec.out``) and return the run folder."""
     run = spec.out
     if resume:
@@ -246,25 +261,29 @@ def train(spec: RunSpec, resume: bool = False) -> Path:
         if spec.max_steps is not None:
             train_cfg.max_steps = spec.max_steps
         shards = ShardSet.load(doc["shards"])
-        workers = spec.workers
+        every = int(doc.get("checkpoint_every", spec.checkpoint_every))
     else:
-        if (run / checkpoint.CHECKPOINT).exists():
+        if dist.main and (run / checkpoint.CHECKPOINT).exists():
             raise UserError(f"{run}: already holds a run (use --resume {run} to continue it, or another --out)")
         model_cfg, train_cfg = build_configs(spec)
         shards = ShardSet.load(shards_path(spec.work, spec.dataset))
-        write_run_file(run, spec, model_cfg, train_cfg)
-        workers = spec.workers
+        if dist.main:
+            write_run_file(run, spec, model_cfg, train_cfg)
+        every = spec.checkpoint_every
     seed_everything(train_cfg.seed)
     device = pick_device()
 
-    stream = ShardStream(shards, "train", train_cfg.batch_size, model_cfg.image_size, train=True, seed=train_cfg.seed)
-    loader = make_loader(stream, workers)
-    steps_per_epoch = len(stream)
+    # data: one step consumes `world` consecutive batches of the epoch's stream (one per rank)
+    stream = ShardStream(shards, "train", train_cfg.batch_size, model_cfg.image_size, train=True, seed=train_cfg.seed,
+                         rank=dist.rank, world=dist.world)
+    loader = make_loader(stream, spec.workers)
+    steps_per_epoch = len(stream) // dist.world
     if steps_per_epoch == 0:
-        raise UserError(f"{shards.path}: {stream.num_samples()} train clips, fewer than one batch of {train_cfg.batch_size}")
+        raise UserError(f"{shards.path}: {stream.num_samples()} train clips, fewer than one batch of {train_cfg.batch_size} per worker")
     total = train_cfg.epochs * steps_per_epoch
     stop = min(total, train_cfg.max_steps) if train_cfg.max_steps else total
 
+    # model, optimiser, schedule (over the whole run, whatever max_steps says)
     model = build_model(model_cfg, shards, device)
     optimizer = make_optimizer(model, train_cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, train_cfg))
@@ -277,26 +296,31 @@ def train(spec: RunSpec, resume: bool = False) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         step, position = state["step"], DataPosition(**state["position"])
-    every = json.loads((run / RUN_FILE).read_text()).get("checkpoint_every", spec.checkpoint_every)
+    net = dist.wrap(model) if dist.wrap is not None else model
 
-    console.print(f"[bold]run[/] {run}  device {device.type}  {steps_per_epoch} steps/epoch  steps {step}→{stop}")
+    if dist.main:
+        console.print(f"[bold]run[/] {run}  device {device.type}  workers {dist.world}  {steps_per_epoch} steps/epoch  steps {step}→{stop}")
     t0 = time.time()
-    with _progress() as bar:
+    with _progress(enabled=dist.main) as bar:
         task = bar.add_task("train", total=stop, completed=step, loss=float("nan"))
         while step < stop:
-            stream.set_position(position.epoch, position.batch)
+            stream.set_position(position.epoch, position.batch * dist.world)
             for batch in loader:
-                record = train_step(model, model.loss, to_device(batch, device), optimizer, scheduler, train_cfg, device)
+                record = train_step(net, model.loss, to_device(batch, device), optimizer, scheduler, train_cfg, device)
                 step += 1
                 nxt = position.batch + 1
                 position = DataPosition(position.epoch + 1, 0) if nxt == steps_per_epoch else DataPosition(position.epoch, nxt)
-                append_metrics(run, {"step": step, "epoch": position.epoch, "time": round(time.time() - t0, 3), **record})
-                bar.update(task, completed=step, loss=record["total"])
-                if step % every == 0 or step == stop:
-                    checkpoint.save(ckpt_path, model, optimizer, scheduler, step, position.to_dict())
+                if spec.time_limit_s is not None and time.time() - t0 >= spec.time_limit_s:
+                    stop = step
+                if dist.main:
+                    append_metrics(run, {"step": step, "epoch": position.epoch, "time": round(time.time() - t0, 3), **record})
+                    bar.update(task, completed=step, loss=record["total"])
+                    if step % every == 0 or step == stop:
+                        checkpoint.save(ckpt_path, model, optimizer, scheduler, step, position.to_dict())
                 if step >= stop or position.batch == 0:
                     break
-    plot_losses(run)
+    if dist.main:
+        plot_losses(run)
     return run
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from icf.clitools import WorkOption, console, work_dir
+from icf.clitools import WorkOption, console, out, work_dir
 from icf.eval.report import user_errors
 
 LAYOUT = "avss"
@@ -32,13 +32,13 @@ def _icf(*args: str) -> None:
         raise typer.Exit(done.returncode)
 
 
-def prepare_data(work: Path, clips: int, size: int, seed: int) -> Path:
+def prepare_data(work: Path, clips: int, size: int, seed: int, executor: str = "ray") -> Path:
     """Synthesize the AVSS tree (once) and stage it (cached: reruns skip what is done)."""
     root = work / "demo-data" / "AVSS"
     if not (root / "metadata.csv").is_file():
         _icf("synth", "--layout", LAYOUT, "--out", str(root), "--clips", str(clips), "--size", str(size), "--seed", str(seed))
     _icf("stage", "all", "--dataset", LAYOUT, "--root", str(root), "--work", str(work), "--encoders", "tiny",
-         "--image-size", str(size))
+         "--image-size", str(size), "--executor", executor)
     return root
 
 
@@ -67,6 +67,7 @@ def demo(
     epochs: int = typer.Option(3, "--epochs", help="Epochs of the learning-rate schedule (training stops at --minutes)."),
     size: int = typer.Option(64, "--size", help="Frame side of the synthetic data and the shards."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data and of training."),
+    executor: str = typer.Option("ray", "--executor", help="Pipeline executor: ray (embedded local Ray) or local."),
 ) -> None:
     """synth → stage all (tiny encoders) → train tiny → eval (with two controls) → predict."""
     from icf.eval.report import metrics_table
@@ -75,15 +76,15 @@ def demo(
 
     root = work_dir(work)
     t0 = time.time()
-    prepare_data(root, clips, size, seed)
+    prepare_data(root, clips, size, seed, executor)
     run = root / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     train(RunSpec(dataset=LAYOUT, preset="tiny", work=root, out=run, epochs=epochs, seed=seed, time_limit_s=minutes * 60))
     rows = evaluate_run(run, clips, seed, size)
     model, shards, _, cfg, _ = load_trained(run)
     panels = write_panels(model, shards, "val", cfg, run / "viz", limit=8)
-    console.print(metrics_table(rows, title=f"AVSS synthetic, val split ({rows['ICF tiny']['n_frames']} frames)"))
-    console.print(f"run: {run}\nloss curve: {run / 'loss.png'}\npictures: {run / 'viz'} ({len(panels)} panels)")
-    console.print(f"total time {time.time() - t0:.0f} s")
+    out.print(metrics_table(rows, title=f"AVSS synthetic, val split ({rows['ICF tiny']['n_frames']} frames)"))
+    out.print(f"run: {run}\nloss curve: {run / 'loss.png'}\npictures: {run / 'viz'} ({len(panels)} panels)")
+    out.print(f"total time {time.time() - t0:.0f} s")
 
 
 def register(app: typer.Typer) -> None:

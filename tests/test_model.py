@@ -70,6 +70,10 @@ def test_binary_forward_losses_and_gradients(encoders) -> None:
     losses = model.loss(out, batch)
     assert {"total", "seg", "cf", "cdcl", "v_a", "v_l", "a_l"} <= set(losses)
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    # Eq. 19 with the supplement's weights
+    contrast = 0.4 * losses["v_a"] + 0.3 * losses["v_l"] + 0.3 * losses["a_l"]
+    torch.testing.assert_close(losses["cdcl"], contrast)
+    torch.testing.assert_close(losses["total"], losses["seg"] + 0.2 * losses["cf"] + 0.2 * contrast)
     losses["total"].backward()
     for part in (model.backbone, model.pixel_decoder, model.audio, model.decoder, model.mask_head, model.mit.gate_v, model.sc.eps_net):
         assert _grad_norm(part) > 0, type(part).__name__

@@ -37,7 +37,7 @@ from icf.model import cdcl
 from icf.model.audio import AudioEncoder
 from icf.model.backbone import Backbone
 from icf.model.decoder import MaskHead, QueryDecoder
-from icf.model.losses import segmentation_loss, total_loss
+from icf.model.losses import contrast_sum, segmentation_loss, total_loss
 from icf.model.mit import LEVELS, MultiGranularityText
 from icf.model.pixel_decoder import PixelDecoder
 from icf.model.sc import SemanticCounterfactual
@@ -156,9 +156,8 @@ class ICF(nn.Module):
                         pos = cdcl.distribution_distance(x, z, x_mask=valid, paired=True, **kw)
                         neg = self._paired_to_many(x, valid, negatives, kw)
                         parts[name] = cdcl.loss_text(pos, neg, weights, cfg.tau)  # Eq. 17
-        weights_ = {"v_a": cfg.lambda_va, "v_l": cfg.lambda_vl, "a_l": cfg.lambda_al}
         parts = {k: p.to(out["vis_feat"].dtype) for k, p in parts.items()}
-        parts["cdcl"] = sum(weights_[k] * p for k, p in parts.items())
+        parts["cdcl"] = contrast_sum(parts, cfg)
         return parts
 
     @staticmethod

@@ -8,7 +8,6 @@ annotation (S4 train frames 2–5, AVSS v1s frames 1–4) and padding never cont
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -63,13 +62,17 @@ def segmentation_loss(logits: Tensor, masks: Tensor, gt: Tensor, valid: Tensor, 
     return parts
 
 
+def contrast_sum(parts: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
+    """Σ_{p,q} λ_{p↔q}·L_{p↔q} of Eq. 19 over the contrast terms present (``v_a``, ``v_l``, ``a_l``)."""
+    weights = {"v_a": cfg.lambda_va, "v_l": cfg.lambda_vl, "a_l": cfg.lambda_al}
+    return sum(weights[k] * parts[k] for k in weights if k in parts)
+
+
 def total_loss(parts: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
-    """Eq. 19: L_Seg + λ_cf·L_cf + λ_CDCL·(λ_v↔a·L_v↔a + λ_v↔l·L_v↔l + λ_a↔l·L_a↔l), over the terms present."""
+    """Eq. 19: L_Seg + λ_cf·L_cf + λ_CDCL·``cdcl`` (the `contrast_sum`), over the terms present."""
     total = parts["seg"]
     if "cf" in parts:
         total = total + cfg.lambda_cf * parts["cf"]
-    weights = {"v_a": cfg.lambda_va, "v_l": cfg.lambda_vl, "a_l": cfg.lambda_al}
-    contrast = [weights[k] * parts[k] for k in weights if k in parts]
-    if contrast:
-        total = total + cfg.lambda_cdcl * sum(contrast)
+    if "cdcl" in parts:
+        total = total + cfg.lambda_cdcl * parts["cdcl"]
     return total

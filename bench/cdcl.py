@@ -7,7 +7,7 @@ forward+backward, and prints the speed ratio, the largest relative difference of
 gradients are finite (the d×d eigenvector gradient divides by eigenvalue gaps, and Σ + εI has d − T + 1 equal
 eigenvalues ε).
 
-    python bench/cdcl.py [--repeats 20] [--eps 1e-4]
+    python bench/cdcl.py [--repeats 10] [--eps 1e-4]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--eps", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dim", type=int, default=256)

@@ -74,14 +74,15 @@ def timed_steps(size: str, steps: int, b: int) -> tuple[float, float]:
         loss.backward()
         opt.step()
 
-    out = []
-    for online in (False, True):
-        step(online)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(steps):
+    for online in (False, True, False, True):  # warm-up (allocator, first-call overheads)
+        step(online)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(steps):  # interleaved, so machine load affects both alike
+        for online in (False, True):
+            t0 = time.perf_counter()
             step(online)
-        out.append((time.perf_counter() - t0) / steps)
-    return out[0], out[1]
+            times[online].append(time.perf_counter() - t0)
+    return float(np.median(times[False])), float(np.median(times[True]))
 
 
 def main() -> None:
@@ -92,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     for size in args.sizes.split(","):
         cached, online = timed_steps(size, args.steps, args.batch)
-        print(f"{size:5s} batch {args.batch}: cached {cached:.2f} s/step, online towers {online:.2f} s/step, "
+        print(f"{size:5s} batch {args.batch}: cached {cached:.2f} s/step, online towers {online:.2f} s/step (medians), "
               f"speed-up {online / cached:.2f}x")
 
 

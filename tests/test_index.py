@@ -70,19 +70,22 @@ def test_failed_rows_name_the_file_and_the_reason(tree):
     assert [statuses[s.uid] for s in samples[:6]] == ["failed"] * 5 + ["ok"]
 
 
-def test_truncated_png_and_jpeg_and_rgb_class_mask(tree):
+def test_truncated_png_and_jpeg_and_wrong_mode_class_mask(tree):
     root = tree / "avss"
     samples = load_samples("avss", root)
-    png, jpeg, rgb = samples[:3]
+    png, jpeg, la, rgb = samples[:4]
     path = png.mask_paths[0]
     open(path, "wb").write(open(path, "rb").read()[:-20])
     data = open(jpeg.frame_paths[1], "rb").read()
     open(jpeg.frame_paths[1], "wb").write(data[: len(data) - 100])
-    Image.new("RGB", (SIZE, SIZE)).save(rgb.mask_paths[0])
+    Image.new("LA", (SIZE, SIZE)).save(la.mask_paths[0])
+    Image.new("RGB", (SIZE, SIZE)).save(rgb.mask_paths[0])  # a palette-colour mask (labels_rgb style) is fine
     errors = _errors(build_manifest("avss", root))
     assert errors[png.uid].startswith(f"{path}: unreadable image")
     assert errors[jpeg.uid] == f"{jpeg.frame_paths[1]}: truncated JPEG (no end-of-image marker)"
-    assert errors[rgb.uid] == f"{rgb.mask_paths[0]}: class-index mask must be single-channel (mode L or P), found mode RGB"
+    assert errors[la.uid] == (f"{la.mask_paths[0]}: class mask must be a class-index (L, P) or palette-colour (RGB) "
+                              "PNG, found mode LA")
+    assert errors[rgb.uid] == ""
 
 
 def test_whole_clip_missing_lists_a_few_problems(tree):
@@ -110,6 +113,30 @@ def test_metadata_problems_are_failed_rows(tree):
     assert errors[-1].startswith("duplicate uid") and errors[2] == ""
 
 
+def test_malformed_csv_rows_are_failed_rows(tree):
+    root = tree / "avss"
+    csv_path = root / "metadata.csv"
+    text = csv_path.read_text().rstrip("\n")
+    n = len(text.splitlines())
+    csv_path.write_text(text + "\nabc,abc_0_5000,0,0,dog,train\nxyz,xyz_0_5000,0,0,dog,test,v3\n")
+    table = build_manifest("avss", root)
+    rows = {r["uid"]: r for r in table.to_pylist()}
+    assert table.num_rows == n + 1  # one row per CSV row (header excluded)
+    assert rows["abc_0_5000"]["error"] == f"{csv_path}:{n + 1}: expected 7 fields, found 6"
+    assert rows["xyz_0_5000"]["error"] == f"{csv_path}:{n + 2}: unknown label 'v3'; expected one of v1s, v1m, v2"
+    assert rows["xyz_0_5000"]["status"] == "failed" and rows["xyz_0_5000"]["n_frames"] == 0
+    assert sum(r["status"] == "ok" for r in rows.values()) == n - 1
+    with pytest.raises(UserError, match="expected 7 fields, found 6 \\(and 1 more bad rows\\)"):
+        load_samples("avss", root)  # the strict reader (used for scoring) refuses such a tree
+
+
+def test_progress_reports_every_row(pristine):
+    calls = []
+    table = build_manifest("s4", pristine / "s4", progress=lambda done, total: calls.append((done, total)))
+    n = table.num_rows
+    assert calls == [(i, n) for i in range(1, n + 1)]
+
+
 def test_user_errors_for_the_dataset_as_a_whole(tree, tmp_path):
     with pytest.raises(UserError, match="dataset root not found"):
         build_manifest("s4", tmp_path / "missing")
@@ -119,6 +146,9 @@ def test_user_errors_for_the_dataset_as_a_whole(tree, tmp_path):
         build_manifest("ms3", tree / "s4")
     (tree / "s4" / "s4_meta_data.csv").write_text("name,category,split\nabc,dog_barking,train\n")
     with pytest.raises(UserError, match="s4_meta_data.csv: expected columns name,start,category,split, found name,category,split"):
+        build_manifest("s4", tree / "s4")
+    (tree / "s4" / "s4_meta_data.csv").write_bytes(b"\xff\xfename,start\n")
+    with pytest.raises(UserError, match="s4_meta_data.csv: unreadable metadata CSV"):
         build_manifest("s4", tree / "s4")
 
 

@@ -2,6 +2,9 @@
 
 import csv
 import json
+import shutil
+import subprocess
+import sys
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -9,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from icf.data.adapters import class_tokens
-from icf.data.manifests import load_info, object_vocabulary, parse_info
+from icf.data.manifests import MANIFEST_DIR, load_info, object_vocabulary, parse_info
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "avsbench"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "avsbench"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/avsbench not available")
 
 
@@ -116,3 +120,21 @@ def test_lookups_and_invariants_fail_loudly():
     raw["palette"] = raw["palette"][:-1]
     with pytest.raises(ValueError, match="70 palette colours for 71 classes"):
         parse_info(raw)
+
+
+def test_a_regular_install_ships_the_root_manifests(tmp_path):
+    """`pip install .` (not editable) must carry manifests/*.toml: install a copy of the source tree into a
+    folder and load every descriptor from there, away from the source tree."""
+    assert MANIFEST_DIR.resolve() == REPO / "manifests"  # the package reads the one root copy
+    src, target = tmp_path / "src", tmp_path / "site"
+    keep = {"pyproject.toml", "README.md", "icf", "manifests"}
+    shutil.copytree(REPO, src, symlinks=True, ignore=lambda d, names: [n for n in names if Path(d) == REPO and n not in keep])
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    subprocess.run([*pip, "--target", str(target), str(src)], check=True, capture_output=True, timeout=120)
+    shutil.rmtree(src)
+    probe = ("import icf.data.manifests as m; print(m.__file__); "
+             "print(*(len(m.load_info(d).classes) for d in ('s4', 'ms3', 'avss')))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                         capture_output=True, text=True, check=True, timeout=60).stdout.split("\n")
+    assert out[0] == str(target / "icf" / "data" / "manifests.py")
+    assert out[1] == "23 0 71"

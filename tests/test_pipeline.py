@@ -213,15 +213,53 @@ def test_stage_records_every_sample_and_keeps_failures_out_of_outputs(tmp_path):
     assert table.column_names == ["uid", "status", "error", "duration_s"]
 
 
+class Crashy(Stage):
+    """Breaks the contract: process() raises for uids starting 'bad' (e.g. a decoder bug on a corrupt file)."""
+
+    name = "crashy"
+    version = "1"
+
+    def process_one(self, sample, upstream):
+        if sample.uid.startswith("bad"):
+            raise RuntimeError("decoder exploded\nsecond line")
+        return {"x": np.array([len(sample.uid)], np.float32)}
+
+
+def test_a_sample_that_raises_is_failed_and_the_rest_of_its_batch_survives(tmp_path):
+    ws = make_ws(tmp_path, unit_size=14)
+    s = run(ws, Crashy(), batch_size=14)  # one unit, one batch holding the bad sample
+    assert s.counts == {"ok": 13, "failed": 1}
+    assert dict(s.failures) == {"bad1": "crashy raised RuntimeError: decoder exploded"}
+
+
 def test_noop_rerun_computes_nothing_and_rewrites_nothing(tmp_path):
     ws = make_ws(tmp_path)
     first = run(ws, Toy())
     folder = ws.stage_dir("toy", first.cache_key)
     mtimes = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    current = ws.stage_root("toy") / "current.json"
+    current_mtime = current.stat().st_mtime_ns
     second = run(ws, Toy())
     assert (second.computed, second.units_run) == (0, 0) and second.cache_key == first.cache_key
     assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
+    assert current.stat().st_mtime_ns == current_mtime
     assert second.counts == first.counts
+
+
+def test_noop_rerun_on_ray_does_not_start_ray(tmp_path, monkeypatch):
+    """Ray is joined only when a unit must run, so a rerun with nothing to do costs only planning."""
+    import icf.pipeline.runners as runners
+
+    ws = make_ws(tmp_path)
+    run(ws, Toy())
+
+    def refuse(address):
+        raise AssertionError("Ray was started for a no-op rerun")
+
+    monkeypatch.setattr(runners, "connect", refuse)
+    assert run(ws, Toy(), executor="ray").units_run == 0
+    with pytest.raises(AssertionError, match="no-op"):
+        run(ws, Toy(), executor="ray", force=True)  # the probe does fire when there is work
 
 
 def test_config_change_recomputes_stage_and_downstream_not_upstream(tmp_path):

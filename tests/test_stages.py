@@ -207,9 +207,11 @@ def _truncate(path: str) -> None:
 def test_broken_samples_are_recorded_and_left_out(tmp_path):
     root = tmp_path / "data"
     synthesize("s4", root, clips=8, seed=1, size=32)
+    with (root / "s4_meta_data.csv").open("a") as fh:
+        fh.write("zzzzzzzzzzz,0,helicopter,holdout\n")  # unknown split: failed at index, in no shard
     ws = Workspace(tmp_path / "w", "s4")
     index = run_index(ws, root, None, UNIT)
-    s = {r["uid"]: Sample.from_row(r) for r in ws.read_manifest().to_pylist()}
+    s = {r["uid"]: Sample.from_row(r) for r in ws.read_manifest().to_pylist() if r["status"] == "ok"}
     a, b, c, d, e, f, *_ = sorted(s)
     _truncate(s[a].audio_path)  # truncated WAV
     Path(s[b].audio_path).write_bytes(Path(s[b].audio_path).read_bytes()[:44])  # empty WAV (header only)
@@ -222,7 +224,7 @@ def test_broken_samples_are_recorded_and_left_out(tmp_path):
     Path(s[e].frame_paths[2]).unlink()  # missing frame
     gt_mask = next(m for m, g in zip(s[f].mask_paths, s[f].gt_frames) if g)
     Image.new("L", (7, 9)).save(gt_mask)  # mask of the wrong size
-    assert index.failed == 0  # broken after indexing: the stages themselves must catch every case
+    assert index.failed == 1  # the holdout row; the rest broke after indexing: the stages must catch every case
 
     out = run_all(ws, root, extract=TINY)
     mel, extract, shard = out["mel"], out["extract"], out["shard"]
@@ -234,8 +236,10 @@ def test_broken_samples_are_recorded_and_left_out(tmp_path):
     assert set(reasons["extract"]) == {a, b, e}  # extract reads its own inputs: the NaN WAV still embeds
     assert s[e].frame_paths[2] in reasons["extract"][e]
     assert reasons["shard"] == {f: reasons["shard"][f]} and gt_mask in reasons["shard"][f] and "7x9" in reasons["shard"][f]
-    assert shard.counts == {"ok": 3, "failed": 1, "skipped": 4}  # a, b, c (mel), e (extract)
+    assert shard.counts == {"ok": 3, "failed": 1, "skipped": 5}  # a, b, c (mel), e (extract), the holdout row
     assert mel.counts["ok"] == 5 and extract.counts["ok"] == 5
+    assert set(json.loads((ws.root / "shards.json").read_text())["splits"]) <= {"train", "val", "test"}
+    assert not (ws.root / "shards" / "holdout").exists()
     shards = ShardSet.load(ws.root / "shards.json")
     assert sum(shards.num_samples(sp) for sp in shards.splits if shards.splits[sp]) == 3
 
@@ -286,8 +290,17 @@ def test_cli_index_user_errors_are_one_line(tmp_path):
     (bad / "s4_meta_data.csv").write_text("a,b\n1,2\n")
     res = runner.invoke(app, ["stage", "index", "--dataset", "s4", "--root", str(bad), "--work", str(tmp_path)])
     assert res.exit_code == 2 and "s4_meta_data.csv" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, ["stage", "mel", "--dataset", "s4", "--work", str(tmp_path / "empty")])
-    assert res.exit_code == 2 and "run `icf stage index" in res.output
+
+
+@pytest.mark.parametrize("command", [["stage", "mel"], ["stage", "extract", "--encoders", "tiny"], ["stage", "shard"],
+                                     ["stage", "all"], ["status"]])
+def test_cli_every_command_without_a_manifest_says_what_to_do(command, tmp_path):
+    res = CliRunner().invoke(app, [*command, "--dataset", "ms3", "--work", str(tmp_path)])
+    message = res.output.strip()
+    assert res.exit_code == 2 and "Traceback" not in res.output and len(message.splitlines()) == 1, res.output
+    assert message.startswith("error:") and ("run `icf stage index" in message or "--root is required" in message)
+    res = CliRunner().invoke(app, [*command, "--dataset", "coco", "--work", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown dataset 'coco'" in res.output
 
 
 def test_cli_strict_and_status(tmp_path):
@@ -297,18 +310,24 @@ def test_cli_strict_and_status(tmp_path):
     work = str(tmp_path / "w")
     runner = CliRunner()
     res = runner.invoke(app, ["stage", "index", "--dataset", "s4", "--root", str(root), "--work", work, "--json"])
-    assert res.exit_code == 0 and json.loads(res.stdout)[0]["counts"] == {"ok": 3, "failed": 1}
+    assert res.exit_code == 0 and json.loads(res.stdout)["counts"] == {"ok": 3, "failed": 1}  # one JSON object
     res = runner.invoke(app, ["stage", "index", "--dataset", "s4", "--root", str(root), "--work", work, "--strict"])
     assert res.exit_code == 1
     res = runner.invoke(app, ["stage", "mel", "--dataset", "s4", "--work", work, "--executor", "local", "--strict"])
     assert res.exit_code == 0  # the index failure is skipped here, not a mel failure
     res = runner.invoke(app, ["status", "--dataset", "s4", "--work", work, "--json"])
-    entries = {e["stage"]: e for e in json.loads(res.stdout)}
+    entries = {e["stage"]: e for e in json.loads(res.stdout)["stages"]}
     assert entries["index"]["counts"]["failed"] == 1 and "truncated" in entries["index"]["failures"][0]["error"]
     assert entries["mel"]["counts"] == {"ok": 3, "failed": 0, "skipped": 1, "pending": 0}
     assert entries["mel"]["units_pending"] == 0 and entries["extract"]["cache_key"] is None
+    assert [entries[n]["state"] for n in ("index", "mel", "extract", "shard")] == ["done", "done", "not run", "not run"]
+    res = runner.invoke(app, ["status", "--dataset", "s4", "--work", work])
+    assert "not done: extract, shard" in res.stdout and "1 failures recorded; --failed lists them" in res.stdout
     res = runner.invoke(app, ["status", "--dataset", "s4", "--work", work, "--failed"])
     assert res.exit_code == 0 and "truncated WAV" in res.stdout
+    runner.invoke(app, ["stage", "index", "--dataset", "s4", "--root", str(root), "--work", work, "--unit-size", "1"])
+    res = runner.invoke(app, ["status", "--dataset", "s4", "--work", work, "--json"])
+    assert {e["stage"]: e["state"] for e in json.loads(res.stdout)["stages"]}["mel"] == "stale"  # new units upstream
 
 
 def test_cli_stage_all_on_embedded_ray_matches_the_local_run(avss, tmp_path):
@@ -322,5 +341,5 @@ def test_cli_stage_all_on_embedded_ray_matches_the_local_run(avss, tmp_path):
     assert shard_hashes(work, "avss") == ref_hashes
     again = subprocess.run(cmd + ["--executor", "local"], env=env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [s.get("computed", 0) for s in json.loads(again.stdout)] == [0, 0, 0, 0]
+    assert [s.get("computed", 0) for s in json.loads(again.stdout)["stages"]] == [0, 0, 0, 0]
     assert shard_hashes(work, "avss") == ref_hashes

@@ -150,7 +150,6 @@ def test_masks_cover_exactly_the_sounding_objects(trees, layout):
     of a silent object (when no sounding object's box reaches it) is background."""
     root, plans = trees[layout]
     info = load_info(layout)
-    sigs = signatures(select_classes(object_vocabulary(layout), 8))
     checked = 0
     for p in plans:
         folder = {"s4": lambda: f"s4_data/gt_masks/{p.split}/{p.row.get('category')}/{p.uid}/{p.uid}_{{}}.png",

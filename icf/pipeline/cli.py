@@ -21,7 +21,7 @@ from rich.table import Table
 
 from icf.clitools import UserError, WorkOption, console, fail, out, work_dir
 from icf.data.sample import DATASETS
-from icf.pipeline.engine import RunOptions, StageSummary, run_stage
+from icf.pipeline.engine import RunOptions, StageSummary, progress_bar, run_stage
 from icf.pipeline.ledger import Workspace
 from icf.pipeline.stage import Stage
 from icf.pipeline.store import read_json
@@ -42,6 +42,7 @@ WORK = P("work", P.KEYWORD_ONLY, default=WorkOption, annotation=Path | None)
 STRICT = _opt("strict", bool, False, "--strict", help="Exit 1 when any sample failed.")
 JSON = _opt("json_out", bool, False, "--json", help="Print the summary as JSON on stdout.")
 FORCE = _opt("force", bool, False, "--force", help="Recompute even what is done.")
+PROGRESS = _opt("progress", bool, True, "--progress/--no-progress", help="Show the progress bar.")
 RUN_PARAMS = [
     DATASET,
     WORK,
@@ -54,7 +55,7 @@ RUN_PARAMS = [
     STRICT,
     _opt("workers", int | None, None, "--workers", help="Actors for model stages (default: one per GPU or CPU)."),
     _opt("batch_size", int, 8, "--batch-size", help="Clips per process() call on a worker."),
-    _opt("progress", bool, True, "--progress/--no-progress", help="Show the progress bar."),
+    PROGRESS,
     JSON,
 ]
 INDEX_PARAMS = [
@@ -106,8 +107,8 @@ def _options(kw: dict[str, Any]) -> RunOptions:
         raise UserError(f"--executor must be 'ray' or 'local', not {kw['executor']!r}")
     only = frozenset(u.strip() for u in kw["only"].split(",") if u.strip()) if kw["only"] else None
     return RunOptions(
-        executor=kw["executor"], force=kw["force"], only=only, retry_failed=kw["retry_failed"],
-        workers=kw["workers"], batch_size=kw["batch_size"], progress=kw["progress"],
+        executor=kw["executor"], ray_address=kw["ray_address"], force=kw["force"], only=only,
+        retry_failed=kw["retry_failed"], workers=kw["workers"], batch_size=kw["batch_size"], progress=kw["progress"],
     )
 
 
@@ -116,45 +117,50 @@ def _build(cls: type[Stage], kw: dict[str, Any]) -> Stage:
     return cls(cls.Config(**{k: v for k, v in kw.items() if k in names}))
 
 
-def _report(summaries: list[StageSummary | IndexSummary], json_out: bool, strict: bool) -> None:
+def _report(ws: Workspace, summaries: list[StageSummary | IndexSummary], json_out: bool, strict: bool) -> None:
+    """One summary line per stage (stderr), ``--json``: one object on stdout; ``--strict``: exit 1 on failures."""
     for s in summaries:
         console.print(s.line(), markup=False, highlight=False, soft_wrap=True)
+    failed = sorted({uid for s in summaries for uid, _ in s.failures})
     if json_out:
-        out.print_json(json.dumps([s.to_dict() for s in summaries]))
-    failed = sum(s.failed for s in summaries)
+        doc = summaries[0].to_dict() if len(summaries) == 1 else {
+            "dataset": ws.dataset, "stages": [s.to_dict() for s in summaries], "failed_clips": len(failed)}
+        out.print_json(json.dumps(doc))
     if failed:
-        console.print(f"[yellow]{failed} failed samples[/]; see `icf status --failed`", highlight=False)
+        console.print(f"[yellow]{len(failed)} clips failed[/]; reasons: `icf status --dataset {ws.dataset} "
+                      f"--work {ws.work} --failed`", highlight=False, soft_wrap=True)
     if strict and failed:
         raise typer.Exit(1)
 
 
 @contextmanager
-def _ray(executor: str, address: str | None) -> Iterator[None]:
-    """Connect to (or start) Ray for the command's lifetime when the executor is ``ray``."""
-    if executor != "ray":
-        yield
-        return
-    from icf.pipeline.runners import connect
+def _ray_session() -> Iterator[None]:
+    """Stop the embedded Ray (if a stage started one) when the command ends."""
+    from icf.pipeline.runners import disconnect
 
-    started = connect(address)
     try:
         yield
     finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        disconnect()
 
 
 def _stage_command(cls: type[Stage]) -> Callable[..., None]:
     def command(**kw: Any) -> None:
         with _user_errors():
             ws, opts, stage = _workspace(kw["dataset"], kw["work"]), _options(kw), _build(cls, kw)
-            with _ray(opts.executor, kw["ray_address"]):
+            with _ray_session():
                 summary = run_stage(ws, stage, opts, console)
-        _report([summary], kw["json_out"], kw["strict"])
+        _report(ws, [summary], kw["json_out"], kw["strict"])
 
     return _with_signature(command, RUN_PARAMS + _config_params([cls]), cls.name, (cls.__doc__ or "").split("\n")[0])
+
+
+def _index(ws: Workspace, root: Path, kw: dict[str, Any]) -> IndexSummary:
+    """Run the index stage with a progress bar over the clips whose files it checks."""
+    with progress_bar(console, kw["progress"]) as progress:
+        bar = progress.add_task(f"{ws.dataset} index", total=None)
+        return run_index(ws, root, kw["split"], kw["unit_size"], kw["force"],
+                         progress=lambda done, total: progress.update(bar, completed=done, total=total))
 
 
 def index_command(**kw: Any) -> None:
@@ -162,9 +168,8 @@ def index_command(**kw: Any) -> None:
         ws = _workspace(kw["dataset"], kw["work"])
         if kw["root"] is None:
             raise UserError("--root is required: the folder holding the dataset's metadata CSV")
-        with console.status(f"{ws.dataset} index: scanning {kw['root']}"):
-            summary = run_index(ws, kw["root"], kw["split"], kw["unit_size"], kw["force"])
-    _report([summary], kw["json_out"], kw["strict"])
+        summary = _index(ws, kw["root"], kw)
+    _report(ws, [summary], kw["json_out"], kw["strict"])
 
 
 def all_command(**kw: Any) -> None:
@@ -176,15 +181,14 @@ def all_command(**kw: Any) -> None:
         root = kw["root"] or _manifest_root(ws)
         if not root:
             raise UserError("--root is required the first time: the folder holding the dataset's metadata CSV")
-        with console.status(f"{ws.dataset} index: scanning {root}"):
-            summaries.append(run_index(ws, root, kw["split"], kw["unit_size"], kw["force"]))
+        summaries.append(_index(ws, root, kw))
         keys: dict[str, str] = {}
-        with _ray(opts.executor, kw["ray_address"]):
+        with _ray_session():
             for stage in stages:
                 summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
                 keys[stage.name] = summary.cache_key
                 summaries.append(summary)
-    _report(summaries, kw["json_out"], kw["strict"])
+    _report(ws, summaries, kw["json_out"], kw["strict"])
 
 
 def _manifest_root(ws: Workspace) -> Path | None:
@@ -199,31 +203,40 @@ def status(
     failed: bool = typer.Option(False, "--failed", help="List every failed sample with its reason."),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
 ) -> None:
-    """Per stage: units done / pending, samples ok / failed / skipped, and (with --failed) the reasons."""
-    from icf.pipeline.status import dataset_status
+    """Per stage: state, units done / pending, samples ok / failed / skipped, and (with --failed) the reasons."""
+    from icf.pipeline.status import dataset_status, not_done
 
     with _user_errors():
-        entries = dataset_status(_workspace(dataset, work))
+        ws = _workspace(dataset, work)
+        entries = dataset_status(ws)
     if json_out:
-        out.print_json(json.dumps(entries))
+        out.print_json(json.dumps({"dataset": dataset, "stages": entries}))
         return
-    table = Table("stage", "key", "units done", "units pending", "ok", "failed", "skipped", "pending")
+    table = Table("stage", "state", "key", "units done", "units pending", "ok", "failed", "skipped", "pending",
+                  title=f"{dataset} in {ws.root}")
     for e in entries:
         c = e["counts"]
-        table.add_row(e["stage"], e["cache_key"] or "-", *(str(v) if v is not None else "-" for v in
+        table.add_row(e["stage"], e["state"], e["cache_key"] or "-", *(str(v) if v is not None else "-" for v in
                       (e["units_done"], e["units_pending"], c.get("ok"), c.get("failed"), c.get("skipped"), c.get("pending"))))
     out.print(table)
+    todo = not_done(entries)
+    if todo:
+        out.print(f"not done: {', '.join(todo)}; `icf stage all --dataset {dataset} --work {ws.work}` (with the "
+                  "options of your earlier runs) brings them up to date", highlight=False, soft_wrap=True)
+    n_failed = sum(len(e["failures"]) for e in entries)
     if failed:
         for e in entries:
             for f in e["failures"]:
                 out.print(f"{e['stage']}\t{f['uid']}\t{f['error']}", highlight=False, soft_wrap=True)
+    elif n_failed:
+        out.print(f"{n_failed} failures recorded; --failed lists them with their reasons", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add ``icf stage ...`` and ``icf status`` to the root app."""
     classes = list(stage_classes().values())
     stage_app.command("index")(_with_signature(
-        index_command, [DATASET, WORK, *INDEX_PARAMS, FORCE, STRICT, JSON], "index",
+        index_command, [DATASET, WORK, *INDEX_PARAMS, FORCE, STRICT, PROGRESS, JSON], "index",
         "Scan the dataset folder into WORK/<dataset>/manifest.parquet (one row per clip, ok/failed)."))
     for cls in classes:
         stage_app.command(cls.name)(_stage_command(cls))

@@ -31,6 +31,7 @@ class RunOptions:
     """How to run a stage (none of these change outputs, so none enter the cache key)."""
 
     executor: str = "ray"
+    ray_address: str | None = None
     force: bool = False
     only: frozenset[str] | None = None
     retry_failed: bool = False
@@ -176,7 +177,8 @@ def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opt
     return units, jobs
 
 
-def _progress(console: Console, enabled: bool) -> Progress:
+def progress_bar(console: Console, enabled: bool) -> Progress:
+    """The bar every stage shows: description, bar, done/total clips, elapsed time and ETA."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -244,9 +246,10 @@ def run_stage(
     for notice in stage.notices():
         console.print(f"[bold red]WARNING[/] {notice}", highlight=False)
     summary = StageSummary(stage.name, key, units=len(units), units_run=len(jobs))
-    with _progress(console, opts.progress) as progress:
-        bar = progress.add_task(f"{ws.dataset} {stage.name}", total=sum(len(j.todo) for j in jobs))
-        for report in make_runner(opts.executor, opts.workers).run(stage, jobs):
+    total = sum(job.n_compute for job in jobs)
+    with progress_bar(console, opts.progress and total > 0) as progress:
+        bar = progress.add_task(f"{ws.dataset} {stage.name}", total=total)
+        for report in make_runner(opts.executor, opts.workers, opts.ray_address).run(stage, jobs):
             summary.computed += report.computed
             progress.advance(bar, report.computed)
     ok_units = _tally(folder, units, summary)

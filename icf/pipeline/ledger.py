@@ -72,7 +72,9 @@ class Workspace:
         return read_json(self.stage_root(stage) / "current.json")
 
     def set_current(self, stage: str, info: dict[str, Any]) -> None:
-        atomic_write_json(self.stage_root(stage) / "current.json", info)
+        """Record the stage's latest key and config (unchanged → not rewritten)."""
+        if self.current(stage) != info:
+            atomic_write_json(self.stage_root(stage) / "current.json", info)
 
     def read_manifest(self) -> pa.Table:
         """The manifest table; a one-line error when the index stage has not run."""

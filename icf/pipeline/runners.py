@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+from icf.clitools import UserError
 from icf.pipeline.stage import Stage
 from icf.pipeline.worker import UnitJob, UnitReport, run_unit
 
@@ -65,24 +66,38 @@ class _StageActor:
         return run_unit(self.stage, job)
 
 
-def connect(address: str | None) -> bool:
-    """Join ``address`` (``auto``, ``ray://host:port``; else ``$RAY_ADDRESS`` when set, as Ray does) or start
-    an embedded Ray on this machine's CPUs.
+_connected_here = False  # whether connect() opened the current Ray connection (disconnect() closes it)
 
-    Returns True when this call started Ray (the caller then shuts it down). Reuses a live connection.
-    """
+
+def connect(address: str | None) -> None:
+    """Join ``address`` (``auto``, ``ray://host:port``; else ``$RAY_ADDRESS`` when set, as Ray does) or start
+    an embedded Ray on this machine's CPUs. Reuses a live connection (e.g. one the caller opened)."""
+    global _connected_here
     import ray
 
     if ray.is_initialized():
-        return False
+        return
     address = address or os.environ.get("RAY_ADDRESS")
     common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
     if address:
-        ray.init(address=address, **common)
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as err:
+            raise UserError(f"--ray-address {address}: cannot join a Ray cluster ({str(err).splitlines()[0]})") from None
     else:
         # address="local": always a fresh instance, never a cluster that happens to run on this machine
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
-    return True
+    _connected_here = True
+
+
+def disconnect() -> None:
+    """Close the connection :func:`connect` opened (stopping an embedded Ray); leave any other alone."""
+    global _connected_here
+    if _connected_here:
+        import ray
+
+        ray.shutdown()
+        _connected_here = False
 
 
 class RayRunner:
@@ -90,16 +105,20 @@ class RayRunner:
 
     Args:
         workers: actors for model stages (default: one per GPU, else one per CPU of the cluster).
+        address: the cluster to join, see :func:`connect`; Ray starts only when there is a unit to run,
+            so a rerun with nothing to do costs no Ray start-up.
         max_retries: how often a unit is resent after its worker or actor died.
     """
 
-    def __init__(self, workers: int | None = None, max_retries: int = MAX_RETRIES) -> None:
+    def __init__(self, workers: int | None = None, address: str | None = None, max_retries: int = MAX_RETRIES) -> None:
         self.workers = workers
+        self.address = address
         self.max_retries = max_retries
 
     def run(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
         if not jobs:
             return iter(())
+        connect(self.address)
         return self._actors(stage, jobs) if stage.uses_model else self._tasks(stage, jobs)
 
     def _tasks(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
@@ -136,9 +155,9 @@ class RayRunner:
                 ray.kill(actor)
 
 
-def make_runner(executor: str, workers: int | None = None) -> Runner:
+def make_runner(executor: str, workers: int | None = None, address: str | None = None) -> Runner:
     if executor == "local":
         return LocalRunner()
     if executor == "ray":
-        return RayRunner(workers)
+        return RayRunner(workers, address)
     raise ValueError(f"unknown executor {executor!r}; expected 'ray' or 'local'")

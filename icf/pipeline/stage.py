@@ -11,6 +11,8 @@ A stage is a class with
 * ``setup()`` (once per worker), ``process(samples, inputs) -> [Result]`` (never raises for a bad
   sample: it returns ``Result.failed(uid, reason)``), and optionally ``finish(ctx)`` which runs once in the
   driver after every unit is done (dataset-level outputs such as text banks or the final tar shards).
+  Most stages only write ``process_one(sample, upstream) -> {name: output}`` and raise ``ValueError``
+  naming the file for a bad sample; the default ``process`` turns that into ``Result.failed``.
 
 Adding a stage means adding one module to ``icf/stages/`` that defines a subclass of :class:`Stage`.
 """
@@ -28,6 +30,11 @@ from icf.pipeline.store import Output
 
 # Per sample, per upstream stage, that stage's outputs: inputs[uid][stage][name].
 Inputs = Mapping[str, Mapping[str, Mapping[str, Output]]]
+
+
+def option(default: Any, help: str) -> Any:
+    """A ``Config`` field with its ``--flag`` help text: ``sample_rate: int = option(16000, "...")``."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,23 @@ class Stage:
         """Load models or tables; called once per worker before the first ``process``."""
 
     def process(self, samples: Sequence[Sample], inputs: Inputs) -> list[Result]:
-        """One result per sample, same order; a bad sample gives ``Result.failed``, never an exception."""
-        raise NotImplementedError(f"stage {self.name!r} must implement process()")
+        """One result per sample, same order; a bad sample gives ``Result.failed``, never an exception.
+
+        The default runs :meth:`process_one` on each sample and fails the ones that raise ``ValueError``
+        with its message as the reason; stages that batch across samples override this instead.
+        """
+        results = []
+        for s in samples:
+            try:
+                results.append(Result.success(s.uid, **self.process_one(s, inputs.get(s.uid, {}))))
+            except ValueError as err:
+                results.append(Result.failed(s.uid, str(err)))
+        return results
+
+    def process_one(self, sample: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
+        """Outputs of one sample from its upstream outputs (``upstream[stage][name]``); ``ValueError``
+        naming the file when the sample is bad."""
+        raise NotImplementedError(f"stage {self.name!r} must implement process_one() or process()")
 
     def finish(self, ctx: FinishContext) -> dict[str, Any]:
         """Dataset-level work after every unit is done; returns facts for the summary (default: none)."""

@@ -1,4 +1,10 @@
-"""``icf status``: per stage, units done / pending and samples ok / failed / skipped, from the ledger alone."""
+"""``icf status``: per stage, its state, units done / pending and samples ok / failed / skipped / pending,
+read from the ledger alone (no stage code runs, nothing is written).
+
+A stage's state is ``done`` (every unit of its latest key finished), ``incomplete`` (some units still
+pending, e.g. a killed run or ``--only``), ``stale`` (its latest run was built on upstream keys that have
+changed since: rerun it) or ``not run``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,11 @@ from typing import Any
 
 from icf.pipeline.engine import manifest_units
 from icf.pipeline.ledger import FAILED, OK, PENDING, SKIPPED, Workspace, read_stats, read_status
+from icf.pipeline.stage import Stage
 from icf.pipeline.store import read_json
 from icf.stages import stage_classes
+
+DONE, INCOMPLETE, STALE, NOT_RUN = "done", "incomplete", "stale", "not run"
 
 
 def _index_status(ws: Workspace) -> dict[str, Any]:
@@ -15,6 +24,7 @@ def _index_status(ws: Workspace) -> dict[str, Any]:
     rows = ws.read_manifest().select(["uid", "status", "error"]).to_pylist()
     return {
         "stage": "index",
+        "state": DONE,
         "cache_key": stats.get("cache_key"),
         "units_done": None,
         "units_pending": None,
@@ -23,10 +33,24 @@ def _index_status(ws: Workspace) -> dict[str, Any]:
     }
 
 
+def _is_stale(ws: Workspace, current: dict[str, Any]) -> bool:
+    """Whether the run recorded in ``current`` used an index or upstream key that is no longer the latest."""
+    latest = {"index": ws.index_key()}
+    for name in current["upstream"]:
+        if name != "index":
+            latest[name] = (ws.current(name) or {}).get("cache_key")
+    return latest != current["upstream"]
+
+
+def _has_finish(name: str) -> bool:
+    """Whether the stage has a dataset-level ``finish`` step (then it is done only once that ran)."""
+    return stage_classes()[name].finish is not Stage.finish
+
+
 def _stage_status(ws: Workspace, name: str) -> dict[str, Any]:
     current = ws.current(name)
-    entry: dict[str, Any] = {"stage": name, "cache_key": None, "units_done": 0, "units_pending": None,
-                             "counts": {}, "failures": []}
+    entry: dict[str, Any] = {"stage": name, "state": NOT_RUN, "cache_key": None, "units_done": 0,
+                             "units_pending": None, "counts": {}, "failures": []}
     if current is None:
         return entry
     units, _, _ = manifest_units(ws)
@@ -42,10 +66,18 @@ def _stage_status(ws: Workspace, name: str) -> dict[str, Any]:
             counts[st.status if st else PENDING] += 1
             if st and st.status == FAILED:
                 entry["failures"].append({"uid": uid, "error": st.error})
-    entry.update(cache_key=current["cache_key"], units_done=done, units_pending=len(units) - done, counts=counts)
+    finished = not _has_finish(name) or (read_json(folder / "finish.json") or {}).get("cache_key") == current["cache_key"]
+    state = STALE if _is_stale(ws, current) else DONE if done == len(units) and finished else INCOMPLETE
+    entry.update(state=state, cache_key=current["cache_key"], units_done=done, units_pending=len(units) - done,
+                 counts=counts)
     return entry
 
 
 def dataset_status(ws: Workspace) -> list[dict[str, Any]]:
-    """One entry per stage (index first): key, units done/pending, sample counts, failures with reasons."""
+    """One entry per stage (index first): state, key, units done/pending, sample counts, failures with reasons."""
     return [_index_status(ws)] + [_stage_status(ws, name) for name in stage_classes()]
+
+
+def not_done(entries: list[dict[str, Any]]) -> list[str]:
+    """Names of the stages that are not done, in pipeline order."""
+    return [e["stage"] for e in entries if e["state"] != DONE]

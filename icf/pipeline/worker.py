@@ -16,7 +16,7 @@ import numpy as np
 from icf.data.sample import Sample
 from icf.pipeline.ledger import FAILED, OK, PENDING, SKIPPED, SampleStatus, read_status, unit_path, write_unit
 from icf.pipeline.plan import Unit
-from icf.pipeline.stage import Result, Stage
+from icf.pipeline.stage import Inputs, Result, Stage
 from icf.pipeline.store import Output, read_outputs
 
 
@@ -51,6 +51,12 @@ class UnitJob:
     extra_stats: Mapping[str, object] = field(default_factory=dict)
 
 
+    @property
+    def n_compute(self) -> int:
+        """How many samples this job hands to ``process`` (``todo`` minus the upstream-skipped)."""
+        return len(set(self.todo) - set(self.skipped))
+
+
 @dataclass(frozen=True)
 class UnitReport:
     unit: int
@@ -70,6 +76,22 @@ def _non_finite(outputs: Mapping[str, Output]) -> str | None:
 def _check(stage: Stage, batch: list[Sample], results: list[Result]) -> None:
     if [r.uid for r in results] != [s.uid for s in batch]:
         raise RuntimeError(f"stage {stage.name!r}: process() must return one result per sample, in order")
+
+
+def _process(stage: Stage, batch: list[Sample], inputs: Inputs) -> list[Result]:
+    """``stage.process(batch)``, holding the contract that a bad sample never stops a unit: if the batch
+    raises, each sample is retried alone and the one that raises is failed with the exception as reason."""
+    try:
+        return stage.process(batch, inputs)
+    except Exception:  # noqa: BLE001 - the isolation boundary between one sample and the rest of the run
+        results = []
+        for sample in batch:
+            try:
+                results += stage.process([sample], inputs)
+            except Exception as err:  # noqa: BLE001
+                reason = f"{stage.name} raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                results.append(Result.failed(sample.uid, reason))
+        return results
 
 
 def _load_inputs(job: UnitJob, uids: set[str]) -> dict[str, dict[str, dict[str, Output]]]:
@@ -96,7 +118,7 @@ def run_unit(stage: Stage, job: UnitJob) -> UnitReport:
     for start in range(0, len(batch_all), job.batch_size):
         batch = batch_all[start : start + job.batch_size]
         t0 = time.perf_counter()
-        results = stage.process(batch, inputs)
+        results = _process(stage, batch, inputs)
         per_sample = (time.perf_counter() - t0) / len(batch)
         _check(stage, batch, results)
         for res in results:

@@ -20,8 +20,9 @@ the towers are randomly initialised (seeded), which is announced loudly and reco
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,12 @@ from icf.clitools import UserError
 from icf.data.io import read_rgb, read_wav
 from icf.data.manifests import object_vocabulary
 from icf.data.sample import Sample
-from icf.encoders import EncoderSpec
+from icf.encoders import Encoders, EncoderSpec, RandomWeightsWarning
 from icf.encoders.videoclip import SEGMENT_DIVISOR, segment_window
-from icf.pipeline.stage import FinishContext, Inputs, Result, Stage
-from icf.pipeline.store import atomic_write, npz_bytes
+from icf.pipeline.stage import FinishContext, Stage, option
+from icf.pipeline.store import Output, atomic_write, npz_bytes
 
 TEXT_BANK = "text_bank.npz"
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 def resolve_spec(cfg: "ExtractStage.Config") -> EncoderSpec:
@@ -83,6 +80,17 @@ def _fingerprint(path: str | None) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _load_quietly(spec: EncoderSpec, device: str = "cpu") -> Encoders:
+    """The towers of ``spec``, without repeating on every worker the random-weights warning that
+    :meth:`ExtractStage.notices` printed once (the log line stays) or third-party deprecation chatter."""
+    from icf.encoders import load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
+        return load(spec, device=device)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     """L2-normalise the last axis (float32), then float16 for storage."""
     x = x.astype(np.float32)
@@ -98,15 +106,15 @@ class ExtractStage(Stage):
 
     @dataclass(frozen=True)
     class Config:
-        encoders: str = field(default="default", metadata=_help(
-            "'default' (ViT-B-32 + HTSAT-tiny), 'tiny' (tiny test configs) or an EncoderSpec JSON file."))
-        clip_model: str | None = field(default=None, metadata=_help("open_clip model name."))
-        clip_weights: str | None = field(default=None, metadata=_help("Local CLIP checkpoint file."))
-        clap_amodel: str | None = field(default=None, metadata=_help("laion-clap audio model name."))
-        clap_tmodel: str | None = field(default=None, metadata=_help("laion-clap text model ('roberta', 'transformer')."))
-        clap_weights: str | None = field(default=None, metadata=_help("Local CLAP checkpoint file."))
-        clap_text_dir: str | None = field(default=None, metadata=_help("Local RoBERTa config/tokenizer folder."))
-        encoder_seed: int | None = field(default=None, metadata=_help("Seed of random-init towers."))
+        encoders: str = option(
+            "default", "'default' (ViT-B-32 + HTSAT-tiny), 'tiny' (tiny test configs) or an EncoderSpec JSON file.")
+        clip_model: str | None = option(None, "open_clip model name.")
+        clip_weights: str | None = option(None, "Local CLIP checkpoint file.")
+        clap_amodel: str | None = option(None, "laion-clap audio model name.")
+        clap_tmodel: str | None = option(None, "laion-clap text model ('roberta', 'transformer').")
+        clap_weights: str | None = option(None, "Local CLAP checkpoint file.")
+        clap_text_dir: str | None = option(None, "Local RoBERTa config/tokenizer folder.")
+        encoder_seed: int | None = option(None, "Seed of random-init towers.")
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -127,15 +135,14 @@ class ExtractStage(Stage):
         random = [t for t, w in self.spec.weights_summary().items() if w == "random"]
         if not random:
             return []
-        return [f"extract: {' and '.join(random).upper()} use RANDOM weights (no --{random[0]}-weights given); "
-                "embeddings carry no pretrained semantics"]
+        flags = " / ".join(f"--{t}-weights" for t in random)
+        return [f"extract: {' and '.join(random).upper()} use RANDOM weights (no {flags} given); "
+                "their embeddings carry no pretrained semantics"]
 
     def setup(self) -> None:
         import torch
 
-        from icf.encoders import load
-
-        self.enc = load(self.spec, device="cuda" if torch.cuda.is_available() else "cpu")
+        self.enc = _load_quietly(self.spec, device="cuda" if torch.cuda.is_available() else "cpu")
 
     def embed(self, s: Sample) -> dict[str, np.ndarray]:
         """All embeddings of one clip (raises ``ValueError`` naming the file on bad media)."""
@@ -161,20 +168,14 @@ class ExtractStage(Stage):
             "clap_clip": _unit(whole.cpu().numpy()),
         }
 
-    def process(self, samples: Sequence[Sample], inputs: Inputs) -> list[Result]:
-        results = []
-        for s in samples:
-            try:
-                results.append(Result.success(s.uid, **self.embed(s)))
-            except ValueError as err:
-                results.append(Result.failed(s.uid, str(err)))
-        return results
+    def process_one(self, sample: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
+        return self.embed(sample)
 
     def finish(self, ctx: FinishContext) -> dict[str, Any]:
         """Text banks for the dataset's object vocabulary → ``<stage dir>/text_bank.npz``."""
-        from icf.encoders import load, text_bank
+        from icf.encoders import text_bank
 
         names = object_vocabulary(ctx.dataset)
-        bank = text_bank(load(self.spec), names)
+        bank = text_bank(_load_quietly(self.spec), names)
         atomic_write(ctx.stage_dir / TEXT_BANK, npz_bytes({**bank, "names": np.array(names)}))
         return {"text_bank": TEXT_BANK, "encoders": json.loads(self.spec.to_json()), "classes": len(names)}

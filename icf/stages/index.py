@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from icf.data.index import build_manifest, write_manifest
+from icf.data.index import Progress, build_manifest, write_manifest
 from icf.pipeline.ledger import Workspace
 from icf.pipeline.plan import assign_units, cache_key, digest
 from icf.pipeline.store import atomic_write_json, read_json
@@ -35,8 +35,8 @@ class IndexSummary:
     seconds: float
 
     def line(self) -> str:
-        verb = "built" if self.rebuilt else "up to date"
-        return f"index [{self.cache_key}]: {self.ok} ok, {self.failed} failed; manifest {verb} in {self.seconds:.1f}s"
+        done = "built" if self.rebuilt else "up to date (--force rescans the files)"
+        return f"index [{self.cache_key}]: {self.ok} ok, {self.failed} failed; manifest {done}, {self.seconds:.1f}s"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,11 +60,17 @@ def _failures(table: pa.Table) -> list[tuple[str, str]]:
 
 
 def run_index(
-    ws: Workspace, root: Path, splits: list[str] | None, unit_size: int | None = None, force: bool = False
+    ws: Workspace,
+    root: Path,
+    splits: list[str] | None,
+    unit_size: int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> IndexSummary:
     """Build (or keep) the manifest of ``ws.dataset`` under ``root``; raises ``UserError`` for a bad root/CSV.
 
-    ``unit_size`` None keeps the existing manifest's unit size (else ``DEFAULT_UNIT_SIZE``).
+    ``unit_size`` None keeps the existing manifest's unit size (else ``DEFAULT_UNIT_SIZE``);
+    ``progress(done, total)`` follows the file checks.
     """
     t0 = time.perf_counter()
     stats = read_json(ws.manifest_stats)
@@ -80,7 +86,7 @@ def run_index(
     if stats and not force and stats["config_key"] == config_key and ws.manifest.exists():
         failures = _failures(ws.read_manifest())
         return IndexSummary(stats["cache_key"], stats["ok"], stats["failed"], failures, False, time.perf_counter() - t0)
-    table = with_units(build_manifest(ws.dataset, root, splits), unit_size)
+    table = with_units(build_manifest(ws.dataset, root, splits, progress=progress), unit_size)
     ws.manifest_stats.unlink(missing_ok=True)  # a run killed before the new stats land must rebuild
     write_manifest(table, ws.manifest)
     failures = _failures(table)

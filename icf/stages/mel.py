@@ -13,18 +13,15 @@ matrix (triangles linear in mel), a small difference in band shapes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from icf.data.io import read_wav
 from icf.data.sample import Sample
-from icf.pipeline.stage import Inputs, Result, Stage
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+from icf.pipeline.stage import Stage, option
+from icf.pipeline.store import Output
 
 
 class MelStage(Stage):
@@ -35,15 +32,15 @@ class MelStage(Stage):
 
     @dataclass(frozen=True)
     class Config:
-        sample_rate: int = field(default=16000, metadata=_help("Resample audio to this rate (Hz)."))
-        window_s: float = field(default=0.025, metadata=_help("STFT window length (s)."))
-        hop_s: float = field(default=0.010, metadata=_help("STFT hop (s)."))
-        n_fft: int = field(default=512, metadata=_help("FFT size."))
-        n_mels: int = field(default=64, metadata=_help("Mel bands."))
-        f_min: float = field(default=125.0, metadata=_help("Lowest mel band edge (Hz)."))
-        f_max: float = field(default=7500.0, metadata=_help("Highest mel band edge (Hz)."))
-        log_offset: float = field(default=0.01, metadata=_help("log(mel + offset)."))
-        patch_frames: int = field(default=96, metadata=_help("STFT frames per patch (0.96 s)."))
+        sample_rate: int = option(16000, "Resample audio to this rate (Hz).")
+        window_s: float = option(0.025, "STFT window length (s).")
+        hop_s: float = option(0.010, "STFT hop (s).")
+        n_fft: int = option(512, "FFT size.")
+        n_mels: int = option(64, "Mel bands.")
+        f_min: float = option(125.0, "Lowest mel band edge (Hz).")
+        f_max: float = option(7500.0, "Highest mel band edge (Hz).")
+        log_offset: float = option(0.01, "log(mel + offset).")
+        patch_frames: int = option(96, "STFT frames per patch (0.96 s).")
 
     def setup(self) -> None:
         import torch
@@ -67,8 +64,13 @@ class MelStage(Stage):
         )
 
     def log_mel(self, wave: np.ndarray) -> np.ndarray:
-        """Mono wave ``(N,)`` at ``sample_rate`` → log-Mel ``(frames, n_mels)`` float32, VGGish frames."""
+        """Mono wave ``(N,)`` at ``sample_rate`` → log-Mel ``(frames, n_mels)`` float32, VGGish frames.
+
+        Raises ``ValueError`` when the wave is shorter than one STFT window."""
         import torch
+
+        if len(wave) < self._win:
+            raise ValueError(f"{len(wave)} audio samples is shorter than one {self._win}-sample STFT window")
 
         pad = (self.cfg.n_fft - self._win) // 2
         x = torch.nn.functional.pad(torch.from_numpy(wave), (pad, pad))
@@ -87,15 +89,10 @@ class MelStage(Stage):
             x = np.concatenate([x, np.repeat(x[-1:], n_frames - len(x), axis=0)])
         return x
 
-    def process(self, samples: Sequence[Sample], inputs: Inputs) -> list[Result]:
-        results = []
-        for s in samples:
-            try:
-                wave = read_wav(s.audio_path, sr=self.cfg.sample_rate)
-                mel = self.patches(self.log_mel(wave), s.n_frames)
-            except ValueError as err:
-                reason = str(err) if s.audio_path in str(err) else f"{s.audio_path}: {err}"
-                results.append(Result.failed(s.uid, reason))
-                continue
-            results.append(Result.success(s.uid, mel=mel.astype(np.float16)))
-        return results
+    def process_one(self, sample: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
+        wave = read_wav(sample.audio_path, sr=self.cfg.sample_rate)  # its errors name the file
+        try:
+            mel = self.patches(self.log_mel(wave), sample.n_frames)
+        except ValueError as err:
+            raise ValueError(f"{sample.audio_path}: {err}") from None
+        return {"mel": mel.astype(np.float16)}

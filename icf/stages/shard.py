@@ -21,8 +21,8 @@ import json
 import os
 import tarfile
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,12 @@ from icf.data.io import read_mask, read_rgb
 from icf.data.manifests import load_info
 from icf.data.sample import Sample
 from icf.pipeline.plan import SPLIT_ORDER
-from icf.pipeline.stage import FinishContext, Inputs, Result, Stage
+from icf.pipeline.stage import FinishContext, Stage, option
 from icf.pipeline.store import (
-    TMP_INFIX, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs, sweep_temp_files,
+    TMP_INFIX, Output, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs, sweep_temp_files,
 )
 
 EMBEDDINGS = ("clip", "vclip", "vclip_seg", "clap", "clap_clip")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 def sample_key(uid: str) -> str:
@@ -125,11 +121,11 @@ class ShardStage(Stage):
 
     @dataclass(frozen=True)
     class Config:
-        image_size: int = field(default=224, metadata=_help("Frames and masks are stored at S×S."))
-        jpeg_quality: int = field(default=90, metadata=_help("JPEG quality of the stored frames."))
-        shard_mb: int = field(default=256, metadata=_help("Target shard size (MB)."))
+        image_size: int = option(224, "Frames and masks are stored at S×S.")
+        jpeg_quality: int = option(90, "JPEG quality of the stored frames.")
+        shard_mb: int = option(256, "Target shard size (MB).")
 
-    def members(self, s: Sample, upstream: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+    def process_one(self, s: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
         """The tar members of one clip (raises ``ValueError`` naming the file on bad media)."""
         info = load_info(s.dataset)
         crop = s.dataset == "avss" and s.split == "train"
@@ -155,19 +151,14 @@ class ShardStage(Stage):
                 raise ValueError(f"{s.uid}: {name} has {arrays[name].shape[0]} rows for {s.n_frames} frames")
         out["gt.npy"] = npy_bytes(np.array(s.gt_frames, dtype=bool))
         out.update({f"{k}.npy": npy_bytes(v) for k, v in arrays.items()})
+        try:
+            labels = [info.class_id(c) for c in s.classes]
+        except KeyError as err:
+            raise ValueError(f"{s.uid}: {err.args[0]}") from None
         meta = {"uid": s.uid, "dataset": s.dataset, "split": s.split, "subset": s.subset, "n_frames": s.n_frames,
-                "classes": list(s.classes), "labels": [info.class_id(c) for c in s.classes]}
+                "classes": list(s.classes), "labels": labels}
         out["meta.json"] = json.dumps(meta, sort_keys=True).encode()
         return out
-
-    def process(self, samples: Sequence[Sample], inputs: Inputs) -> list[Result]:
-        results = []
-        for s in samples:
-            try:
-                results.append(Result.success(s.uid, **self.members(s, inputs[s.uid])))
-            except (ValueError, KeyError) as err:
-                results.append(Result.failed(s.uid, str(err).strip('"')))
-        return results
 
     def _write_split(self, ctx: FinishContext, split: str, units: Iterable[int]) -> list[dict[str, Any]]:
         folder = ctx.dataset_dir / "shards" / split
@@ -185,8 +176,8 @@ class ShardStage(Stage):
         by_split: dict[str, list[int]] = {}
         for unit_id, (split, _) in sorted(ctx.units.items()):
             by_split.setdefault(split, []).append(unit_id)
-        order = [s for s in SPLIT_ORDER if s in by_split] + sorted(set(by_split) - set(SPLIT_ORDER))
-        splits = {split: self._write_split(ctx, split, by_split[split]) for split in order}
+        # rows with an unknown split failed at index, so only the real splits can hold clips
+        splits = {split: self._write_split(ctx, split, by_split[split]) for split in SPLIT_ORDER if split in by_split}
         extract = read_json(ctx.upstream_dirs["extract"] / "finish.json")["result"]
         bank = "shards/text_bank.npz"
         atomic_write(ctx.dataset_dir / bank, (ctx.upstream_dirs["extract"] / extract["text_bank"]).read_bytes())

@@ -10,7 +10,7 @@ import torch
 from icf.train import checkpoint
 from icf.train.ray_train import train_ray
 from icf.train.trainer import RunSpec, read_metrics
-from shardkit import write_avss_shards
+from test_train import write_avss_shards
 
 
 @pytest.fixture(scope="module")

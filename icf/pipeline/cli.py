@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.progress import TaskID
 from rich.table import Table
 
 from icf.clitools import UserError, WorkOption, console, fail, out, work_dir
@@ -156,11 +157,21 @@ def _stage_command(cls: type[Stage]) -> Callable[..., None]:
 
 
 def _index(ws: Workspace, root: Path, kw: dict[str, Any]) -> IndexSummary:
-    """Run the index stage with a progress bar over the clips whose files it checks."""
-    with progress_bar(console, kw["progress"]) as progress:
-        bar = progress.add_task(f"{ws.dataset} index", total=None)
-        return run_index(ws, root, kw["split"], kw["unit_size"], kw["force"],
-                         progress=lambda done, total: progress.update(bar, completed=done, total=total))
+    """Run the index stage with a progress bar over the clips whose files it checks (none when up to date)."""
+    progress = progress_bar(console, kw["progress"])
+    bars: list[TaskID] = []
+
+    def advance(done: int, total: int) -> None:
+        if not bars:
+            progress.start()
+            bars.append(progress.add_task(f"{ws.dataset} index", total=total))
+        progress.update(bars[0], completed=done)
+
+    try:
+        return run_index(ws, root, kw["split"], kw["unit_size"], kw["force"], progress=advance)
+    finally:
+        if bars:
+            progress.stop()
 
 
 def index_command(**kw: Any) -> None:
@@ -212,12 +223,12 @@ def status(
     if json_out:
         out.print_json(json.dumps({"dataset": dataset, "stages": entries}))
         return
-    table = Table("stage", "state", "key", "units done", "units pending", "ok", "failed", "skipped", "pending",
-                  title=f"{dataset} in {ws.root}")
+    table = Table("stage", "state", "key", "units", "ok", "failed", "skipped", "pending", title=f"{dataset} in {ws.root}")
     for e in entries:
         c = e["counts"]
-        table.add_row(e["stage"], e["state"], e["cache_key"] or "-", *(str(v) if v is not None else "-" for v in
-                      (e["units_done"], e["units_pending"], c.get("ok"), c.get("failed"), c.get("skipped"), c.get("pending"))))
+        units = "-" if e["units_pending"] is None else f"{e['units_done']}/{e['units_done'] + e['units_pending']}"
+        table.add_row(e["stage"], e["state"], e["cache_key"] or "-", units,
+                      *(str(c[k]) if k in c else "-" for k in ("ok", "failed", "skipped", "pending")))
     out.print(table)
     todo = not_done(entries)
     if todo:

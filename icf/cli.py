@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import typer  # noqa: E402
 
 from icf import __version__  # noqa: E402
-from icf.clitools import UserError, fail  # noqa: E402
+from icf.clitools import UserError, console  # noqa: E402
 
 app = typer.Typer(
     name="icf",
@@ -54,7 +54,8 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        fail(str(err))
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

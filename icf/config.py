@@ -59,6 +59,7 @@ class ModelConfig:
     num_queries: int = 100  # learnable queries
     num_audio_queries: int = 16  # audio-conditioned queries per frame
     dropout: float = 0.0
+    pixel_classifier: bool = True  # add a 1×1 per-pixel classifier to the query-mask head (icf.model.decoder)
     # --- MIT (Eq. 1-5)
     k_t: int = 15  # soft prompts per level (supplement Table 1; note 2 says 30)
     n_ctx: int = 4  # pseudo-word tokens per soft prompt

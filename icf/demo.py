@@ -63,8 +63,8 @@ def evaluate_run(run: Path, clips: int, seed: int, size: int, split: str = "val"
 def demo(
     work: Path | None = WorkOption,
     clips: int = typer.Option(200, "--clips", help="Synthetic AVSS clips (shared among splits and subsets)."),
-    minutes: float = typer.Option(5.0, "--minutes", help="Training time budget in minutes."),
-    epochs: int = typer.Option(3, "--epochs", help="Epochs of the learning-rate schedule (training stops at --minutes)."),
+    minutes: float = typer.Option(6.0, "--minutes", help="Training time budget in minutes."),
+    epochs: int = typer.Option(12, "--epochs", help="Epochs of the learning-rate schedule (training stops at --minutes)."),
     size: int = typer.Option(64, "--size", help="Frame side of the synthetic data and the shards."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data and of training."),
     executor: str = typer.Option("ray", "--executor", help="Pipeline executor: ray (embedded local Ray) or local."),

@@ -14,6 +14,11 @@ three pixel levels, coarse to fine):
 Mask head: per-query mask embeddings e_q dotted with the per-pixel embedding give query masks; output
 channel k pools them with a softmax over queries of a per-query score s_{q,k}: logit_k(x) = Σ_q
 softmax_q(s_{·,k})·(e_q·f(x)). K = 1 (S4/MS3, a sigmoid mask) or 71 (AVSS, class logits), no matching needed.
+With ``pixel_classifier`` (default) a 1×1 linear classifier on the same audio-conditioned per-pixel embedding is
+added: logit_k(x) += w_k·f(x) + b_k. Decision (measured): with 71 AVSS channels each being a convex mix of a
+handful of query masks, training from scratch sits in the all-background minimum (synthetic AVSS, tiny preset,
+200 steps: J_present 0.107 = background only); with the pixel term the same run reaches 0.48. The pixels have
+attended to the audio queries in every decoder layer, so the direct term still segments what sounds.
 """
 
 from __future__ import annotations
@@ -87,13 +92,15 @@ class QueryDecoder(nn.Module):
 class MaskHead(nn.Module):
     """Query embeddings · per-pixel embedding → K output channels (module docstring)."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, pixel_classifier: bool = True):
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
         self.score = nn.Linear(dim, num_classes)
+        self.pixel = nn.Conv2d(dim, num_classes, 1) if pixel_classifier else None
 
     def forward(self, queries: Tensor, pixels: Tensor) -> Tensor:
         """queries ``(N, Q, d)``, pixels ``(N, d, h, w)`` → logits ``(N, K, h, w)``."""
         masks = torch.einsum("nqd,ndhw->nqhw", self.embed(queries), pixels)
         pool = self.score(queries).softmax(dim=1)  # (N, Q, K): each channel's weights over queries
-        return torch.einsum("nqk,nqhw->nkhw", pool, masks)
+        logits = torch.einsum("nqk,nqhw->nkhw", pool, masks)
+        return logits if self.pixel is None else logits + self.pixel(pixels)

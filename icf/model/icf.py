@@ -76,7 +76,7 @@ class ICF(nn.Module):
         self.pixel_decoder = PixelDecoder(self.backbone.channels, d, cfg.ffn_dim, cfg.enc_layers, cfg.num_heads, cfg.num_points, cfg.dropout)
         self.audio = AudioEncoder(cfg)
         self.decoder = QueryDecoder(d, cfg.num_heads, cfg.ffn_dim, cfg.dec_layers, cfg.num_queries, cfg.num_audio_queries, cfg.dropout)
-        self.mask_head = MaskHead(d, cfg.num_classes)
+        self.mask_head = MaskHead(d, cfg.num_classes, cfg.pixel_classifier)
         self.mit: MultiGranularityText | None = None
         self.sc: SemanticCounterfactual | None = None
         if cfg.uses("mit"):

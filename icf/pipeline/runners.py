@@ -67,6 +67,9 @@ class _StageActor:
 
 
 _connected_here = False  # whether connect() opened the current Ray connection (disconnect() closes it)
+# Passed to every worker: a cluster started with `ray start` does not inherit the driver's environment, and
+# without these the text towers' tokenizers try to reach the model hub (and retry for minutes offline).
+WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def connect(address: str | None) -> None:
@@ -78,7 +81,9 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
+                  runtime_env={"env_vars": env})
     if address:
         try:
             ray.init(address=address, **common)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -85,6 +86,7 @@ def connect(address: str | None) -> None:
     common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
                   runtime_env={"env_vars": env})
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **common)
         except ConnectionError as err:
@@ -93,6 +95,19 @@ def connect(address: str | None) -> None:
         # address="local": always a fresh instance, never a cluster that happens to run on this machine
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
     _connected_here = True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast (``UserError``) when nothing listens at a ``host:port`` address: Ray itself keeps retrying
+    for minutes. ``auto`` and ``ray://`` addresses are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise UserError(f"--ray-address {address}: no Ray cluster answers there ({err}); start one with "
+                        "`ray start --head` or use --ray-address auto") from None
 
 
 def disconnect() -> None:

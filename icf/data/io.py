@@ -1,0 +1,153 @@
+"""Reading AVSBench media: WAV audio, RGB frames, GT masks, and palette colouring.
+
+Every reader raises ``ValueError`` whose message names the file and the reason (missing, unreadable,
+empty, truncated, wrong mode), so callers can turn it into a failed manifest row or a one-line error.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+from icf.data.manifests import load_info
+
+
+def _data_chunk(path: Path) -> tuple[int, int] | None:
+    """``(offset, declared_size)`` of a RIFF/WAVE file's ``data`` chunk, or None if not a plain RIFF WAV.
+
+    libsndfile silently clamps a WAV whose data chunk is cut short, so truncation is detected here by
+    comparing the size the header declares with the bytes actually present.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        while True:
+            chunk = fh.read(8)
+            if len(chunk) < 8:
+                return None
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"data":
+                return fh.tell(), size
+            fh.seek(size + (size & 1), 1)
+
+
+def check_wav(path: str | Path) -> int:
+    """Header check of a WAV without decoding it: readable, non-empty, not truncated.
+
+    Returns the number of samples per channel; raises ``ValueError`` naming the file and the reason.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: missing audio file")
+    try:
+        frames = sf.info(str(path)).frames
+    except Exception as err:  # libsndfile reports many kinds of damage; all mean "unreadable"
+        raise ValueError(f"{path}: unreadable audio ({err})") from None
+    if frames <= 0:
+        raise ValueError(f"{path}: empty audio (0 samples)")
+    chunk = _data_chunk(path)
+    if chunk is not None:
+        offset, declared = chunk
+        present = path.stat().st_size - offset
+        if declared not in (0, 0xFFFFFFFF) and present < declared:
+            raise ValueError(f"{path}: truncated WAV (header declares {declared} data bytes, file holds {present})")
+    return frames
+
+
+def read_wav(path: str | Path, sr: int = 16000) -> np.ndarray:
+    """Read a WAV as float32 mono at ``sr`` Hz: shape ``(N,)``, values in [-1, 1].
+
+    Stereo is averaged to mono; other sample rates are resampled with
+    ``torchaudio.functional.resample`` (band-limited sinc interpolation). Raises ``ValueError`` naming
+    the file for a missing, unreadable, empty or truncated WAV.
+    """
+    path = Path(path)
+    check_wav(path)
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable audio ({err})") from None
+    wav = data.mean(axis=1, dtype=np.float32)
+    if rate != sr:  # torch is imported only here: the header checks of the index stay light
+        import torch
+        import torchaudio.functional as AF
+
+        wav = AF.resample(torch.from_numpy(wav), rate, sr).numpy()
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def _open_image(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing image file")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable image ({err})") from None
+    return img
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read a frame as uint8 RGB, shape ``(H, W, 3)``."""
+    return np.asarray(_open_image(Path(path)).convert("RGB"), dtype=np.uint8)
+
+
+COLOUR_MODES = ("RGB", "RGBA")  # palette-coloured class masks (AVSS labels_rgb)
+INDEX_MODES = ("L", "P")  # class-index masks (AVSS labels_semantic)
+
+
+def read_mask(path: str | Path, dataset: str) -> np.ndarray:
+    """Read a GT mask as a uint8 index map, shape ``(H, W)``.
+
+    S4/MS3: binary PNG (0/255, any of the modes ``1``/``L``/``P``/``RGB``) → 0/1, foreground where the
+    grey value is ≥ 128. AVSS: a ``labels_semantic`` class-index PNG (mode ``L`` or ``P``) → its ids,
+    which must be < the number of classes; a ``labels_rgb`` colour PNG (mode ``RGB``/``RGBA``) → ids by
+    exact match against the manifest's palette (:func:`decolorize`).
+    """
+    path = Path(path)
+    info = load_info(dataset)
+    img = _open_image(path)
+    if info.mask_kind == "binary":
+        return (np.asarray(img.convert("L")) >= 128).astype(np.uint8)
+    if img.mode in COLOUR_MODES:
+        try:
+            return decolorize(np.asarray(img.convert("RGB")), info.palette)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    if img.mode not in INDEX_MODES:
+        raise ValueError(f"{path}: class mask must be a class-index (L, P) or palette-colour (RGB) PNG, found mode {img.mode}")
+    ids = np.asarray(img, dtype=np.uint8)
+    top = int(ids.max(initial=0))
+    if top >= info.num_classes:
+        raise ValueError(f"{path}: class id {top} out of range (the {dataset} manifest has {info.num_classes} classes)")
+    return ids
+
+
+def colorize(ids: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    """Index map ``(H, W)`` → RGB ``(H, W, 3)`` uint8 using ``palette`` (e.g. ``load_info('avss').palette``)."""
+    lut = np.asarray(palette, dtype=np.uint8)
+    return lut[ids]
+
+
+def decolorize(rgb: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    """RGB ``(H, W, 3)`` → index map ``(H, W)`` by exact colour match (the official ``labels_rgb`` rule).
+
+    Raises ``ValueError`` if a pixel has a colour outside the palette.
+    """
+    lut = np.asarray(palette, dtype=np.int64)
+    codes = (lut[:, 0] << 16) | (lut[:, 1] << 8) | lut[:, 2]
+    pix = rgb.astype(np.int64)
+    pcodes = (pix[..., 0] << 16) | (pix[..., 1] << 8) | pix[..., 2]
+    order = np.argsort(codes)
+    pos = np.clip(np.searchsorted(codes[order], pcodes), 0, len(codes) - 1)
+    ids = order[pos]
+    off = codes[ids] != pcodes
+    if off.any():
+        r, g, b = (int(v) for v in rgb[off][0])
+        raise ValueError(f"{int(off.sum())} pixels have colours outside the palette, e.g. ({r}, {g}, {b})")
+    return ids.astype(np.uint8)

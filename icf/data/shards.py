@@ -1,0 +1,284 @@
+"""The trainer's reader of the WebDataset shards (``WORK/<dataset>/shards.json`` + tars; SPEC §4, §6).
+
+One epoch is one deterministic stream: the shard order and a WebDataset shuffle buffer are seeded by
+``(seed, epoch)`` for training (eval keeps the listed order), the stream is cut into batches of
+``batch_size`` samples (training drops the last partial batch), and batch k of the stream is decoded by
+DataLoader worker ``(k - start) % workers``. Every worker reads the same raw stream but decodes only its
+own batches, and the DataLoader returns worker outputs round-robin, so the batch sequence is identical
+for any number of workers — and resuming at ``DataPosition(epoch, batch)`` skips exactly the batches
+already consumed without decoding them.
+
+Decoding (:func:`decode_sample`) turns one tar sample into tensors; :func:`collate` pads clips to the
+dataset's T (10 for AVSS, 5 otherwise) with ``valid`` False on padding, resizes frames (bilinear,
+antialiased) and masks (nearest) to the model's image size when the shard's differs, normalises frames
+with the ImageNet statistics, and stacks everything into the Batch of ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from icf.clitools import UserError
+from icf.data.manifests import load_info
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EMBEDDING_KEYS = ("clip", "clap")  # per-frame (T, D), padded along T
+CLIP_KEYS = ("vclip", "clap_clip")  # per-clip (D,)
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the training stream stands: ``batch`` batches of epoch ``epoch`` have been consumed."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """``shards.json`` of one dataset: where the tars of each split are and what they hold."""
+
+    path: Path
+    dataset: str
+    image_size: int
+    num_classes: int
+    classes: tuple[str, ...]
+    encoders: dict[str, Any]
+    text_bank: Path
+    splits: dict[str, list[dict[str, Any]]]
+    cache_key: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShardSet:
+        """Read ``shards.json``; ``UserError`` naming the file when it is missing or malformed."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "shards.json"
+        if not path.is_file():
+            raise UserError(f"{path}: shards.json not found (run `icf stage all` for this dataset first)")
+        try:
+            raw = json.loads(path.read_text())
+            base = path.parent
+            return cls(
+                path=path,
+                dataset=raw["dataset"],
+                image_size=int(raw["image_size"]),
+                num_classes=int(raw["num_classes"]),
+                classes=tuple(raw["classes"]),
+                encoders=dict(raw["encoders"]),
+                text_bank=base / raw["text_bank"],
+                splits={s: [dict(e, url=str(base / e["url"])) for e in entries] for s, entries in raw["splits"].items()},
+                cache_key=str(raw.get("cache_key", "")),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{path}: malformed shards.json ({type(err).__name__}: {err})") from None
+
+    def shard_list(self, split: str) -> list[dict[str, Any]]:
+        """The shard entries of ``split``; ``UserError`` when the split has none."""
+        entries = self.splits.get(split) or []
+        if not entries or sum(int(e["nsamples"]) for e in entries) == 0:
+            raise UserError(f"{self.path}: no {split} samples in the shards (splits: {', '.join(self.splits) or 'none'})")
+        return entries
+
+    def num_samples(self, split: str) -> int:
+        return sum(int(e["nsamples"]) for e in self.shard_list(split))
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _rgb(data: bytes) -> torch.Tensor:
+    """JPEG/PNG bytes → ``(3, h, w)`` uint8."""
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+
+
+def _index_map(data: bytes) -> torch.Tensor:
+    """Single-channel PNG bytes (class ids or 0/1, mode ``L``/``P``) → ``(h, w)`` int64, values as stored."""
+    img = Image.open(io.BytesIO(data))
+    if img.mode not in ("L", "P"):
+        raise ValueError(f"mask PNG must be single-channel (mode L or P), found mode {img.mode}")
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.int64))
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """One raw tar sample (member suffix → bytes) → tensors of one clip (T = its own frame count).
+
+    Returns ``frames (T, 3, h, w) uint8``, ``masks (T, h, w) int64`` (zeros where no GT), ``gt (T,) bool``,
+    ``mel (T, 96, 64)``, ``clip (T, Dc)``, ``clap (T, Da)``, ``vclip (Dv,)``, ``clap_clip (Da,)``,
+    ``vclip_seg (S, Dv)`` float32, ``meta`` dict.
+    """
+    key = raw.get("__key__", "?")
+    try:
+        meta = json.loads(raw["meta.json"])
+        t = int(meta["n_frames"])
+        gt = torch.from_numpy(_npy(raw["gt.npy"]).astype(bool))
+        frames = torch.stack([_rgb(raw[f"f{i}.jpg"]) for i in range(t)])
+        masks = torch.zeros(t, *frames.shape[-2:], dtype=torch.int64)
+        for i in range(t):
+            if gt[i]:
+                masks[i] = _index_map(raw[f"m{i}.png"])
+        out = {"frames": frames, "masks": masks, "gt": gt, "meta": meta}
+        for name in ("mel", "clip", "clap", "vclip", "clap_clip", "vclip_seg"):
+            out[name] = torch.from_numpy(_npy(raw[f"{name}.npy"]).astype(np.float32))
+        return out
+    except KeyError as err:
+        raise ValueError(f"shard sample {key} ({raw.get('__url__', '?')}): missing member {err}") from None
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 0 of ``x`` to ``length``."""
+    if x.shape[0] == length:
+        return x
+    return torch.cat([x, x.new_zeros(length - x.shape[0], *x.shape[1:])])
+
+
+def resize_square(x: torch.Tensor, size: int, nearest: bool) -> torch.Tensor:
+    """Resize ``(T, C, h, w)`` to ``(T, C, size, size)`` (nearest for masks, antialiased bilinear otherwise)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    if nearest:
+        return F.interpolate(x.float(), size=(size, size), mode="nearest-exact").to(x.dtype)
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def label_vector(meta: dict[str, Any], num_classes: int) -> torch.Tensor:
+    """Multi-hot ``(K,)`` float32 of the sounding class ids in ``meta['labels']``."""
+    v = torch.zeros(num_classes)
+    v[list(meta.get("labels", []))] = 1.0
+    return v
+
+
+def collate(clips: list[dict[str, Any]], t_max: int, image_size: int, num_classes: int) -> dict[str, Any]:
+    """Decoded clips → the Batch of ARCHITECTURE.md, every clip padded to ``t_max`` frames."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    s_max = max(c["vclip_seg"].shape[0] for c in clips)
+    batch: dict[str, list] = {k: [] for k in ("frames", "masks", "gt", "valid", "mel", "clip", "clap", "vclip_seg")}
+    for c in clips:
+        t = c["frames"].shape[0]
+        frames = (resize_square(c["frames"], image_size, nearest=False) / 255.0 - mean) / std
+        masks = resize_square(c["masks"][:, None], image_size, nearest=True)[:, 0]
+        batch["frames"].append(_pad(frames, t_max))
+        batch["masks"].append(_pad(masks, t_max))
+        batch["gt"].append(_pad(c["gt"], t_max))
+        batch["valid"].append(_pad(torch.ones(t, dtype=torch.bool), t_max))
+        for k in ("mel", *EMBEDDING_KEYS):
+            batch[k].append(_pad(c[k], t_max))
+        batch["vclip_seg"].append(_pad(c["vclip_seg"], s_max))
+    out: dict[str, Any] = {k: torch.stack(v) for k, v in batch.items()}
+    for k in CLIP_KEYS:
+        out[k] = torch.stack([c[k] for c in clips])
+    out["labels"] = torch.stack([label_vector(c["meta"], num_classes) for c in clips])
+    out["uid"] = [c["meta"]["uid"] for c in clips]
+    return out
+
+
+class ShardStream(IterableDataset):
+    """One epoch of one split as batches (see the module docstring for the determinism contract).
+
+    With ``world`` > 1 (distributed training) rank r keeps the stream batches k with
+    ``(k - start) % world == r``: one optimiser step consumes ``world`` consecutive batches.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        split: str,
+        batch_size: int,
+        image_size: int,
+        train: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        limit: int | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        super().__init__()
+        self.shards, self.split, self.batch_size = shards, split, batch_size
+        self.image_size, self.train, self.seed = image_size, train, seed
+        self.shuffle_buffer, self.limit = shuffle_buffer, limit
+        self.rank, self.world = rank, world
+        self.t_max = load_info(shards.dataset).max_frames
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        """Make the next iteration produce epoch ``epoch`` from batch ``start_batch`` on."""
+        self.epoch, self.start = epoch, start_batch
+
+    def num_samples(self) -> int:
+        n = self.shards.num_samples(self.split)
+        return min(n, self.limit) if self.limit is not None else n
+
+    def __len__(self) -> int:
+        """Batches per epoch (training drops a last partial batch)."""
+        n = self.num_samples()
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def _raw_stream(self) -> Iterator[dict[str, Any]]:
+        urls = [e["url"] for e in self.shards.shard_list(self.split)]
+        stages: list[Any] = []
+        if self.train:
+            epoch_seed = self.seed * 1_000_003 + self.epoch
+            random.Random(epoch_seed).shuffle(urls)
+            stages = [wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=epoch_seed)]
+        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), *stages)
+        for i, raw in enumerate(pipeline):
+            if self.limit is not None and i >= self.limit:
+                return
+            yield raw
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n_batches = len(self)
+        pending: list[dict[str, Any]] = []
+        for pos, raw in enumerate(self._raw_stream()):
+            k = pos // self.batch_size
+            if k >= n_batches:
+                break
+            if k < self.start or (k - self.start) % self.world != self.rank:
+                continue
+            if ((k - self.start) // self.world) % workers != worker:
+                continue
+            pending.append(decode_sample(raw))
+            if len(pending) == self.batch_size:
+                yield collate(pending, self.t_max, self.image_size, self.shards.num_classes)
+                pending = []
+        if pending:
+            yield collate(pending, self.t_max, self.image_size, self.shards.num_classes)
+
+
+def make_loader(stream: ShardStream, workers: int = 0) -> DataLoader:
+    """A DataLoader over ready-made batches (``batch_size=None``), ``workers`` processes, in order.
+
+    The loader's own generator seeds its workers, so creating an iterator never draws from the global
+    torch RNG (a resumed run must see the same random numbers as an uninterrupted one).
+    """
+    return DataLoader(
+        stream, batch_size=None, num_workers=workers, persistent_workers=False, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def epoch_batches(stream: ShardStream, loader: DataLoader, position: DataPosition) -> Iterator[dict[str, Any]]:
+    """The batches of ``position.epoch`` from batch ``position.batch`` on."""
+    stream.set_position(position.epoch, position.batch)
+    yield from loader

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -10,7 +11,7 @@ import typer
 from rich.console import Console
 
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readable when piped or logged
 
 
 class UserError(Exception):

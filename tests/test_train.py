@@ -144,7 +144,7 @@ def test_eval_and_predict_commands(work: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     panels = sorted((tmp_path / "viz").glob("*.png"))
     assert [p.name for p in panels] == ["val.000.png", "val.001.png"]
-    w, h = Image.open(panels[1]).size  # clip 1 has 5 real frames of 32 px: 5·32 + 4·2 wide, 3·32 + 2·2 high
-    assert (w, h) == (5 * 32 + 4 * 2, 3 * 32 + 2 * 2)
+    w, h = Image.open(panels[1]).size  # clip 1: 5 real frames of 32 px, 5·32 + 4·2 wide, 3·32 + 2·2 high, ×5 to ≥160 px
+    assert (w, h) == (5 * (5 * 32 + 4 * 2), 5 * (3 * 32 + 2 * 2))
     res = runner.invoke(app, ["eval", "--run", str(tmp_path), "--split", "val"])
     assert res.exit_code == 2 and "not a training run" in res.output

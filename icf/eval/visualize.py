@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 ALPHA = 0.55
 GAP = 2
+MIN_TILE = 160  # small frames (the tiny preset's 64 px) are enlarged, nearest-neighbour, to at least this side
 
 
 def denormalise(frames: torch.Tensor) -> np.ndarray:
@@ -74,7 +75,11 @@ def save_panels(batch: dict, pred_ids: torch.Tensor, out: Path, palette: np.ndar
     for b, uid in enumerate(batch["uid"]):
         panel = clip_panel(batch["frames"][b], batch["masks"][b], batch["gt"][b], pred_ids[b].cpu(), batch["valid"][b], palette)
         path = out / f"{uid.replace('/', '_')}.png"
-        Image.fromarray(panel).save(path)
+        image = Image.fromarray(panel)
+        scale = -(-MIN_TILE // batch["frames"].shape[-1])
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        image.save(path)
         paths.append(path)
     return paths
 

@@ -79,6 +79,63 @@ def test_binary_official_vs_dataset_by_hand() -> None:
         assert r["n_frames"] == 5
 
 
+def test_binary_official_regroups_clips_by_csv_order() -> None:
+    # CSV order A A A B B (A perfect, B wrong; see above) → batches {A, A, A, B}, {B}. The clips arrive
+    # shuffled (as shards hold them) in uneven caller batches, each with its CSV position.
+    gt = [[1, 1, 0], [0, 0, 0]]
+    good, bad = [[1, 1, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 1]]
+    csv = [good, good, good, bad, bad]
+    arrival = [4, 1, 0, 3, 2]  # CSV positions in arrival order: B A A B A
+
+    def feed(m: BinaryMetrics, positions: list[int], with_order: bool) -> dict:
+        for chunk in (positions[:2], positions[2:]):
+            probs = torch.cat([_frame(csv[i]).float() for i in chunk])
+            masks = torch.cat([_frame(gt) for _ in chunk])
+            m.update(probs, masks, torch.ones(len(chunk), 1, dtype=torch.bool), order=chunk if with_order else None)
+        return m.compute()
+
+    in_csv = feed(BinaryMetrics(), list(range(5)), with_order=False)
+    regrouped = feed(BinaryMetrics(), arrival, with_order=True)
+    as_arrived = feed(BinaryMetrics(), arrival, with_order=False)
+    assert in_csv["J"] == pytest.approx((0.75 + 0.0) / 2, abs=1e-7)
+    assert in_csv["F"] == pytest.approx((0.75 + (1.3 / 3) / 1.1) / 2)
+    assert regrouped["J"] == in_csv["J"] and regrouped["F"] == in_csv["F"] and regrouped["FDR"] == in_csv["FDR"]
+    # arrival order batches {B, A, A, B}, {A}: J (1/2 + 1) / 2, F (1/2 + 1) / 2 — the grouping matters
+    assert as_arrived["J"] == pytest.approx(0.75, abs=1e-7) and as_arrived["F"] == pytest.approx(0.75)
+    assert as_arrived["F"] != pytest.approx(in_csv["F"])
+    # dataset mode does not depend on the grouping at all
+    ds = [feed(BinaryMetrics(f_mode="dataset"), arrival, w) for w in (True, False)]
+    assert ds[0]["F"] == ds[1]["F"] == pytest.approx(0.6)
+    # a clip without an order (old shards) → arrival order for every clip
+    m = BinaryMetrics()
+    m.update(_frame(bad).float(), _frame(gt), torch.ones(1, 1, dtype=torch.bool), order=[None])
+    m.update(_frame(good).float(), _frame(gt), torch.ones(1, 1, dtype=torch.bool), order=[0])
+    assert [c.arrival for c in m.ordered()] == [0, 1]
+    with pytest.raises(ValueError, match="order has 2 entries"):
+        m.update(_frame(good).float(), _frame(gt), torch.ones(1, 1, dtype=torch.bool), order=[0, 1])
+
+
+def test_binary_matches_reference_in_csv_order_whatever_the_arrival_order() -> None:
+    rng = np.random.default_rng(3)
+    clips = []
+    for _ in range(9):
+        y = (rng.random((5, 8, 6)) < rng.uniform(0.05, 0.7)).astype(np.float64)
+        p = (np.round(np.clip(0.5 * y + 0.6 * rng.random((5, 8, 6)), 0, 1) * 255) / 255).astype(np.float32)
+        clips.append((p, y))
+    perm = rng.permutation(9).tolist()
+    m = BinaryMetrics()
+    for start in range(0, 9, 4):
+        idx = perm[start : start + 4]
+        p = torch.from_numpy(np.stack([clips[i][0] for i in idx]))
+        y = torch.from_numpy(np.stack([clips[i][1] for i in idx])).long()
+        m.update(p, y, torch.ones(p.shape[:2], dtype=torch.bool), order=idx)
+    r = m.compute()
+    ref_j, ref_f = _ref_binary(clips, "official")
+    assert r["J"] == pytest.approx(ref_j, abs=1e-12) and r["F"] == pytest.approx(ref_f, abs=1e-12)
+    shuffled_j, shuffled_f = _ref_binary([clips[i] for i in perm], "official")
+    assert (shuffled_j, shuffled_f) != pytest.approx((ref_j, ref_f), abs=1e-9)  # the order does matter here
+
+
 def test_binary_all_empty_batch_scores_zero_f_officially() -> None:
     # official quirk: a batch of 4 clips without any non-empty-GT frame contributes F = 0
     m = BinaryMetrics()

@@ -48,6 +48,8 @@ def _sample(i: int, t: int, size: int, gt: list[bool], label: int) -> dict[str, 
     s["clap_clip.npy"] = _npy(np.zeros(DA, np.float16))
     meta = {"uid": f"clip.{i:03d}", "dataset": "avss", "split": "train", "subset": "v2" if t == 10 else "v1s",
             "n_frames": t, "classes": ["dog"], "labels": [label]}
+    if i < 10:  # CSV position (shard stage v2); clip 10 lacks it, as in older shards
+        meta["order"] = 100 - i
     s["meta.json"] = json.dumps(meta).encode()
     return s
 
@@ -103,6 +105,8 @@ def test_batch_contract(shards: ShardSet) -> None:
     # eval: every clip once, in shard order, last partial batch kept
     assert sum(_uids(batches), []) == [f"clip.{i:03d}" for i in range(11)]
     assert [len(u) for u in _uids(batches)] == [4, 4, 3]
+    # each clip's CSV position travels with it (None where meta.json has none)
+    assert [b["order"] for b in batches] == [[100, 99, 98, 97], [96, 95, 94, 93], [92, 91, None]]
 
 
 def test_train_order_is_seeded_per_epoch(shards: ShardSet) -> None:

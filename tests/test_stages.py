@@ -143,6 +143,7 @@ def test_shards_hold_every_member_the_trainer_reads(avss):
     with np.load(shards.text_bank) as bank:
         assert {"video", "segment", "frame", "audio", "names"} <= set(bank.files)
         assert bank["frame"].shape[0] == len(bank["names"]) == 70
+    manifest_uids = ws.read_manifest().column("uid").to_pylist()
     seen = 0
     for split in shards.splits:
         for entry in shards.splits[split]:
@@ -167,6 +168,7 @@ def test_shards_hold_every_member_the_trainer_reads(avss):
                 norms = torch.linalg.vector_norm(clip["clip"], dim=-1)
                 assert torch.allclose(norms, torch.ones_like(norms), atol=2e-3)
                 assert meta["labels"] == [shards.classes.index(c) for c in meta["classes"]]
+                assert manifest_uids[meta["order"]] == meta["uid"]  # CSV position = manifest row
                 seen += 1
     assert seen == 9
 

@@ -11,7 +11,8 @@ already consumed without decoding them.
 Decoding (:func:`decode_sample`) turns one tar sample into tensors; :func:`collate` pads clips to the
 dataset's T (10 for AVSS, 5 otherwise) with ``valid`` False on padding, resizes frames (bilinear,
 antialiased) and masks (nearest) to the model's image size when the shard's differs, normalises frames
-with the ImageNet statistics, and stacks everything into the Batch of ARCHITECTURE.md.
+with the ImageNet statistics, and stacks everything into the Batch of ARCHITECTURE.md (plus ``uid`` and
+``order``, the clips' CSV positions, which evaluation uses to regroup clips the official way).
 """
 
 from __future__ import annotations
@@ -189,7 +190,15 @@ def collate(clips: list[dict[str, Any]], t_max: int, image_size: int, num_classe
         out[k] = torch.stack([c[k] for c in clips])
     out["labels"] = torch.stack([label_vector(c["meta"], num_classes) for c in clips])
     out["uid"] = [c["meta"]["uid"] for c in clips]
+    # CSV position (shard stage v2+; None in older shards): the official S4/MS3 F batches clips in CSV order
+    out["order"] = [_order(c["meta"]) for c in clips]
     return out
+
+
+def _order(meta: dict[str, Any]) -> int | None:
+    """The clip's CSV position from ``meta.json``, or None when the shard predates it."""
+    order = meta.get("order")
+    return None if order is None else int(order)
 
 
 class ShardStream(IterableDataset):

@@ -2,7 +2,9 @@
 
 A predictor maps a Batch to per-frame predictions ``(B, T, H, W)``: foreground probabilities for S4/MS3,
 class ids for AVSS (``ICF.predict`` does this; so do the baselines). Clips are read in shard order in
-batches of 4 (the official test batch size, which the ``official`` F aggregation depends on).
+batches of 4, and each clip's CSV position (``batch["order"]``) goes to the metrics, which regroup the
+clips into the official test loader's batches of 4 in CSV order (the ``official`` F and J depend on that
+grouping) without buffering frames. Shards without ``order`` (shard stage v1) fall back to shard order.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def evaluate(
     for batch in perturbed(batches(shards, split, image_size, limit), perturbation):
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         pred = predict(moved).cpu()
-        metrics.update(pred, batch["masks"], batch["gt"] & batch["valid"])
+        metrics.update(pred, batch["masks"], batch["gt"] & batch["valid"], order=batch.get("order"))
     return {**metrics.compute(), "split": split, "setting": perturbation.describe()}
 
 

@@ -9,7 +9,8 @@ S4 / MS3 (binary, :class:`BinaryMetrics`, FORMATS §2.1–2.2), on foreground pr
   is empty scores the background IoU instead (true negatives / H·W).
 * F: per frame, precision and recall of ``prob >= th`` for the official 255 thresholds
   ``linspace(0, 1 - 1e-10, 255)`` (float32), F_β with β² = 0.3, NaN → 0; empty-GT frames are skipped.
-  ``official`` mode: the frames of each batch of 4 clips (in evaluation order) give a mean F curve whose
+  ``official`` mode: the frames of each batch of 4 clips (in CSV order when every clip was given its
+  ``order``, else in arrival order; see :class:`BinaryMetrics`) give a mean F curve whose
   maximum is that batch's F; a batch without a non-empty frame scores 0 (as the official code does); the
   result is the mean over batches. J is averaged the official way too (mean per batch, then over
   batches). ``dataset`` mode: one mean curve over every non-empty frame of the split, then its maximum
@@ -35,6 +36,7 @@ Every returned value is a fraction in [0, 1] (papers print ×100).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,8 +152,10 @@ def _check(pred: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor) -> None:
 
 @dataclass
 class _ClipStats:
-    """What the official batch-wise aggregation needs from one clip."""
+    """What the official batch-wise aggregation needs from one clip (the batch sums are sums of these)."""
 
+    order: int | None  # CSV position, the official loader's order (None: unknown)
+    arrival: int  # position in the order clips were fed
     iou_sum: float
     n_frames: int
     f_sum: torch.Tensor  # (255,) sum of F curves over the clip's non-empty-GT frames
@@ -160,27 +164,40 @@ class _ClipStats:
 
 @dataclass
 class BinaryMetrics:
-    """Streaming S4/MS3 J, F, FDR. Feed clips in evaluation order (the ``official`` F depends on it)."""
+    """Streaming S4/MS3 J, F, FDR.
+
+    The ``official`` F and J depend on which clips share a batch of 4, and the official test loaders read
+    clips in CSV order. Clips may arrive in any order (shards hold them in id order): each clip's per-frame
+    results are reduced to clip sums (an IoU sum and a 255-point F-curve sum; a few KB per clip, no
+    frames kept), and ``compute`` sorts the clips by their ``order`` (CSV position) before cutting them
+    into batches. Without an ``order`` for every clip the arrival order is used, as before.
+    """
 
     f_mode: str = "official"
     clips_per_batch: int = OFFICIAL_CLIPS_PER_BATCH
     clips: list[_ClipStats] = field(default_factory=list)
     cm: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, dtype=torch.int64))
+    _arrived: int = field(default=0, init=False, repr=False)  # clips fed so far (scored or not)
 
     def __post_init__(self) -> None:
         if self.f_mode not in F_MODES:
             raise ValueError(f"f_mode must be one of {F_MODES}, got {self.f_mode!r}")
 
     @torch.no_grad()
-    def update(self, probs: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor) -> None:
+    def update(
+        self, probs: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor, order: Sequence[int | None] | None = None
+    ) -> None:
         """Add a batch.
 
         Args:
             probs: ``(B, T, H, W)`` foreground probabilities in [0, 1].
             masks: ``(B, T, H, W)`` 0/1 ground truth.
             gt: ``(B, T)`` bool, frames that have ground truth (only those are scored).
+            order: per clip, its CSV position (the official batching order), or None if unknown.
         """
         _check(probs, masks, gt)
+        if order is not None and len(order) != probs.shape[0]:
+            raise ValueError(f"order has {len(order)} entries for {probs.shape[0]} clips")
         probs, masks, gt = probs.detach().cpu(), masks.detach().cpu(), gt.detach().cpu().bool()
         for b in range(probs.shape[0]):
             p, m = probs[b][gt[b]], masks[b][gt[b]]
@@ -190,6 +207,8 @@ class BinaryMetrics:
             curves = binary_frame_fcurves(p[nonempty], m[nonempty])
             self.clips.append(
                 _ClipStats(
+                    order=None if order is None or order[b] is None else int(order[b]),
+                    arrival=self._arrived + b,
                     iou_sum=float(binary_frame_iou(p, m).sum()),
                     n_frames=int(p.shape[0]),
                     f_sum=curves.sum(0),
@@ -197,10 +216,17 @@ class BinaryMetrics:
                 )
             )
             self.cm += confusion_matrix((p.float() > 0.5).long(), m.long(), 2)
+        self._arrived += probs.shape[0]
+
+    def ordered(self) -> list[_ClipStats]:
+        """The scored clips in CSV order when every one has an ``order``, else in arrival order."""
+        if all(c.order is not None for c in self.clips):
+            return sorted(self.clips, key=lambda c: (int(c.order or 0), c.arrival))
+        return sorted(self.clips, key=lambda c: c.arrival)
 
     def _batches(self) -> list[list[_ClipStats]]:
-        n = self.clips_per_batch
-        return [self.clips[i : i + n] for i in range(0, len(self.clips), n)]
+        n, clips = self.clips_per_batch, self.ordered()
+        return [clips[i : i + n] for i in range(0, len(clips), n)]
 
     def compute(self) -> dict[str, float | int | str]:
         """``J``, ``F``, ``JF`` = (J + F) / 2, ``FDR``, ``n_frames``, ``f_mode``."""
@@ -248,13 +274,17 @@ class SemanticMetrics:
         self.cm = torch.zeros(k, k, dtype=torch.int64)
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor) -> None:
+    def update(
+        self, pred: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor, order: Sequence[int | None] | None = None
+    ) -> None:
         """Add a batch.
 
         Args:
             pred: ``(B, T, H, W)`` predicted class indices in ``[0, K)``.
             masks: ``(B, T, H, W)`` GT class indices (0 = background).
             gt: ``(B, T)`` bool, frames that have ground truth (only those are scored).
+            order: accepted for symmetry with :class:`BinaryMetrics` and ignored: these sums over frames do
+                not depend on how clips are batched.
         """
         _check(pred, masks, gt)
         gt = gt.detach().cpu().bool()

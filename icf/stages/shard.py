@@ -4,7 +4,9 @@ Per unit (parallel, cached like any stage) each ok clip becomes its tar members,
 ``f{t}.jpg`` (frames resized as the official loaders do — AVSS train: short side to S then centre crop;
 otherwise S×S — bilinear, fixed JPEG quality), ``m{t}.png`` (uint8 class-index or 0/1 mask, nearest, only
 frames with GT), ``gt.npy``, ``mel.npy``, ``clip.npy``, ``vclip.npy``, ``vclip_seg.npy``, ``clap.npy``,
-``clap_clip.npy`` and ``meta.json`` (uid, dataset, split, subset, n_frames, classes, label ids).
+``clap_clip.npy`` and ``meta.json`` (uid, dataset, split, subset, n_frames, classes, label ids; ``finish``
+adds ``order``, the clip's row in the manifest, i.e. its CSV position — the shards hold clips in id order,
+but the official S4/MS3 F groups the test clips into batches of 4 in CSV order, so evaluation needs it).
 
 ``finish`` packs those members into ``WORK/<dataset>/shards/<split>/{dataset}-{split}-{NNNNNN}.tar``
 (units in id order, clips by uid inside a unit, members sorted, mtime 0, uid/gid 0, mode 0644, GNU tar;
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 from icf.data.io import read_mask, read_rgb
@@ -55,6 +58,18 @@ def fit(img: Image.Image, size: int, crop: bool, resample: Image.Resampling) -> 
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     left, top = (nw - size) // 2, (nh - size) // 2
     return img.resize((nw, nh), resample).crop((left, top, left + size, top + size))
+
+
+def manifest_order(path: Path) -> dict[str, int]:
+    """uid → its row index in the manifest (CSV order; the first row of a uid — later duplicates fail at index).
+
+    Added to ``meta.json`` at ``finish`` rather than in ``process_one`` (a Sample does not know its row), so
+    the cached unit outputs stay as they are; the shard key already depends on the manifest's content.
+    """
+    order: dict[str, int] = {}
+    for i, uid in enumerate(pq.read_table(path, columns=["uid"]).column("uid").to_pylist()):
+        order.setdefault(uid, i)
+    return order
 
 
 class _TarWriter:
@@ -116,7 +131,7 @@ class ShardStage(Stage):
     """WebDataset tar shards per split and the shards.json index the trainer reads."""
 
     name = "shard"
-    version = "1"
+    version = "2"  # 2: meta.json carries ``order`` (CSV position)
     needs = ("mel", "extract")
 
     @dataclass(frozen=True)
@@ -160,13 +175,19 @@ class ShardStage(Stage):
         out["meta.json"] = json.dumps(meta, sort_keys=True).encode()
         return out
 
-    def _write_split(self, ctx: FinishContext, split: str, units: Iterable[int]) -> list[dict[str, Any]]:
+    def _write_split(
+        self, ctx: FinishContext, split: str, units: Iterable[int], order: Mapping[str, int]
+    ) -> list[dict[str, Any]]:
         folder = ctx.dataset_dir / "shards" / split
         writer = _TarWriter(folder, f"{ctx.dataset}-{split}", self.cfg.shard_mb * 1_000_000)
         for unit_id in units:
             outputs = read_outputs(ctx.stage_dir / f"unit-{unit_id:05d}.out.parquet")
             for uid in sorted(outputs):
-                writer.add(sample_key(uid), outputs[uid])
+                members = dict(outputs[uid])
+                meta = json.loads(members["meta.json"])
+                meta["order"] = order[uid]
+                members["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+                writer.add(sample_key(uid), members)
         return [{"url": f"shards/{split}/{e['name']}", "nsamples": e["nsamples"], "filesize": e["filesize"],
                  "sha256": e["sha256"]} for e in writer.close()]
 
@@ -176,8 +197,9 @@ class ShardStage(Stage):
         by_split: dict[str, list[int]] = {}
         for unit_id, (split, _) in sorted(ctx.units.items()):
             by_split.setdefault(split, []).append(unit_id)
+        order = manifest_order(ctx.dataset_dir / "manifest.parquet")
         # rows with an unknown split failed at index, so only the real splits can hold clips
-        splits = {split: self._write_split(ctx, split, by_split[split]) for split in SPLIT_ORDER if split in by_split}
+        splits = {split: self._write_split(ctx, split, by_split[split], order) for split in SPLIT_ORDER if split in by_split}
         extract = read_json(ctx.upstream_dirs["extract"] / "finish.json")["result"]
         bank = "shards/text_bank.npz"
         atomic_write(ctx.dataset_dir / bank, (ctx.upstream_dirs["extract"] / extract["text_bank"]).read_bytes())

@@ -32,11 +32,23 @@ def denormalise(frames: torch.Tensor) -> np.ndarray:
     return rgb.round().byte().permute(0, 2, 3, 1).numpy()
 
 
+def region_edges(ids: np.ndarray) -> np.ndarray:
+    """``(H, W)`` bool: non-background pixels with a 4-neighbour of another id (or on the image border)."""
+    padded = np.pad(ids.astype(np.int64), 1, constant_values=-1)
+    centre = padded[1:-1, 1:-1]
+    differs = (
+        (padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre) | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre)
+    )
+    return differs & (ids > 0)
+
+
 def overlay(rgb: np.ndarray, ids: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Blend the palette colour of every non-background pixel of ``ids (H, W)`` into ``rgb (H, W, 3)``."""
+    """Blend the palette colour of every non-background pixel of ``ids (H, W)`` into ``rgb (H, W, 3)`` and
+    outline each region in white, so a mask stays visible when its colour resembles the object's."""
     out = rgb.astype(np.float32)
     fg = ids > 0
     out[fg] = (1 - ALPHA) * out[fg] + ALPHA * palette[ids[fg]].astype(np.float32)
+    out[region_edges(ids)] = 255.0
     return out.round().astype(np.uint8)
 
 

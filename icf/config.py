@@ -25,8 +25,16 @@ from typing import Any
 
 DATASETS = ("s4", "ms3", "avss")
 PRESETS = ("tiny", "paper-r50", "paper-pvt")
-COMPONENTS = frozenset({"mit", "sc", "cdcl"})
 AVSS_NUM_CLASSES = 71  # 70 sounding classes + background (manifests/avss.toml)
+
+
+_CHOICES = {
+    "text_mode": ("tower", "bank"),
+    "audio_encoder": ("vggish", "cnn"),
+    "text_injection": ("auto", "xattn", "none"),
+    "sc_detach": ("auto", "always", "never"),
+    "text_distribution": ("frames", "point"),
+}
 
 
 @dataclass
@@ -39,6 +47,8 @@ class ModelConfig:
     """
 
     dataset: str = "s4"
+    method: str = "icf"  # a module of icf/methods (icf.methods.get)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options (validated by its dataclass)
     num_classes: int = 1
     frames: int = 5
     image_size: int = 224
@@ -63,11 +73,11 @@ class ModelConfig:
     # --- MIT (Eq. 1-5)
     k_t: int = 15  # soft prompts per level (supplement Table 1; note 2 says 30)
     n_ctx: int = 4  # pseudo-word tokens per soft prompt
-    text_mode: str = "tower"  # "tower" (soft prompts through frozen text towers) | "bank" (cached text bank)
-    hard_top1: bool = False  # Eq. 3 as a hard arg-max (straight-through) instead of a softmax
+    text_mode: str = "tower"  # "tower" (conditional soft prompts through frozen text towers) | "bank" (cached text bank)
     mit_tau: float = 0.1  # Eq. 1 temperature
-    select_tau: float = 0.07  # Eq. 3 softmax temperature over candidates
-    mit_pool: int = 7  # spatial size the MIT channel tokens are pooled to
+    select_tau: float = 0.07  # Eq. 3 matching temperature (and the bank-mode selection softmax)
+    lambda_mit: float = 0.2  # weight of Eq. 3's matching objective (not in the paper's Table 1)
+    text_injection: str = "auto"  # "auto" (xattn when MIT is on and CDCL off) | "xattn" | "none"  (§4.2)
     segment_div: int = 2
     # --- SC (Eq. 6-12)
     k_c: int = 8  # Top-K counterfactuals kept (Eq. 12); 2·k_c candidates are generated
@@ -76,9 +86,14 @@ class ModelConfig:
     cf_steps: int = 10  # DDIM steps from t* back to 0
     alpha_range: tuple[float, float] = (0.7, 0.8)  # α_k ~ U[lo, hi) (§4.2 "α^o = [0.7, 0.8)")
     eps_hidden: int = 512  # ε-network width
+    cf_degree_floor: float = 0.8  # c = α·(floor + (1 − floor)·m·s) ∈ [floor·α, α)
+    sc_unit_variance: bool = True  # diffuse √d·ẑ (unit per-dimension variance) instead of the unit vector
+    sc_detach: str = "auto"  # "auto" (detach z, v from L_cf when CDCL is on) | "always" | "never"
     # --- CDCL (Eq. 13-17)
     tau: float = 0.1  # contrastive temperature (logits = −D/τ)
     theta: float = 0.8  # cosine threshold on ℓ^a for the positives of L_v↔a
+    va_centre: bool = True  # threshold the batch-centred anchor (else every ℓ^a pair passes θ)
+    text_distribution: str = "frames"  # Eq. 17's text Gaussian: "frames" (per-frame texts) | "point" (εI)
     gamma: float = 0.1  # entropy weight γ in Eq. 15
     cov_eps: float = 1e-4  # ε of the Σ + εI regulariser (and the text Gaussians' covariance)
     entropy_per_dim: bool = True  # use H/d in Eq. 15 (d-independent scale)
@@ -101,13 +116,12 @@ class ModelConfig:
         self.ablate = frozenset(self.ablate)
         self.audio_channels = tuple(self.audio_channels)
         self.alpha_range = tuple(self.alpha_range)
-        unknown = self.ablate - COMPONENTS
-        if unknown:
-            raise ValueError(f"unknown ablate component(s) {sorted(unknown)}; expected a subset of {sorted(COMPONENTS)}")
-        if self.text_mode not in ("tower", "bank"):
-            raise ValueError(f"text_mode must be 'tower' or 'bank', not {self.text_mode!r}")
-        if self.audio_encoder not in ("vggish", "cnn"):
-            raise ValueError(f"audio_encoder must be 'vggish' or 'cnn', not {self.audio_encoder!r}")
+        self.options = dict(self.options)
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if not 0.0 <= self.cf_degree_floor <= 1.0:
+            raise ValueError(f"cf_degree_floor must lie in [0, 1], not {self.cf_degree_floor}")
         if not 0 < self.cf_start_step <= self.diffusion_train_steps:
             raise ValueError("cf_start_step must lie in (0, diffusion_train_steps]")
         if self.d_model % self.num_heads:
@@ -176,7 +190,6 @@ def preset(name: str, dataset: str) -> tuple[ModelConfig, TrainConfig]:
             num_audio_queries=4,
             k_t=3,
             n_ctx=2,
-            mit_pool=2,
             k_c=2,
             cf_steps=10,
             eps_hidden=64,
@@ -194,7 +207,7 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         return frozenset(value)
-    if isinstance(value, list) and key != "backbone_kwargs":
+    if isinstance(value, list) and key not in ("backbone_kwargs", "options"):
         return tuple(value)
     return value
 
@@ -208,11 +221,13 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
-    """Apply ``key=value`` overrides; keys are ``model.X``, ``train.X`` or a bare ``X`` that names one field."""
+    """Apply ``key=value`` overrides; keys are ``model.X``, ``train.X``, ``method.X`` (an option of the model's
+    method, validated by ``icf.methods.validate``) or a bare ``X`` that names one field."""
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     m_updates: dict[str, Any] = {}
     t_updates: dict[str, Any] = {}
+    options = dict(model.options)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
@@ -226,8 +241,12 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: list[str]
             m_updates[name] = _coerce(ModelConfig, name, _parse_value(text))
         elif section == "train":
             t_updates[name] = _coerce(TrainConfig, name, _parse_value(text))
+        elif section == "method":
+            options[name] = _parse_value(text)
         else:
             raise ValueError(f"unknown config key {key!r}")
+    if options != model.options:
+        m_updates["options"] = {**options, **m_updates.get("options", {})}
     return dataclasses.replace(model, **m_updates), dataclasses.replace(train, **t_updates)
 
 
@@ -262,6 +281,19 @@ def _toml_literal(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml_literal(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+RETIRED_MODEL_KEYS = frozenset({"hard_top1", "mit_pool"})  # read from older run files, ignored
+
+
+def model_from_dict(doc: dict[str, Any]) -> ModelConfig:
+    """`ModelConfig` from its `to_dict` form (lists → tuples; keys retired since the run was written are dropped)."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(doc) - fields - RETIRED_MODEL_KEYS
+    if unknown:
+        raise ValueError(f"unknown model key(s) {sorted(unknown)}")
+    keep = {"ablate", "backbone_kwargs", "options"}
+    return ModelConfig(**{k: (tuple(v) if isinstance(v, list) and k not in keep else v) for k, v in doc.items() if k in fields})
 
 
 def to_dict(model: ModelConfig, train: TrainConfig) -> dict[str, Any]:

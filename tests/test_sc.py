@@ -48,7 +48,7 @@ def test_top_k_returns_the_most_similar_candidates() -> None:
     z = torch.tensor([[1.0, 0.0, 0.0]])
     cands = torch.tensor([[[0.0, 1.0, 0.0], [0.9, 0.1, 0.0], [-1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.99, 0.0, 0.1]]])
     alpha = torch.tensor([[0.70, 0.71, 0.72, 0.73, 0.74]])
-    picked, picked_alpha = select_top_k(cands, z, alpha, 3)
+    picked, picked_alpha, _ = select_top_k(cands, z, alpha, 3)
     expected = [4, 1, 3]  # cosines 0.995, 0.994, 0.707 (then 0, −1)
     torch.testing.assert_close(picked, F.normalize(cands[0, expected], dim=-1)[None])
     torch.testing.assert_close(picked_alpha, alpha[:, expected])

@@ -1,8 +1,8 @@
 """Collaborative distribution-aware contrastive learning (CDCL, paper §3.4, Eq. 13–17).
 
 Each modality of a clip is a Gaussian over its T per-frame features (Eq. 13): mean μ and covariance
-Σ = (1/T)·Σ_t (x_t − μ)(x_t − μ)ᵀ, regularised to Σ + εI (T ≪ d makes Σ singular). Text vectors (z, ℓ^cf)
-are one-point Gaussians: the same formulas with T = 1 give mean z and covariance εI (SPEC §5).
+Σ = (1/T)·Σ_t (x_t − μ)(x_t − μ)ᵀ, regularised to Σ + εI (T ≪ d makes Σ singular). Text is a Gaussian over
+its points too (z's per-frame points, `icf.model.icf`); a single point (ℓ^cf) gives mean ℓ^cf and covariance εI.
 
 Everything is computed without a d×d square root or determinant:
 
@@ -22,7 +22,7 @@ Everything is computed without a d×d square root or determinant:
   ≥ ε², so values and gradients stay finite.
 
 Losses (Eq. 16–17) use logits −D/τ: the paper prints exp(D/τ), a sign slip, since D is a distance and
-positives must get closer (SPEC §5).
+positives must get closer (ARCHITECTURE.md, faithfulness table).
 """
 
 from __future__ import annotations
@@ -142,13 +142,18 @@ def distribution_distance(
     return wasserstein2(x, y, eps, x_mask, y_mask) + gamma * (hx[:, None] + hy[None])
 
 
-def audio_positives(anchor: Tensor, theta: float) -> Tensor:
+def audio_positives(anchor: Tensor, theta: float, centre: bool = True) -> Tensor:
     """Positive sets 𝒫 of Eq. 16 ``(B, B)`` bool: j is a positive of i when cos(anchor_i, anchor_j) ≥ θ, and i ∈ 𝒫(i).
 
     ``anchor`` ``(B, D)`` is the audio implicit text ℓ^a (paper: "we partition the sample space using ℓ^a as the
-    anchor"), so clips with the same audio semantics are not pushed apart.
+    anchor"), so clips with the same audio semantics are not pushed apart. With ``centre`` the batch mean is
+    subtracted first: texts that share a large common component (every ℓ^a mixes the same prompts) would
+    otherwise all pass θ, making every pair positive and L_v↔a identically 0.
     """
-    a = torch.nn.functional.normalize(anchor.detach(), dim=-1)
+    a = anchor.detach()
+    if centre:
+        a = a - a.mean(0, keepdim=True)
+    a = torch.nn.functional.normalize(a, dim=-1)
     pos = (a @ a.T) >= theta
     return pos | torch.eye(len(a), dtype=torch.bool, device=a.device)
 

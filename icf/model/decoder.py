@@ -11,6 +11,9 @@ three pixel levels, coarse to fine):
 3. FFN,
 4. the level's pixel tokens attend to the queries (the reverse direction), so audio reaches the pixels.
 
+An optional ``text_hook`` runs on the queries before each layer (the segmenter's zero-gated text
+cross-attention, `icf.model.segmenter.TextCrossAttention`).
+
 Mask head: per-query mask embeddings e_q dotted with the per-pixel embedding give query masks; output
 channel k pools them with a softmax over queries of a per-query score s_{q,k}: logit_k(x) = Σ_q
 softmax_q(s_{·,k})·(e_q·f(x)). K = 1 (S4/MS3, a sigmoid mask) or 71 (AVSS, class logits), no matching needed.
@@ -22,6 +25,8 @@ attended to the audio queries in every decoder layer, so the direct term still s
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -66,13 +71,15 @@ class QueryDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(dim, heads, ffn, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, levels: list[Tensor], level_pos: list[Tensor], audio: Tensor, valid: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, levels: list[Tensor], level_pos: list[Tensor], audio: Tensor, valid: Tensor,
+                text_hook: Callable[[int, Tensor], Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """
         Args:
             levels: pixel maps ``(B·T, d, h_l, w_l)``, fine → coarse.
             level_pos: position encodings ``(h_l·w_l, d)`` per level.
             audio: A ``(B, T, d)``.
             valid: ``(B, T)`` True on real frames.
+            text_hook: ``(layer index, queries) -> queries`` run before each layer (the segmenter's text hook).
         Returns: queries ``(B·T, N, d)`` (the last ``num_audio_queries`` are the audio queries) and the updated levels.
         """
         b, t, d = audio.shape
@@ -84,6 +91,8 @@ class QueryDecoder(nn.Module):
         order = list(range(len(levels)))[::-1]  # coarse → fine, round robin
         for i, layer in enumerate(self.layers):
             lv = order[i % len(order)]
+            if text_hook is not None:
+                queries = text_hook(i, queries)
             queries, tokens[lv] = layer(queries, query_pos, tokens[lv], level_pos[lv][None], b, pad)
         updated = [tk.transpose(1, 2).reshape(lv.shape) for tk, lv in zip(tokens, levels)]
         return self.norm(queries), updated

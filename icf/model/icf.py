@@ -1,23 +1,31 @@
-"""The ICF model (paper Fig. 2): baseline segmenter + MIT + SC + CDCL.
+"""The ICF framework (paper Fig. 1 (III), Fig. 2): MIT + SC + CDCL attached to any `Segmenter`.
 
-Baseline (always on, the only path in eval mode): timm backbone → MSDeformAttn pixel decoder → audio-conditioned
-bidirectional query decoder → mask head, on frames ``(B, T, 3, H, W)`` and log-Mel ``(B, T, 96, 64)``.
+The segmenter (`icf.model.segmenter`; the bidirectional baseline, `icf.model.bidir`, or AVSBench's TPAVI) runs in
+two halves. ICF plugs in between them and after them:
 
-Training adds (each switchable with ``cfg.ablate``, as in the paper's Table 2):
+* **Eq. 1–2** live in the segmenter's context hook: ICF installs `ChannelContext` there if the segmenter has none,
+  so the channel attention updates the segmenter's own visual features in training and inference.
+* **MIT (Eq. 3–5)** reads the context's descriptors and the batch's cached foundation embeddings → z, ℓ^v, ℓ^a,
+  the per-frame texts z_t and Eq. 3's matching loss ``mit``.
+* **Text hook (§4.2)**: with ``text_injection = "xattn"`` (``"auto"``: when MIT is on and CDCL is off, the rows
+  where nothing else would carry the text) the implicit text enters the segmenter's modality interaction by
+  zero-gated cross-attention, so MIT runs in eval too. Otherwise MIT/SC are training-only (§3.3 Discussion).
+* **SC (Eq. 6–12)** turns z into counterfactuals ℓ^cf; with ``sc_detach = "auto"`` z and v are detached when CDCL
+  is on (SC learns to counterfactualise z) and not otherwise, so L_cf shapes z in the MIT+SC row.
+* **CDCL (Eq. 13–17)** on the segmenter's decoder-side features (supplement note 3), float64 outside autocast.
+  L_v↔a's positives: cos(ℓ^a_i − ℓ̄^a, ℓ^a_j − ℓ̄^a) ≥ θ on the **batch-centred** anchor (``va_centre``; every ℓ^a
+  shares the candidates' common component, so raw cosines all pass θ and the loss is identically 0). Text is a
+  distribution (``text_distribution = "frames"``): the Gaussian of the points ẑ + (ẑ_t − mean ẑ_t), mean z and the
+  spread of the per-frame texts; counterfactuals are points (εI), so the Bures and entropy terms of Eq. 17 differ
+  between the positive and the negatives.
 
-* MIT (``mit.py``): composite factual text z from soft prompts through the frozen text towers and the batch's
-  cached CLIP/VideoCLIP/CLAP embeddings;
-* SC (``sc.py``): counterfactual texts ℓ^cf from z (needs MIT);
-* CDCL (``cdcl.py``): Gaussian contrasts between the decoder-side visual features F^v (per-frame mean of the
-  decoder-updated per-pixel embedding), audio features A (per-frame mean of the decoded audio queries) and the
-  texts (supplement note 3: CDCL uses features after interaction). Features are L2-normalised per frame so
-  that D (Eq. 15) has a fixed scale for τ.
+Fallbacks ("when text information is not provided, the CDCL degenerates into visual-audio distribution
+contrast"): without MIT, L_v↔a's anchor is the cached CLAP clip embedding (centred alike) and L_v↔l, L_a↔l are
+off; without SC, the negatives of L_v↔l / L_a↔l are the other clips' text distributions, uniformly weighted.
 
-Fallbacks when a component is ablated (the paper: "when text information is not provided, the CDCL degenerates
-into visual-audio distribution contrast"): without MIT, L_v↔a's positives are anchored on the cached CLAP clip
-embedding instead of ℓ^a and L_v↔l, L_a↔l are off; without SC, the negatives of L_v↔l / L_a↔l are the other
-clips' factual texts z_j, uniformly weighted (Σw = 1 as in Eq. 17). The CDCL math runs in float64 outside
-autocast: its matrices are tiny (n ≤ 2T) and √ of eigenvalues near ε² needs the precision.
+Diagnostics (in ``loss``'s output, no gradient; the trainer logs them to ``metrics.jsonl``): ``pos_frac`` (fraction
+of positive pairs in L_v↔a), ``z_xcos`` (mean cross-clip cosine of z), ``cf_degree`` (mean c), ``cf_cos`` (mean
+cos(ℓ^cf, z)), ``cf_cos_mix`` (the same for the mixed z' before diffusion).
 
 The frozen text towers are not parameters of this module and are not saved in its ``state_dict``; rebuild them
 from the run's `EncoderSpec` (``icf.encoders.load``) on the training device.
@@ -30,23 +38,17 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from icf.config import ModelConfig, TrainConfig
 from icf.model import cdcl
-from icf.model.audio import AudioEncoder
-from icf.model.backbone import Backbone
-from icf.model.decoder import MaskHead, QueryDecoder
 from icf.model.losses import contrast_sum, segmentation_loss, total_loss
-from icf.model.mit import LEVELS, MultiGranularityText
-from icf.model.pixel_decoder import PixelDecoder
+from icf.model.mit import LEVELS, ImplicitText, MultiGranularityText
 from icf.model.sc import SemanticCounterfactual
+from icf.model.segmenter import Batch, SegModel, Segmenter, TextTokens
 
-Batch = Mapping[str, Tensor]
 
-
-def _text_dims(encoders: object | None, text_bank: Mapping[str, np.ndarray] | None, mode: str) -> dict[str, int]:
-    """Width of each level's text/foundation space (tower dims, or the bank's columns)."""
+def text_dims(encoders: object | None, text_bank: Mapping[str, np.ndarray] | None, mode: str) -> dict[str, int]:
+    """Width of each level's text/foundation space (tower dims, or the bank's columns), plus ``audio_clip``."""
     if mode == "bank" and text_bank is not None:
         dims = {lv: int(np.asarray(text_bank[lv]).shape[1]) for lv in LEVELS}
     elif encoders is not None:
@@ -57,141 +59,153 @@ def _text_dims(encoders: object | None, text_bank: Mapping[str, np.ndarray] | No
     return dims
 
 
-class ICF(nn.Module):
-    """Implicit counterfactual framework for audio-visual segmentation.
+class ICF(SegModel):
+    """Implicit counterfactual framework over a segmenter.
 
     Args:
-        cfg: model configuration (`icf.config.preset`).
+        segmenter: any `Segmenter` (its ``cfg`` is the model configuration).
         encoders: ``icf.encoders.Encoders`` (frozen text towers); needed only when MIT is on with
             ``text_mode = "tower"``.
-        text_bank: cached prompt embeddings per level (``icf.encoders.text_bank``); needed only for
-            ``text_mode = "bank"``.
+        text_bank: cached prompt embeddings per level (``icf.encoders.text_bank``); for ``text_mode = "bank"``.
     """
 
-    def __init__(self, cfg: ModelConfig, encoders: object | None = None, text_bank: Mapping[str, np.ndarray] | None = None):
+    def __init__(self, segmenter: Segmenter, encoders: object | None = None, text_bank: Mapping[str, np.ndarray] | None = None):
         super().__init__()
-        self.cfg = cfg
-        d = cfg.d_model
-        self.backbone = Backbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_kwargs)
-        self.pixel_decoder = PixelDecoder(self.backbone.channels, d, cfg.ffn_dim, cfg.enc_layers, cfg.num_heads, cfg.num_points, cfg.dropout)
-        self.audio = AudioEncoder(cfg)
-        self.decoder = QueryDecoder(d, cfg.num_heads, cfg.ffn_dim, cfg.dec_layers, cfg.num_queries, cfg.num_audio_queries, cfg.dropout)
-        self.mask_head = MaskHead(d, cfg.num_classes, cfg.pixel_classifier)
+        cfg = self.cfg = segmenter.cfg
+        self.segmenter = segmenter
         self.mit: MultiGranularityText | None = None
         self.sc: SemanticCounterfactual | None = None
         if cfg.uses("mit"):
+            segmenter.install_context()  # Eq. 1–2 are MIT's visual side
             towers = {lv: encoders.tower(lv) for lv in LEVELS} if (encoders is not None and cfg.text_mode == "tower") else None
-            dims = _text_dims(encoders, text_bank, cfg.text_mode)
-            self.mit = MultiGranularityText(cfg, self.backbone.channels[-1], towers, text_bank, dims)
+            self.mit = MultiGranularityText(cfg, towers, text_bank, text_dims(encoders, text_bank, cfg.text_mode))
+            if self.injects_text:
+                segmenter.install_text_attention()
         if cfg.uses("sc"):
             self.sc = SemanticCounterfactual(cfg)
+
+    @property
+    def injects_text(self) -> bool:
+        """Whether the implicit text enters the segmenter's forward pass (§4.2 cross-attention)."""
+        mode = self.cfg.text_injection
+        return self.cfg.uses("mit") and (mode == "xattn" or (mode == "auto" and not self.cfg.uses("cdcl")))
+
+    @property
+    def detaches_sc(self) -> bool:
+        """Whether SC sees z and v detached (``sc_detach``; ``auto``: when CDCL is on)."""
+        mode = self.cfg.sc_detach
+        return mode == "always" or (mode == "auto" and self.cfg.uses("cdcl"))
+
+    def backbone_parameters(self) -> list[torch.nn.Parameter]:
+        return self.segmenter.backbone_parameters()
 
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        """Batch (ARCHITECTURE.md) → ``logits`` ``(B, T, K, H, W)``; in training mode also the auxiliaries
-        ``vis_feat``/``aud_feat`` ``(B, T, d)`` and, when on, ``z``/``ell_a`` (MIT), ``cf``/``cf_alpha``/``loss_cf`` (SC)."""
-        frames, valid = batch["frames"], batch["valid"]
-        b, t = frames.shape[:2]
-        feats = self.backbone(frames.flatten(0, 1))
-        levels, lateral = self.pixel_decoder(feats)
-        audio = self.audio(batch["mel"])
-        level_pos = self.pixel_decoder.level_positions([lv.shape[-2:] for lv in levels], audio)
-        queries, levels = self.decoder(levels, level_pos, audio, valid)
-        pixels = self.pixel_decoder.mask_features(levels, lateral)
-        logits = F.interpolate(self.mask_head(queries, pixels), size=frames.shape[-2:], mode="bilinear", align_corners=False)
-        out = {"logits": logits.view(b, t, *logits.shape[1:])}
+        """Batch (ARCHITECTURE.md) → ``logits`` ``(B, T, K, H, W)``; in training mode also ``vis_feat``/``aud_feat``
+        ``(B, T, d)`` and, when on, ``z``, ``z_frames``, ``ell_a``, ``loss_mit`` (MIT), ``cf``, ``cf_alpha``,
+        ``loss_cf`` and SC's diagnostics."""
+        enc = self.segmenter.encode(batch)
+        text: ImplicitText | None = None
+        if self.mit is not None and (self.training or self.injects_text):
+            text = self.mit(batch, enc.granular, enc.audio)
+        tokens = TextTokens(text.tokens, text.real) if (text is not None and self.injects_text) else None
+        out = self.segmenter.decode(batch, enc, tokens)
         if not self.training:
-            return out
-        out["vis_feat"] = F.normalize(pixels.mean((-1, -2)).view(b, t, -1), dim=-1)
-        out["aud_feat"] = F.normalize(queries[:, -self.decoder.num_audio :].mean(1).view(b, t, -1), dim=-1)
-        if self.mit is not None:
-            out.update(self.mit(batch, feats[-1], audio))
+            return {"logits": out["logits"]}
+        if text is not None:
+            out.update(z=text.z, z_frames=text.z_frames, ell_a=text.ell_a, loss_mit=text.loss)
         if self.sc is not None:
-            real = valid.to(out["vis_feat"].dtype)[..., None]
-            v = (out["vis_feat"] * real).sum(1) / real.sum(1)
-            sc = self.sc(out["z"], v)
-            out.update(cf=sc["cf"], cf_alpha=sc["cf_alpha"], loss_cf=sc["loss_cf"], cf_degree=sc["degree"])
+            z = text.z
+            v = cdcl.gaussian_moments(out["vis_feat"], batch["valid"])[0]
+            if self.detaches_sc:
+                z, v = z.detach(), v.detach()
+            sc = self.sc(z, v)
+            out.update(cf=sc["cf"], cf_alpha=sc["cf_alpha"], loss_cf=sc["loss_cf"], cf_degree=sc["degree"],
+                       cf_cos=sc["cf_cos"], cf_cos_mix=sc["cf_cos_mix"])
         return out
-
-    @torch.no_grad()
-    def predict(self, batch: Batch) -> Tensor:
-        """Eval-mode prediction: probabilities ``(B, T, H, W)`` (binary) or class-index maps ``(B, T, H, W)`` int64."""
-        was_training = self.training
-        self.eval()
-        try:
-            logits = self(batch)["logits"]
-        finally:
-            self.train(was_training)
-        return logits[:, :, 0].sigmoid() if self.cfg.binary else logits.argmax(2)
 
     # ---- losses --------------------------------------------------------------------------------
 
     def loss(self, out: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """Eq. 19 and its parts: ``total``, ``seg`` (+ ``bce``, ``dice``, ``focal``) and, when on and in training
-        outputs, ``cf``, ``cdcl`` (the λ-weighted contrast sum), ``v_a``, ``v_l``, ``a_l``."""
-        parts = segmentation_loss(out["logits"], batch["masks"], batch["gt"], batch["valid"], self.cfg)
+        outputs, ``mit`` (Eq. 3), ``cf``, ``cdcl`` (the λ-weighted contrast sum), ``v_a``, ``v_l``, ``a_l``; plus
+        the detached diagnostics (module docstring)."""
+        cfg = self.cfg
+        parts = segmentation_loss(out["logits"], batch["masks"], batch["gt"], batch["valid"], cfg)
+        if "loss_mit" in out:
+            parts["mit"] = out["loss_mit"]
         if "loss_cf" in out:
             parts["cf"] = out["loss_cf"]
-        if self.cfg.uses("cdcl") and "vis_feat" in out:
+        if cfg.uses("cdcl") and "vis_feat" in out:
             parts.update(self._contrast(out, batch))
-        parts["total"] = total_loss(parts, self.cfg)
+        parts["total"] = total_loss(parts, cfg)
+        parts.update(self._diagnostics(out))
         return parts
 
     def _contrast(self, out: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
-        """Eq. 15–17 (module docstring for the fallbacks)."""
+        """Eq. 15–17 (module docstring for the anchors, the text distribution and the fallbacks)."""
         cfg = self.cfg
         kw = dict(eps=cfg.cov_eps, gamma=cfg.gamma, per_dim=cfg.entropy_per_dim)
         with torch.autocast(device_type=out["vis_feat"].device.type, enabled=False):
             valid = batch["valid"]
             v, a = out["vis_feat"].double(), out["aud_feat"].double()
             anchor = out["ell_a"] if "ell_a" in out else batch["clap_clip"]
+            positives = cdcl.audio_positives(anchor.double(), cfg.theta, centre=cfg.va_centre)
             dist = cdcl.distribution_distance(v, a, x_mask=valid, y_mask=valid, **kw)  # Eq. 15, all pairs
-            parts = {"v_a": cdcl.loss_visual_audio(dist, cdcl.audio_positives(anchor, cfg.theta), cfg.tau)}  # Eq. 16
+            parts = {"v_a": cdcl.loss_visual_audio(dist, positives, cfg.tau), "pos_frac": positives.double().mean()}  # Eq. 16
             if "z" in out:
-                negatives, weights = self._text_negatives(out)
+                text, text_mask = self._text_distribution(out, valid)
+                negatives, neg_mask, weights = self._text_negatives(out, text, text_mask)
                 if negatives is not None:
-                    z = F.normalize(out["z"].double(), dim=-1)[:, None]
                     for name, x in (("v_l", v), ("a_l", a)):
-                        pos = cdcl.distribution_distance(x, z, x_mask=valid, paired=True, **kw)
-                        neg = self._paired_to_many(x, valid, negatives, kw)
+                        pos = cdcl.distribution_distance(x, text, x_mask=valid, y_mask=text_mask, paired=True, **kw)
+                        neg = self._paired_to_many(x, valid, negatives, neg_mask, kw)
                         parts[name] = cdcl.loss_text(pos, neg, weights, cfg.tau)  # Eq. 17
         parts = {k: p.to(out["vis_feat"].dtype) for k, p in parts.items()}
+        parts["pos_frac"] = parts["pos_frac"].detach()
         parts["cdcl"] = contrast_sum(parts, cfg)
         return parts
 
-    @staticmethod
-    def _text_negatives(out: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-        """Negatives ``(B, K, d)`` and weights ``(B, K)``: ℓ^cf with w_k (SC on), else the other clips' z_j."""
-        if "cf" in out:
-            return out["cf"].double(), cdcl.counterfactual_weights(out["cf_alpha"].double())
+    def _text_distribution(self, out: Mapping[str, Tensor], valid: Tensor) -> tuple[Tensor, Tensor]:
+        """The factual text's points ``(B, T', d)`` and mask: ẑ + (ẑ_t − mean ẑ_t) over real frames ("frames"),
+        or the single point ẑ ("point", covariance εI)."""
         z = F.normalize(out["z"].double(), dim=-1)
-        b = z.shape[0]
-        if b < 2:
-            return None, None
-        others = ~torch.eye(b, dtype=torch.bool, device=z.device)
-        negatives = z[None].expand(b, b, -1)[others].view(b, b - 1, -1)
-        return negatives, z.new_full((b, b - 1), 1.0 / (b - 1))
+        if self.cfg.text_distribution == "point":
+            return z[:, None], torch.ones_like(valid[:, :1])
+        zt = F.normalize(out["z_frames"].double(), dim=-1)
+        mean = cdcl.gaussian_moments(zt, valid)[0]
+        return z[:, None] + zt - mean[:, None], valid
 
     @staticmethod
-    def _paired_to_many(x: Tensor, valid: Tensor, texts: Tensor, kw: dict) -> Tensor:
-        """D(x_i, text_ik) for every sample i and its K texts: x ``(B, T, d)``, texts ``(B, K, d)`` → ``(B, K)``."""
+    def _text_negatives(out: Mapping[str, Tensor], text: Tensor, mask: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Negatives ``(B, K, T', d)`` with mask ``(B, K, T')`` and weights ``(B, K)``: ℓ^cf (points) with w_k when SC
+        is on, else the other clips' text distributions with uniform weights."""
+        if "cf" in out:
+            cf = out["cf"].double()[:, :, None]
+            return cf, torch.ones(cf.shape[:3], dtype=torch.bool, device=cf.device), cdcl.counterfactual_weights(out["cf_alpha"].double())
+        b = text.shape[0]
+        if b < 2:
+            return None, None, None
+        others = ~torch.eye(b, dtype=torch.bool, device=text.device)
+        negatives = text[None].expand(b, *text.shape)[others].view(b, b - 1, *text.shape[1:])
+        neg_mask = mask[None].expand(b, *mask.shape)[others].view(b, b - 1, mask.shape[1])
+        return negatives, neg_mask, text.new_full((b, b - 1), 1.0 / (b - 1))
+
+    @staticmethod
+    def _paired_to_many(x: Tensor, valid: Tensor, texts: Tensor, mask: Tensor, kw: dict) -> Tensor:
+        """D(x_i, text_ik) for every sample i and its K texts: x ``(B, T, d)``, texts ``(B, K, T', d)`` → ``(B, K)``."""
         b, k = texts.shape[:2]
         xs = x.repeat_interleave(k, 0)
-        mask = valid.repeat_interleave(k, 0)
-        return cdcl.distribution_distance(xs, texts.reshape(b * k, 1, -1), x_mask=mask, paired=True, **kw).view(b, k)
+        x_mask = valid.repeat_interleave(k, 0)
+        return cdcl.distribution_distance(xs, texts.flatten(0, 1), x_mask=x_mask, y_mask=mask.flatten(0, 1), paired=True, **kw).view(b, k)
 
-    # ---- optimisation helpers ------------------------------------------------------------------
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Every parameter that trains (frozen towers are not parameters; a frozen pretrained VGGish is excluded)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def parameter_groups(self, train: TrainConfig) -> list[dict]:
-        """AdamW groups: the backbone at ``lr·backbone_lr_mult``, everything else at ``lr``."""
-        backbone = {id(p) for p in self.backbone.parameters()}
-        params = self.trainable_parameters()
-        return [
-            {"params": [p for p in params if id(p) in backbone], "lr": train.lr * train.backbone_lr_mult},
-            {"params": [p for p in params if id(p) not in backbone], "lr": train.lr},
-        ]
+    @staticmethod
+    def _diagnostics(out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``z_xcos``, ``cf_degree``, ``cf_cos``, ``cf_cos_mix`` (detached scalars) where the outputs allow."""
+        diag = {k: out[k].detach() for k in ("cf_degree", "cf_cos", "cf_cos_mix") if k in out}
+        if "z" in out and len(out["z"]) > 1:
+            z = F.normalize(out["z"].detach(), dim=-1)
+            off = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+            diag["z_xcos"] = (z @ z.T)[off].mean()
+        return diag

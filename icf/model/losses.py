@@ -69,8 +69,11 @@ def contrast_sum(parts: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
 
 
 def total_loss(parts: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
-    """Eq. 19: L_Seg + λ_cf·L_cf + λ_CDCL·``cdcl`` (the `contrast_sum`), over the terms present."""
+    """Eq. 19: L_Seg + λ_cf·L_cf + λ_CDCL·``cdcl`` (the `contrast_sum`), over the terms present, plus
+    λ_mit·``mit`` (Eq. 3's matching objective; not in Eq. 19, which leaves Eq. 3's argmax implicit)."""
     total = parts["seg"]
+    if "mit" in parts:
+        total = total + cfg.lambda_mit * parts["mit"]
     if "cf" in parts:
         total = total + cfg.lambda_cf * parts["cf"]
     if "cdcl" in parts:

@@ -14,26 +14,27 @@ from icf.eval.report import user_errors
 @user_errors
 def train_command(
     dataset: str = typer.Option(..., "--dataset", help="s4 | ms3 | avss"),
+    method: str = typer.Option("icf", "--method", help="A registered method: icf | bidir | tpavi | … (icf/methods)."),
     preset_name: str = typer.Option("tiny", "--preset", help="tiny | paper-r50 | paper-pvt"),
     work: Path | None = WorkOption,
     out: Path | None = typer.Option(None, "--out", help="Run folder (default WORK/runs/<dataset>-<preset>-<time>)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many steps (the schedule is unchanged)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: the preset's); sets the schedule length."),
-    ablate: str = typer.Option("", "--ablate", help="Switch components off: comma list of mit, sc, cdcl."),
+    ablate: str = typer.Option("", "--ablate", help="Switch the method's components off (icf: comma list of mit, sc, cdcl)."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue this run folder from its checkpoint."),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
     ray_workers: int = typer.Option(0, "--ray-workers", help="Train with Ray Train DDP on this many workers."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and every random draw."),
-    set_: list[str] = typer.Option([], "--set", help="Config override key=value (e.g. train.lr=3e-4); repeatable."),
+    set_: list[str] = typer.Option([], "--set", help="Override key=value (train.lr=3e-4, method.segmenter=tpavi); repeatable."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a checkpoint every N steps."),
 ) -> None:
-    """Train ICF on the shards of WORK/<dataset>/shards.json; writes checkpoints, metrics.jsonl and loss.png."""
+    """Train a method on the shards of WORK/<dataset>/shards.json; writes checkpoints, metrics.jsonl and loss.png."""
     from icf.train.trainer import RunSpec, train
 
     root = work_dir(work)
-    run = resume or out or root / "runs" / f"{dataset}-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = resume or out or root / "runs" / f"{dataset}-{method}-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = RunSpec(
-        dataset=dataset, preset=preset_name, work=root, out=run, epochs=epochs, max_steps=max_steps,
+        dataset=dataset, preset=preset_name, method=method, work=root, out=run, epochs=epochs, max_steps=max_steps,
         ablate=frozenset(a.strip() for a in ablate.split(",") if a.strip()), seed=seed, workers=workers,
         overrides=list(set_), checkpoint_every=checkpoint_every,
     )

@@ -6,13 +6,13 @@ schedule over ``epochs × batches per epoch`` steps, then the loop. ``max_steps`
 changes the schedule, so a run stopped at step 3 and resumed to step 6 takes the same 6 steps as one
 uninterrupted run (same batches, same learning rates, same random draws).
 
-A run folder holds ``run.json`` (dataset, preset, shards path, both configs), ``checkpoint.pt`` (latest),
+The model comes from the method registry (`icf.methods`, ``--method``). A run folder holds ``run.json``
+(dataset, method, preset, shards path, both configs), ``checkpoint.pt`` (latest),
 ``metrics.jsonl`` (one JSON object per step) and ``loss.png``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import random
@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from icf.clitools import UserError, console
-from icf.config import ModelConfig, TrainConfig, apply_overrides, preset, to_dict
+from icf import methods
+from icf.config import ModelConfig, TrainConfig, apply_overrides, model_from_dict, preset, to_dict
 from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
-from icf.encoders import EncoderSpec, Encoders
-from icf.encoders import load as load_encoders
+from icf.methods.base import Resources
+from icf.model.segmenter import SegModel
 from icf.train import checkpoint
 
 RUN_FILE = "run.json"
@@ -46,6 +47,7 @@ class RunSpec:
     preset: str
     work: Path
     out: Path
+    method: str = "icf"
     epochs: int | None = None
     max_steps: int | None = None
     ablate: frozenset[str] = frozenset()
@@ -60,15 +62,18 @@ class RunSpec:
 
 
 def build_configs(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
-    """Preset + ``key=value`` overrides + the command-line switches (ablate, epochs, max steps, seed)."""
+    """Preset + method + ``key=value`` overrides + the command-line switches (ablate, epochs, max steps, seed),
+    validated against the method (`icf.methods.validate`)."""
     try:
         model_cfg, train_cfg = preset(spec.preset, spec.dataset)
-        extra = [f"model.ablate={json.dumps(sorted(spec.ablate))}", f"train.seed={spec.seed}"]
+        extra = [f'model.method="{spec.method}"', f"model.ablate={json.dumps(sorted(spec.ablate))}", f"train.seed={spec.seed}"]
         if spec.epochs is not None:
             extra.append(f"train.epochs={spec.epochs}")
         if spec.max_steps is not None:
             extra.append(f"train.max_steps={spec.max_steps}")
-        return apply_overrides(model_cfg, train_cfg, list(spec.overrides) + extra)
+        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, extra[:1] + list(spec.overrides) + extra[1:])
+        methods.validate(model_cfg)
+        return model_cfg, train_cfg
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -82,6 +87,7 @@ def write_run_file(run: Path, spec: RunSpec, model_cfg: ModelConfig, train_cfg: 
     run.mkdir(parents=True, exist_ok=True)
     doc = {
         "dataset": spec.dataset,
+        "method": model_cfg.method,
         "preset": spec.preset,
         "shards": str(shards_path(spec.work, spec.dataset).resolve()),
         "checkpoint_every": spec.checkpoint_every,
@@ -91,13 +97,16 @@ def write_run_file(run: Path, spec: RunSpec, model_cfg: ModelConfig, train_cfg: 
 
 
 def read_run_file(run: Path) -> tuple[dict[str, Any], ModelConfig, TrainConfig]:
-    """``run.json`` → (the document, ModelConfig, TrainConfig); ``UserError`` when absent or malformed."""
+    """``run.json`` → (the document, ModelConfig, TrainConfig); ``UserError`` when absent or malformed.
+
+    A run written before the method registry has no ``method``: it is an ``icf`` run."""
     path = run / RUN_FILE
     if not path.is_file():
         raise UserError(f"{path}: not a training run (no {RUN_FILE})")
     try:
         doc = json.loads(path.read_text())
-        model_cfg = ModelConfig(**{k: (tuple(v) if isinstance(v, list) and k != "ablate" else v) for k, v in doc["model"].items()})
+        model_cfg = model_from_dict(doc["model"])
+        methods.validate(model_cfg)
         train_cfg = TrainConfig(**doc["train"])
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: malformed run file ({err})") from None
@@ -118,24 +127,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@functools.lru_cache(maxsize=2)
-def frozen_towers(spec: EncoderSpec, device: str) -> Encoders:
-    """The frozen text towers of ``spec``, built once per process (they hold no trainable state)."""
-    return load_encoders(spec, device=device)
-
-
-def build_model(model_cfg: ModelConfig, shards: ShardSet, device: torch.device) -> nn.Module:
-    """``ICF(cfg, encoders, text_bank)`` with the frozen towers of the shards' encoder spec."""
-    from icf.model import ICF
-
+def build_model(model_cfg: ModelConfig, shards: ShardSet, device: torch.device) -> SegModel:
+    """The model of ``model_cfg.method`` (`icf.methods`), given the shards' encoder spec and text bank."""
     if model_cfg.dataset != shards.dataset:
         raise UserError(f"{shards.path}: shards hold {shards.dataset}, the config is for {model_cfg.dataset}")
-    if not shards.text_bank.is_file():
+    method = methods.get(model_cfg.method)
+    bank = None
+    if shards.text_bank.is_file():
+        with np.load(shards.text_bank) as npz:
+            bank = {k: npz[k] for k in npz.files}
+    elif "clip" in method.requires:
         raise UserError(f"{shards.text_bank}: text bank not found (named by {shards.path})")
-    encoders = frozen_towers(EncoderSpec.from_dict(shards.encoders), str(device))
-    with np.load(shards.text_bank) as npz:
-        bank = {k: npz[k] for k in npz.files}
-    return ICF(model_cfg, encoders, bank).to(device)
+    try:
+        model = method.build(model_cfg, methods.validate(model_cfg), Resources(shards.encoders, bank, device))
+    except ValueError as err:
+        raise UserError(f"{shards.path}: {err}") from None
+    return model.to(device)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

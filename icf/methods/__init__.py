@@ -1,0 +1,45 @@
+"""The method registry. A module of this package that defines ``METHOD = MethodSpec(...)`` is a method: it is
+found here, selectable with ``icf train --method NAME`` and recorded in ``run.json`` (same rule as "a module of
+``icf/stages`` that defines a Stage is a stage"). Adding a method takes one more file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+
+from icf.config import ModelConfig
+from icf.methods.base import MethodSpec
+
+
+@cache
+def registry() -> dict[str, MethodSpec]:
+    """Every method by name."""
+    found: dict[str, MethodSpec] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        spec = getattr(importlib.import_module(f"{__name__}.{info.name}"), "METHOD", None)
+        if isinstance(spec, MethodSpec):
+            found[spec.name] = spec
+    return found
+
+
+def get(name: str) -> MethodSpec:
+    """The method called ``name``; ``ValueError`` listing the known ones otherwise."""
+    methods = registry()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(methods)}")
+    return methods[name]
+
+
+def validate(cfg: ModelConfig) -> object:
+    """Check ``cfg`` against its method (known method, ``ablate`` ⊆ its components, options) → parsed options."""
+    spec = get(cfg.method)
+    unknown = cfg.ablate - spec.components
+    if unknown:
+        allowed = sorted(spec.components) or "nothing"
+        raise ValueError(f"method {spec.name}: unknown ablate component(s) {sorted(unknown)}; it can ablate {allowed}")
+    return spec.parse_options(cfg.options)
+
+
+__all__ = ["MethodSpec", "get", "registry", "validate"]

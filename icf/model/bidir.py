@@ -1,0 +1,61 @@
+"""The bidirectional-query segmenter (ICF's baseline, paper Fig. 2 and supplement note 4).
+
+timm backbone → MSDeformAttn pixel decoder → **channel context** (Eq. 1–2 at video, segment and frame level on
+the stride-32 level; note 4: "in the baseline, we leverage videos from MIT, employing frame-level channel-wise
+cross-attention and self-attention to enhance the spatiotemporal context modelling of visual features") →
+audio-conditioned bidirectional query decoder (the modality interaction; its text hook is one zero-gated
+cross-attention per decoder layer) → mask head, on frames ``(B, T, 3, H, W)`` and log-Mel ``(B, T, 96, 64)``.
+
+``vis_feat`` (CDCL, note 3) is the per-frame mean of the decoder-updated per-pixel embedding, ``aud_feat`` the
+per-frame mean of the decoded audio queries, both L2-normalised.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from icf.config import ModelConfig
+from icf.model.audio import AudioEncoder
+from icf.model.backbone import Backbone
+from icf.model.decoder import MaskHead, QueryDecoder
+from icf.model.pixel_decoder import PixelDecoder
+from icf.model.segmenter import Batch, Encoded, Segmenter, TextTokens, frame_features
+
+
+class BidirSegmenter(Segmenter):
+    """The baseline segmenter (module docstring). ``channel_context`` builds the Eq. 1–2 context (default on)."""
+
+    def __init__(self, cfg: ModelConfig, channel_context: bool = True):
+        super().__init__(cfg)
+        d = self.width = cfg.d_model
+        self.backbone = Backbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_kwargs)
+        self.pixel_decoder = PixelDecoder(self.backbone.channels, d, cfg.ffn_dim, cfg.enc_layers, cfg.num_heads, cfg.num_points, cfg.dropout)
+        self.audio = AudioEncoder(cfg)
+        self.decoder = QueryDecoder(d, cfg.num_heads, cfg.ffn_dim, cfg.dec_layers, cfg.num_queries, cfg.num_audio_queries, cfg.dropout)
+        self.mask_head = MaskHead(d, cfg.num_classes, cfg.pixel_classifier)
+        if channel_context:
+            self.install_context()
+
+    @property
+    def text_points(self) -> int:
+        return self.cfg.dec_layers
+
+    def encode(self, batch: Batch) -> Encoded:
+        """Backbone, pixel decoder and the context hook on the stride-32 level."""
+        frames, valid = batch["frames"], batch["valid"]
+        levels, lateral = self.pixel_decoder(self.backbone(frames.flatten(0, 1)))
+        coarse, granular = self.attend(levels[-1], valid)  # Eq. 1–2
+        return Encoded(coarse, granular, self.audio(batch["mel"]), {"levels": levels[:-1], "lateral": lateral})
+
+    def decode(self, batch: Batch, enc: Encoded, text: TextTokens | None = None) -> dict[str, Tensor]:
+        frames, valid = batch["frames"], batch["valid"]
+        b, t = frames.shape[:2]
+        levels = [*enc.state["levels"], enc.visual]
+        level_pos = self.pixel_decoder.level_positions([lv.shape[-2:] for lv in levels], enc.audio)
+        hook = (lambda i, q: self.read_text(i, q, text)) if text is not None else None
+        queries, levels = self.decoder(levels, level_pos, enc.audio, valid, hook)
+        pixels = self.pixel_decoder.mask_features(levels, enc.state["lateral"])
+        logits = F.interpolate(self.mask_head(queries, pixels), size=frames.shape[-2:], mode="bilinear", align_corners=False)
+        aud = F.normalize(queries[:, -self.decoder.num_audio :].mean(1).view(b, t, -1), dim=-1)
+        return {"logits": logits.view(b, t, *logits.shape[1:]), "vis_feat": frame_features(pixels, b), "aud_feat": aud}

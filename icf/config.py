@@ -184,7 +184,7 @@ def preset(name: str, dataset: str) -> tuple[ModelConfig, TrainConfig]:
             num_heads=4,
             ffn_dim=96,
             enc_layers=1,
-            dec_layers=2,
+            dec_layers=3,  # one round over the three levels, so the stride-8 pixels (mask features) attend to audio
             num_points=2,
             num_queries=4,
             num_audio_queries=4,

@@ -136,8 +136,42 @@ def test_visual_audio_loss_on_features() -> None:
 
 def test_audio_positives_use_threshold() -> None:
     anchor = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
-    pos = cdcl.audio_positives(anchor, theta=0.8)
+    pos = cdcl.audio_positives(anchor, theta=0.8, centre=False)
     assert pos.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+
+
+def test_centred_positives_separate_texts_that_share_a_common_component() -> None:
+    """Anchors = a big shared vector + small clip-specific parts (what a mixture of shared prompts gives):
+    raw cosines all pass θ (every pair positive, L_v↔a ≡ 0); the batch-centred ones keep only true matches."""
+    g = torch.Generator().manual_seed(21)
+    common = 10 * torch.randn(1, 32, generator=g)
+    own = torch.randn(2, 32, generator=g)
+    anchor = common + own[[0, 0, 1, 1]] + 0.05 * torch.randn(4, 32, generator=g)  # clips 0,1 sound alike; 2,3 alike
+    raw = cdcl.audio_positives(anchor, theta=0.8, centre=False)
+    centred = cdcl.audio_positives(anchor, theta=0.8, centre=True)
+    assert raw.all()
+    assert centred.tolist() == [[True, True, False, False], [True, True, False, False],
+                                [False, False, True, True], [False, False, True, True]]
+    dist = cdcl.distribution_distance(_rand(4, 5, 16, seed=22), _rand(4, 5, 16, seed=23), eps=EPS, gamma=0.1, per_dim=True)
+    assert cdcl.loss_visual_audio(dist, raw, 0.1) == 0  # the dead term
+    assert cdcl.loss_visual_audio(dist, centred, 0.1) > 0
+
+
+def test_distance_to_a_text_distribution_depends_on_its_spread() -> None:
+    """Eq. 15 against a text Gaussian: same mean, different spread → different D (Bures and entropy terms);
+    against a one-point text (εI) the spread terms are constants that cancel in Eq. 17."""
+    x = _rand(1, 5, 16, seed=24)
+    centre = _rand(1, 1, 16, seed=25)
+    offsets = _rand(1, 5, 16, seed=26)
+    offsets = offsets - offsets.mean(1, keepdim=True)
+    kw = dict(eps=EPS, gamma=0.1, per_dim=True, paired=True)
+    narrow = cdcl.distribution_distance(x, centre + 0.1 * offsets, **kw)
+    wide = cdcl.distribution_distance(x, centre + offsets, **kw)
+    point = cdcl.distribution_distance(x, centre, **kw)
+    mean_term = (x.mean(1) - centre[:, 0]).pow(2).sum(-1)
+    # the mean term is the same for all three (offsets are centred): only the spread moved D
+    assert float((narrow - wide).abs()) > 1e-3 * float(mean_term)
+    assert float((narrow - point).abs()) > 0
 
 
 def test_text_loss_sign_and_weights() -> None:

@@ -10,9 +10,11 @@ import timm
 import torch
 
 import icf.encoders as enc
+from icf import methods
 from icf.config import ModelConfig, TrainConfig, apply_overrides, load_toml, preset
 from icf.model import ICF
 from icf.model.backbone import Backbone, BackboneWeightsError
+from icf.model.bidir import BidirSegmenter
 from icf.model.losses import segmentation_loss
 from icf.model.pixel_decoder import ms_deform_attn
 
@@ -53,6 +55,11 @@ def tiny(dataset: str = "s4", **kw) -> ModelConfig:
     return dataclasses.replace(preset("tiny", dataset)[0], **kw)
 
 
+def make_icf(cfg: ModelConfig, encoders=None, bank=None) -> ICF:
+    """ICF over the bidirectional baseline segmenter (the ``icf`` method's default)."""
+    return ICF(BidirSegmenter(cfg), encoders, bank)
+
+
 def _grad_norm(module: torch.nn.Module) -> float:
     return float(sum(p.grad.abs().sum() for p in module.parameters() if p.grad is not None))
 
@@ -63,22 +70,24 @@ def _grad_norm(module: torch.nn.Module) -> float:
 def test_binary_forward_losses_and_gradients(encoders) -> None:
     torch.manual_seed(0)
     cfg = tiny("s4")
-    model = ICF(cfg, encoders).train()
+    model = make_icf(cfg, encoders).train()
     batch = make_batch(cfg, encoders, b=3)
     out = model(batch)
     assert out["logits"].shape == (3, 5, 1, 64, 64)
     losses = model.loss(out, batch)
-    assert {"total", "seg", "cf", "cdcl", "v_a", "v_l", "a_l"} <= set(losses)
+    assert {"total", "seg", "mit", "cf", "cdcl", "v_a", "v_l", "a_l"} <= set(losses)
+    assert {"pos_frac", "z_xcos", "cf_degree", "cf_cos", "cf_cos_mix"} <= set(losses)  # diagnostics
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
-    # Eq. 19 with the supplement's weights
+    # Eq. 19 with the supplement's weights (+ Eq. 3's matching term)
     contrast = 0.4 * losses["v_a"] + 0.3 * losses["v_l"] + 0.3 * losses["a_l"]
     torch.testing.assert_close(losses["cdcl"], contrast)
-    torch.testing.assert_close(losses["total"], losses["seg"] + 0.2 * losses["cf"] + 0.2 * contrast)
+    torch.testing.assert_close(losses["total"], losses["seg"] + cfg.lambda_mit * losses["mit"] + 0.2 * losses["cf"] + 0.2 * contrast)
     losses["total"].backward()
-    for part in (model.backbone, model.pixel_decoder, model.audio, model.decoder, model.mask_head, model.mit.gate_v, model.sc.eps_net):
+    seg = model.segmenter
+    for part in (seg.backbone, seg.pixel_decoder, seg.audio, seg.decoder, seg.mask_head, seg.context, model.mit.gate_v, model.sc.eps_net):
         assert _grad_norm(part) > 0, type(part).__name__
     for level in ("video", "segment", "frame", "audio"):
-        assert model.mit.candidates[level].ctx.grad.abs().sum() > 0, level
+        assert model.mit.texts[level].ctx.grad.abs().sum() > 0, level
     probs = model.predict(batch)
     assert probs.shape == (3, 5, 64, 64) and probs.min() >= 0 and probs.max() <= 1
 
@@ -87,7 +96,7 @@ def test_multiclass_with_padding(encoders) -> None:
     """AVSS: 71 logits, T = 10 with a padded 5-frame clip; padding changes nothing about the real clip."""
     torch.manual_seed(1)
     cfg = tiny("avss")
-    model = ICF(cfg, encoders).train()
+    model = make_icf(cfg, encoders).train()
     batch = make_batch(cfg, encoders, b=2, n_real=[5, 10])
     out = model(batch)
     assert out["logits"].shape == (2, 10, 71, 64, 64)
@@ -108,7 +117,7 @@ def test_multiclass_with_padding(encoders) -> None:
 def test_audio_changes_the_mask(encoders) -> None:
     torch.manual_seed(2)
     cfg = tiny("s4")
-    model = ICF(cfg, encoders).eval()
+    model = make_icf(cfg, encoders).eval()
     batch = make_batch(cfg, encoders)
     with torch.no_grad():
         a = model(batch)["logits"]
@@ -118,7 +127,7 @@ def test_audio_changes_the_mask(encoders) -> None:
 
 def test_eval_mode_runs_no_mit_or_sc(encoders) -> None:
     cfg = tiny("s4")
-    model = ICF(cfg, encoders).eval()
+    model = make_icf(cfg, encoders).eval()
     batch = make_batch(cfg, encoders)
     out = model(batch)
     assert set(out) == {"logits"}
@@ -130,9 +139,9 @@ def test_eval_mode_runs_no_mit_or_sc(encoders) -> None:
 
 def test_full_ablation_is_the_baseline(encoders) -> None:
     torch.manual_seed(3)
-    full = ICF(tiny("s4"), encoders)
-    base = ICF(tiny("s4", ablate={"mit", "sc", "cdcl"}), None)  # no encoders needed
-    assert base.mit is None and base.sc is None
+    full = make_icf(tiny("s4"), encoders)
+    base = make_icf(tiny("s4", ablate={"mit", "sc", "cdcl"}), None)  # no encoders needed
+    assert base.mit is None and base.sc is None and base.segmenter.context is not None  # note 4: the baseline has it
     missing, unexpected = base.load_state_dict(full.state_dict(), strict=False)
     assert not missing and all(k.startswith(("mit.", "sc.")) for k in unexpected)
     batch = make_batch(full.cfg, encoders)
@@ -147,29 +156,139 @@ def test_full_ablation_is_the_baseline(encoders) -> None:
 
 def test_partial_ablations(encoders) -> None:
     torch.manual_seed(4)
-    no_mit = ICF(tiny("s4", ablate={"mit"}), None).train()
+    no_mit = make_icf(tiny("s4", ablate={"mit"}), None).train()
     assert no_mit.mit is None and no_mit.sc is None  # SC needs MIT's z
     batch = make_batch(no_mit.cfg, encoders, b=3)
     losses = no_mit.loss(no_mit(batch), batch)
     assert {"v_a", "cdcl"} <= set(losses) and not {"v_l", "a_l", "cf"} & set(losses)  # CDCL degenerates to v↔a
 
-    no_sc = ICF(tiny("s4", ablate={"sc"}), encoders).train()
+    no_sc = make_icf(tiny("s4", ablate={"sc"}), encoders).train()
     out = no_sc(batch)
     assert "cf" not in out
     losses = no_sc.loss(out, batch)
     assert {"v_a", "v_l", "a_l"} <= set(losses) and "cf" not in losses  # in-batch z_j negatives
 
-    no_cdcl = ICF(tiny("s4", ablate={"cdcl"}), encoders).train()
+    no_cdcl = make_icf(tiny("s4", ablate={"cdcl"}), encoders).train()
     losses = no_cdcl.loss(no_cdcl(batch), batch)
     assert "cf" in losses and not {"v_a", "v_l", "a_l", "cdcl"} & set(losses)
-    torch.testing.assert_close(losses["total"], losses["seg"] + no_cdcl.cfg.lambda_cf * losses["cf"])
+    cfg = no_cdcl.cfg
+    torch.testing.assert_close(losses["total"], losses["seg"] + cfg.lambda_mit * losses["mit"] + cfg.lambda_cf * losses["cf"])
+
+
+ROWS = {  # the paper's Table 2 component rows → what --ablate switches off
+    "baseline": {"mit", "sc", "cdcl"},
+    "MIT": {"sc", "cdcl"},
+    "CDCL": {"mit", "sc"},
+    "MIT+SC": {"cdcl"},
+    "MIT+CDCL": {"sc"},
+    "full": set(),
+}
+
+
+def _grads(model: ICF, loss: torch.Tensor) -> dict[str, float]:
+    """|∂loss/∂θ| summed per part of the model (0 where the loss does not reach)."""
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    seg = model.segmenter
+    parts = {"backbone": seg.backbone, "decoder": seg.decoder, "context": seg.context, "mit": model.mit, "text_attn": seg.text_attn}
+    return {k: _grad_norm(m) if m is not None else 0.0 for k, m in parts.items()}
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_each_table2_component_reaches_the_segmenter(encoders, row: str) -> None:
+    """Gradients prove that each row's components train the segmenter (not only themselves)."""
+    torch.manual_seed(8)
+    cfg = tiny("s4", ablate=frozenset(ROWS[row]))
+    model = make_icf(cfg, encoders).train()
+    batch = make_batch(cfg, encoders, b=4)
+    out = model(batch)
+    losses = model.loss(out, batch)
+    assert _grads(model, losses["seg"])["context"] > 0  # Eq. 1-2 are part of every row (note 4)
+    if row == "baseline":
+        assert set(losses) == {"seg", "bce", "dice", "focal", "total"}
+    if row == "MIT":  # §4.2: the text enters modality interaction by zero-gated cross-attention
+        assert model.injects_text and not model.detaches_sc
+        g = _grads(model, losses["seg"])
+        assert g["text_attn"] > 0  # the gates get gradient at init, so the text path opens
+        for attn in model.segmenter.text_attn:
+            attn.gate.data.fill_(0.5)
+        losses = model.loss(model(batch), batch)
+        assert _grads(model, losses["seg"])["mit"] > 0  # …and then L_seg trains MIT through it
+    if row == "CDCL":  # no text: CDCL degenerates to the visual-audio contrast, which is live
+        assert losses["v_a"] > 0 and losses["pos_frac"] < 1
+        g = _grads(model, losses["v_a"])
+        assert g["decoder"] > 0 and g["backbone"] > 0
+    if row == "MIT+SC":  # L_cf reaches z (not detached without CDCL), hence MIT and the segmenter
+        assert model.injects_text and not model.detaches_sc
+        g = _grads(model, losses["cf"])
+        assert g["mit"] > 0 and g["backbone"] > 0
+    if row in ("MIT+CDCL", "full"):  # the text is training-only and reaches the segmenter through L_v↔l / L_a↔l
+        assert not model.injects_text
+        for proj in model.mit.query_proj.values():  # as after a first step (zero-initialised: queries start cached)
+            torch.nn.init.normal_(proj.weight, std=0.1)
+        losses = model.loss(model(batch), batch)
+        g = _grads(model, losses["v_l"])
+        assert g["mit"] > 0 and g["context"] > 0 and g["decoder"] > 0
+        assert losses["v_a"] > 0 and losses["pos_frac"] < 1
+    if row == "full":
+        assert model.detaches_sc and _grads(model, losses["cf"])["mit"] == 0  # SC learns to counterfactualise z
+
+
+def test_mit_row_text_path_changes_the_prediction(encoders) -> None:
+    """By outputs: with --ablate sc,cdcl the eval prediction depends on the text path; at init (gates 0) it is
+    exactly the no-text forward, and one optimiser step opens the gates."""
+    torch.manual_seed(9)
+    cfg = tiny("s4", ablate=frozenset({"sc", "cdcl"}))
+    model = make_icf(cfg, encoders)
+    batch = make_batch(cfg, encoders, b=3)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)["logits"], model.segmenter(batch)["logits"])  # starts at the baseline
+    model.train()
+    opt = torch.optim.AdamW(model.trainable_parameters(), 1e-2)
+    model.loss(model(batch), batch)["total"].backward()
+    opt.step()
+    assert all(float(a.gate.abs()) > 0 for a in model.segmenter.text_attn)
+    model.eval()
+    with torch.no_grad():
+        with_text = model(batch)["logits"]
+        without = model.segmenter(batch)["logits"]  # the same weights, the text path cut
+    assert (with_text - without).abs().max() > 1e-5
+
+
+def test_channel_context_is_in_the_eval_path(encoders) -> None:
+    """Eq. 2 updates the segmenter's features in inference: removing the context changes the full model's output."""
+    torch.manual_seed(10)
+    model = make_icf(tiny("s4"), encoders).eval()
+    batch = make_batch(model.cfg, encoders)
+    with torch.no_grad():
+        a = model(batch)["logits"]
+        context, model.segmenter.context = model.segmenter.context, None
+        b = model(batch)["logits"]
+        model.segmenter.context = context
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_text_distribution_changes_eq17(encoders) -> None:
+    """Eq. 17 with the text Gaussian over per-frame texts differs from the one-point text (εI)."""
+    torch.manual_seed(11)
+    cfg = tiny("s4")
+    model = make_icf(cfg, encoders).train()
+    batch = make_batch(cfg, encoders, b=3)
+    out = model(batch)
+    frames = model.loss(out, batch)
+    model.cfg = dataclasses.replace(cfg, text_distribution="point")
+    point = model.loss(out, batch)
+    model.cfg = cfg
+    assert not torch.allclose(frames["v_l"], point["v_l"]) and not torch.allclose(frames["a_l"], point["a_l"])
+    torch.testing.assert_close(frames["v_a"], point["v_a"])  # only the text terms change
 
 
 def test_encoders_required_for_tower_mode_and_bank_mode_works(encoders) -> None:
     with pytest.raises(ValueError, match="encoders"):
-        ICF(tiny("s4"), None)
+        make_icf(tiny("s4"), None)
     bank = enc.text_bank(encoders, ["dog", "guitar", "piano", "car"])
-    model = ICF(tiny("s4", text_mode="bank"), None, bank).train()
+    model = make_icf(tiny("s4", text_mode="bank"), None, bank).train()
     batch = make_batch(model.cfg, encoders)
     losses = model.loss(model(batch), batch)
     losses["total"].backward()
@@ -177,11 +296,11 @@ def test_encoders_required_for_tower_mode_and_bank_mode_works(encoders) -> None:
 
 
 def test_state_dict_excludes_frozen_towers(encoders) -> None:
-    model = ICF(tiny("s4"), encoders)
+    model = make_icf(tiny("s4"), encoders)
     tower_ids = {id(p) for p in encoders.clip.model.parameters()} | {id(p) for p in encoders.clap.model.parameters()}
     assert not tower_ids & {id(p) for p in model.parameters()}
     state = model.state_dict()
-    reloaded = ICF(tiny("s4"), encoders)
+    reloaded = make_icf(tiny("s4"), encoders)
     reloaded.load_state_dict(state, strict=True)
     assert all(torch.equal(state[k], v) for k, v in reloaded.state_dict().items())
     assert len(model.trainable_parameters()) == len(list(model.parameters()))
@@ -270,7 +389,11 @@ def test_presets_and_overrides(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown"):
         apply_overrides(m, t, ["model.nope=1"])
     with pytest.raises(ValueError, match="ablate"):
-        apply_overrides(m, t, ["ablate=foo"])
+        methods.validate(apply_overrides(m, t, ["ablate=foo"])[0])
+    m4, _ = apply_overrides(m, t, ["method.segmenter=bidir", "method.channel_context=false"])
+    assert m4.options == {"segmenter": "bidir", "channel_context": False} and methods.validate(m4).segmenter == "bidir"
+    with pytest.raises(ValueError, match="channel_context"):  # the error lists the valid options
+        methods.validate(apply_overrides(m, t, ["method.nope=1"])[0])
     path = tmp_path / "run.toml"
     path.write_text('preset = "tiny"\ndataset = "avss"\n[model]\nk_t = 5\ntext_mode = "bank"\n[train]\nepochs = 3\n')
     m3, t3 = load_toml(path, ["train.seed=7"])
@@ -290,7 +413,7 @@ def test_paper_presets_forward_backward(encoders, name: str) -> None:
     """Random-init paper models: one forward/backward on a batch of 2 at 224 px (prints the wall time)."""
     torch.manual_seed(7)
     cfg, _ = preset(name, "s4")
-    model = ICF(cfg, encoders).train()
+    model = make_icf(cfg, encoders).train()
     batch = make_batch(cfg, encoders, b=2)
     start = time.perf_counter()
     losses = model.loss(model(batch), batch)
@@ -298,7 +421,7 @@ def test_paper_presets_forward_backward(encoders, name: str) -> None:
     print(f"\n{name}: forward+backward {time.perf_counter() - start:.1f} s, "
           f"{sum(p.numel() for p in model.trainable_parameters()) / 1e6:.1f} M trainable parameters")
     assert model(batch)["logits"].shape == (2, 5, 1, 224, 224)
-    assert torch.isfinite(losses["total"]) and _grad_norm(model.backbone) > 0
+    assert torch.isfinite(losses["total"]) and _grad_norm(model.segmenter.backbone) > 0
 
 
 def synthetic_task(b: int, gen: torch.Generator, encoders, t: int = 5, size: int = 64) -> dict:
@@ -339,7 +462,7 @@ def test_tiny_model_learns_audio_conditioned_segmentation(encoders) -> None:
     """Full ICF (MIT + SC + CDCL) at the tiny preset learns which visible object sounds."""
     torch.manual_seed(0)
     cfg, train = preset("tiny", "s4")
-    model = ICF(cfg, encoders).train()
+    model = make_icf(cfg, encoders).train()
     opt = torch.optim.AdamW(model.trainable_parameters(), train.lr, weight_decay=train.weight_decay)
     gen = torch.Generator().manual_seed(1)
     test = synthetic_task(32, torch.Generator().manual_seed(99), encoders)

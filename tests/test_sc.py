@@ -84,13 +84,35 @@ def test_forward_shapes_bounds_and_gradients(cfg) -> None:
     for name in ("m_head", "s_head", "eps_net"):
         grads = [p.grad for p in getattr(sc, name).parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
-    assert z.grad is None  # the SC does not reshape z (documented decision)
+    assert z.grad is not None and z.grad.abs().sum() > 0  # L_cf can shape z; ICF detaches when CDCL is on
 
 
-def test_degree_is_bounded_by_alpha(cfg) -> None:
+def test_degree_stays_inside_its_bound_whatever_the_heads_say(cfg) -> None:
+    """c = α·(c₀ + (1 − c₀)·m·s) ∈ [c₀·α, α), even with heads driven to their extremes."""
     sc = SemanticCounterfactual(cfg)
     zn = F.normalize(torch.randn(6, 16), dim=-1)
     alpha = torch.full((6, 4), 0.75)
-    c = sc.degrees(zn, alpha)
-    assert c.shape == (6, 4, 16)
-    assert torch.all((c > 0) & (c < 0.75))
+    floor = cfg.cf_degree_floor
+    for bias in (-50.0, 0.0, 50.0):
+        torch.nn.init.constant_(sc.m_head.bias, bias)
+        torch.nn.init.constant_(sc.s_head.bias, bias)
+        c = sc.degrees(zn, alpha)
+        assert c.shape == (6, 4, 16)
+        assert torch.all((c >= floor * 0.75 - 1e-6) & (c <= 0.75))
+    assert c.min() > 0.75 - 1e-3 and sc.degrees(zn, alpha).max() <= 0.75
+
+
+def test_unit_variance_latent_keeps_an_intermediate_state(cfg) -> None:
+    """√d·ẑ against unit-variance noise: cos(z_t*, z) ≈ √ᾱ_t* (≈ 0.81 at t* = 200), not ≈ 0.09 (d = 256)."""
+    big = dataclasses.replace(cfg, d_model=256)
+    torch.manual_seed(5)
+    z = F.normalize(torch.randn(64, 256), dim=-1)
+    t = torch.full((64,), big.cf_start_step)
+    for unit_var, expected in ((True, float(SemanticCounterfactual(big).noise.alphas_cumprod[200].sqrt())), (False, None)):
+        sc = SemanticCounterfactual(dataclasses.replace(big, sc_unit_variance=unit_var))
+        noised = sc._add_noise(sc.scale * z, torch.randn_like(z), t)
+        cos = F.cosine_similarity(noised, z, dim=-1).mean()
+        if expected is None:
+            assert cos < 0.15  # the unit vector is drowned
+        else:
+            assert abs(float(cos) - expected) < 0.03

@@ -22,7 +22,8 @@ from icf.data.manifests import load_info
 from icf.encoders import EncoderSpec, text_bank
 from icf.encoders.videoclip import segment_window, segment_windows
 from icf.train import checkpoint
-from icf.train.trainer import RunSpec, frozen_towers, lr_factor, read_metrics, train
+from icf.methods.icf import frozen_towers
+from icf.train.trainer import RunSpec, lr_factor, read_metrics, train
 
 
 def _enc(a: np.ndarray, fmt: str) -> bytes:

@@ -24,6 +24,7 @@ from icf.config import preset  # noqa: E402
 from icf.encoders import EncoderSpec, load, text_bank  # noqa: E402
 from icf.encoders.videoclip import segment_window, segment_windows  # noqa: E402
 from icf.model import ICF  # noqa: E402
+from icf.model.bidir import BidirSegmenter  # noqa: E402
 from icf.train.trainer import make_optimizer  # noqa: E402
 
 SR = 16000
@@ -58,7 +59,7 @@ def batch_of(cfg, emb: dict[str, torch.Tensor], b: int) -> dict:
 def timed_steps(size: str, steps: int, b: int) -> tuple[float, float]:
     model_cfg, train_cfg = preset("tiny" if size == "tiny" else "paper-r50", "s4")
     enc = load(towers(size))
-    model = ICF(model_cfg, enc, text_bank(enc, ["dog", "cat", "guitar"]))
+    model = ICF(BidirSegmenter(model_cfg), enc, text_bank(enc, ["dog", "cat", "guitar"]))
     opt = make_optimizer(model, train_cfg)
     rng = np.random.default_rng(0)
     native = 224

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 from typer.testing import CliRunner
 
 from icf.cli import app
+from icf.clitools import UserError
 from icf.data.manifests import load_info
 from icf.encoders import EncoderSpec, text_bank
 from icf.encoders.videoclip import segment_window, segment_windows
@@ -117,6 +119,30 @@ def test_resume_reproduces_the_uninterrupted_run(work: Path) -> None:
     assert Image.open(full / "loss.png").size[0] > 100
     doc = json.loads((full / "run.json").read_text())
     assert doc["model"]["image_size"] == 32 and doc["train"]["seed"] == 7
+
+
+def test_a_method_other_than_icf_trains_and_runs_record_their_method(work: Path) -> None:
+    from icf.model.bidir import BidirSegmenter
+    from icf.train.trainer import load_trained, read_run_file
+
+    run = train(RunSpec(dataset="avss", preset="tiny", method="bidir", work=work, out=work / "runs" / "bidir", epochs=1,
+                        max_steps=2, overrides=FAST, seed=7))
+    doc = json.loads((run / "run.json").read_text())
+    assert doc["method"] == doc["model"]["method"] == "bidir"
+    model, *_ = load_trained(run, device=torch.device("cpu"))
+    assert isinstance(model, BidirSegmenter) and model.context is not None
+    assert "mit" not in read_metrics(run)[0]  # no ICF terms: the plain segmenter's Eq. 18 loss
+    # a run file written before the registry (no "method", retired keys) is an icf run
+    old = work / "runs" / "old"
+    old.mkdir(parents=True)
+    doc["model"].pop("method")
+    doc["model"].pop("options")
+    doc.pop("method")
+    doc["model"].update(hard_top1=False, mit_pool=2)
+    (old / "run.json").write_text(json.dumps(doc))
+    assert read_run_file(old)[1].method == "icf"
+    with pytest.raises(UserError, match="unknown ablate"):
+        train(RunSpec(dataset="avss", preset="tiny", method="bidir", work=work, out=work / "runs" / "bad", ablate=frozenset({"mit"})))
 
 
 def test_schedule_shape() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-# Never reach a model hub: every checkpoint comes from a local path (SPEC §4).
+# Never reach a model hub: every checkpoint comes from a local path.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -1,6 +1,6 @@
 """Model and training configuration: dataclasses, the three presets, TOML loading and ``key=value`` overrides.
 
-Presets (SPEC §5):
+Presets (ARCHITECTURE.md, faithfulness table):
 
 * ``paper-r50`` / ``paper-pvt`` — the paper's setting: 224×224 frames, ResNet-50 or PVT-v2-b5 backbone,
   VGGish audio encoder, d = 256, AdamW lr 1e-4, batch 8, 60 epochs, and every loss weight from the

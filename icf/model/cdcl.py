@@ -114,7 +114,7 @@ def wasserstein2(x: Tensor, y: Tensor, eps: float, x_mask: Tensor | None = None,
 
 
 def entropy_term(x: Tensor, eps: float, per_dim: bool, mask: Tensor | None = None) -> Tensor:
-    """H(x) of Eq. 14, divided by d when ``per_dim`` (SPEC §5 default: keeps γ's scale independent of d)."""
+    """H(x) of Eq. 14, divided by d when ``per_dim`` (default; ARCHITECTURE.md faithfulness table: keeps γ's scale independent of d)."""
     h = gaussian_entropy(x, eps, mask)
     return h / x.shape[-1] if per_dim else h
 

@@ -17,6 +17,7 @@ SegModel whose loss is Eq. 18.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -119,17 +120,13 @@ class TextCrossAttention(nn.Module):
         return x + self.gate * self.attn(self.norm(x), tokens, tokens, key_padding_mask=pad, need_weights=False)[0]
 
 
-class Segmenter(SegModel):
+class Segmenter(SegModel, metaclass=abc.ABCMeta):
     """Base of the segmenters ICF plugs into (module docstring).
 
     Subclasses build their layers, set ``self.width`` (d of ``Encoded.visual`` and of the decoder features),
-    call ``self.attend(visual_map, valid)`` at their context hook inside ``encode`` and
-    ``self.read_text(i, tokens, text)`` at their text-hook points inside ``decode``.
-
-    Args:
-        cfg: the model configuration.
-        context: build the Eq. 1–2 channel context at the hook (a segmenter's own default, or ICF's MIT).
-        text_points: how many text-hook points ``decode`` has (0: the hook is absent).
+    implement ``encode`` / ``decode``, call ``self.attend(visual_map, valid)`` at their context hook inside
+    ``encode`` and ``self.read_text(i, tokens, text)`` at each of their ``text_points`` hook points inside
+    ``decode``. ``install_context`` / ``install_text_attention`` add the hooks' modules (ICF calls them).
     """
 
     width: int
@@ -171,11 +168,13 @@ class Segmenter(SegModel):
 
     # ---- the two halves ------------------------------------------------------------------------------
 
-    def encode(self, batch: Batch) -> Encoded:  # pragma: no cover - interface
-        raise NotImplementedError(f"{type(self).__name__} must implement encode")
+    @abc.abstractmethod
+    def encode(self, batch: Batch) -> Encoded:
+        """Visual features up to the context hook (applied) and the audio features."""
 
-    def decode(self, batch: Batch, enc: Encoded, text: TextTokens | None = None) -> dict[str, Tensor]:  # pragma: no cover
-        raise NotImplementedError(f"{type(self).__name__} must implement decode")
+    @abc.abstractmethod
+    def decode(self, batch: Batch, enc: Encoded, text: TextTokens | None = None) -> dict[str, Tensor]:
+        """Modality interaction (text hook when ``text`` is given) and mask head → logits, vis_feat, aud_feat."""
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """``encode`` then ``decode`` without text: ``logits`` ``(B, T, K, H, W)`` (+ ``vis_feat``/``aud_feat`` in training)."""

@@ -1,4 +1,4 @@
-"""The training loop (SPEC §6): shards in, checkpoints + ``metrics.jsonl`` + ``loss.png`` out.
+"""The training loop: shards in, checkpoints + ``metrics.jsonl`` + ``loss.png`` out.
 
 Read top to bottom: a run folder and its config, seeds, the shard stream, the model (trainable parts +
 frozen text towers rebuilt from the encoder spec of ``shards.json``), AdamW with a warm-up + poly/cosine

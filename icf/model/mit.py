@@ -244,7 +244,11 @@ class BankSelection(nn.Module):
 
 
 def matching_loss(query: Tensor, text: Tensor, tau: float) -> Tensor:
-    """Eq. 3 as an objective: symmetric InfoNCE between clip queries and clip texts ``(B, D)`` (diagonal positive)."""
+    """Eq. 3 as an objective: symmetric InfoNCE between clip queries and clip texts ``(B, D)`` (diagonal positive).
+
+    Uncentred on purpose: a text component shared by every clip cancels in the softmax, so the loss falls only
+    when the texts differ between clips by ≳ τ in cosine (batch-centred variants are satisfied by differences
+    of any size, and z stays one constant vector; measured on the tiny towers)."""
     logits = F.normalize(query, dim=-1) @ F.normalize(text, dim=-1).T / tau
     target = torch.arange(len(query), device=query.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

@@ -13,7 +13,7 @@
     (shard needs extract, so 8,000 clips through the towers would not fit a CPU benchmark): wall time, time
     per clip and peak RSS, each in a fresh process; per-clip cost and RSS should stay flat in N.
 Steady state: units finish at t_1 ≤ … ≤ t_n; with w workers the rate is the clips of units w+1…n over
-t_n − t_w, and start-up is t_w minus the time those first w units take at that rate.
+t_n − t_w, and start-up is t_w minus the time the first w units (in parallel) take at that rate.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def engine_rate(ws: Workspace, cfg: ExtractStage.Config, executor: str, workers:
     done = [(time.perf_counter() - t0, r.computed) for r in make_runner(executor, workers).run(stage, jobs)]
     w = min(workers, len(done) - 1)
     rate = sum(n for _, n in done[w:]) / (done[-1][0] - done[w - 1][0]) if w else sum(n for _, n in done) / done[-1][0]
-    startup = done[w - 1][0] - sum(n for _, n in done[:w]) / rate / workers if w else 0.0
+    startup = done[w - 1][0] - sum(n for _, n in done[:w]) / rate if w else 0.0  # w units ran in parallel
     return rate, max(startup, 0.0), sum(n for _, n in done)
 
 

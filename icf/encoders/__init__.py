@@ -8,7 +8,7 @@ and MIT's soft prompts splice pseudo-words into the same sentences.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +30,7 @@ __all__ = [
     "Encoders",
     "RandomWeightsWarning",
     "class_phrase",
+    "in_batches",
     "load",
     "prompt_slots",
     "prompts",
@@ -59,6 +60,19 @@ class Encoders:
     def tower(self, level: str) -> ClipEncoder | VideoClipEncoder | ClapEncoder:
         """The text tower of a prompt level (``video``, ``segment``, ``frame``, ``audio``)."""
         return getattr(self, TEXT_TOWERS[level])
+
+
+def in_batches(
+    encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int, dim: int, device: torch.device
+) -> torch.Tensor:
+    """``encode`` over consecutive chunks of at most ``size`` rows of ``x (N, ...)``, concatenated: ``(N, dim)``.
+
+    An empty ``x`` gives ``(0, dim)`` on ``device`` without calling ``encode``.
+    """
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    out = [encode(x[i : i + size]) for i in range(0, len(x), size)]
+    return torch.cat(out) if out else torch.empty(0, dim, device=device)
 
 
 def load(spec: EncoderSpec, device: str = "cpu") -> Encoders:

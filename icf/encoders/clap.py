@@ -33,6 +33,7 @@ with warnings.catch_warnings():  # laion-clap imports a deprecated timm path
     from laion_clap.clap_module.htsat import HTSAT_Swin_Transformer
     from laion_clap.clap_module.tokenizer import tokenize as clip_bpe_tokenize
 
+from icf.encoders import in_batches
 from icf.encoders.spec import (
     TINY_CLAP,
     EncoderWeightsError,
@@ -198,9 +199,8 @@ class ClapEncoder:
 
     # ---- audio side ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode_audio(self, wave: np.ndarray | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """Mono audio ``(N, samples)`` float32 at `sample_rate` → L2-normalised ``(N, D)``.
+    def prepare_audio(self, wave: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Mono audio ``(N, samples)`` float32 at `sample_rate` → model input ``(N, clip_samples)`` (on CPU).
 
         Each row is quantised to int16 and repeat-padded (or cut) to the model's clip length
         (10 s for the LAION configs), exactly as laion-clap prepares in-memory audio.
@@ -208,14 +208,23 @@ class ClapEncoder:
         x = torch.as_tensor(wave, dtype=torch.float32)
         if x.ndim != 2 or x.shape[1] == 0:
             raise ValueError(f"audio must be (N, samples) with samples > 0, got {tuple(x.shape)}")
-        x = fit_clip_length(quantize_int16(x), self.clip_samples)
-        out = [self._embed_audio(x[i : i + batch_size].to(self.device)) for i in range(0, len(x), batch_size)]
-        return torch.cat(out) if out else torch.empty(0, self.dim, device=self.device)
+        return fit_clip_length(quantize_int16(x), self.clip_samples)
 
-    def _embed_audio(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def encode_prepared(self, x: torch.Tensor) -> torch.Tensor:
+        """`prepare_audio` output ``(N, clip_samples)`` → L2-normalised ``(N, D)``, in ONE forward pass.
+
+        The batched entry point: windows of many clips are stacked and embedded together; the caller
+        picks N (the extract stage's ``--batch-windows``).
+        """
+        x = x.to(self.device)
         inputs = x if self._tensor_input else {"waveform": x}
         features = self.model.encode_audio(inputs, device=self.device)["embedding"]
         return F.normalize(self.model.audio_projection(features), dim=-1)
+
+    def encode_audio(self, wave: np.ndarray | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Mono audio ``(N, samples)`` float32 at `sample_rate` → L2-normalised ``(N, D)`` (see `prepare_audio`)."""
+        return in_batches(self.encode_prepared, self.prepare_audio(wave), batch_size, self.dim, self.device)
 
     # ---- text side -----------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from open_clip.transformer import text_global_pool
 
+from icf.encoders import in_batches
+
 from icf.encoders.spec import (
     TINY_CLIP,
     EncoderWeightsError,
@@ -108,14 +110,19 @@ class ClipEncoder:
         return TF.normalize(x.float().div_(255.0), list(cfg["mean"]), list(cfg["std"]))
 
     @torch.no_grad()
+    def encode_preprocessed(self, x: torch.Tensor) -> torch.Tensor:
+        """`preprocess` output ``(N, 3, S, S)`` → L2-normalised ``(N, D)`` float32, in ONE forward pass.
+
+        The batched entry point: frames of many clips (each preprocessed at its own size) are
+        concatenated and embedded together; the caller picks N (the extract stage's ``--batch-frames``).
+        """
+        return self.model.encode_image(x.to(self.device), normalize=True)
+
     def encode_images(self, frames: np.ndarray | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """uint8 frames ``(N, H, W, 3)`` → L2-normalised image embeddings ``(N, D)`` float32."""
         x = as_frames(frames)
-        out = [
-            self.model.encode_image(self.preprocess(x[i : i + batch_size]), normalize=True)
-            for i in range(0, len(x), batch_size)
-        ]
-        return torch.cat(out) if out else torch.empty(0, self.dim, device=self.device)
+        return in_batches(lambda chunk: self.encode_preprocessed(self.preprocess(chunk)), x, batch_size, self.dim,
+                          self.device)
 
     # ---- text side -----------------------------------------------------------------------------
 

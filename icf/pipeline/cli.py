@@ -55,7 +55,8 @@ RUN_PARAMS = [
     _opt("retry_failed", bool, False, "--retry-failed", help="Recompute only the samples that failed before."),
     STRICT,
     _opt("workers", int | None, None, "--workers", help="Actors for model stages (default: one per GPU or CPU)."),
-    _opt("batch_size", int, 8, "--batch-size", help="Clips per process() call on a worker."),
+    _opt("batch_size", int | None, None, "--batch-size",
+         help="Clips per process() call on a worker (default: the stage's own; 8, extract 256)."),
     PROGRESS,
     JSON,
 ]

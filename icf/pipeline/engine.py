@@ -36,7 +36,7 @@ class RunOptions:
     only: frozenset[str] | None = None
     retry_failed: bool = False
     workers: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # clips per process() call; None: the stage's clips_per_call
     progress: bool = True
 
 
@@ -170,7 +170,7 @@ def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opt
                 todo=todo,
                 reuse=reuse,
                 upstream_dirs=upstream_dirs,
-                batch_size=opts.batch_size,
+                batch_size=opts.batch_size or stage.clips_per_call,
                 extra_stats=stage.stats(),
             )
         )

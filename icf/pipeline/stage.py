@@ -6,6 +6,8 @@ A stage is a class with
 * ``needs``: upstream stage names whose outputs it reads (the manifest is always available),
 * ``uses_model``: True → the Ray runner keeps one long-lived actor per worker, so ``setup()`` (model
   loading) runs once per worker, with a GPU when the cluster has one; False → one Ray task per unit,
+* ``clips_per_call``: how many clips (of one unit) the worker hands to one ``process`` call unless
+  ``--batch-size`` says otherwise (8; a stage that batches across clips asks for more),
 * a ``Config`` dataclass: every field that changes outputs; it is hashed into the cache key together with
   the version and the upstream keys, and each field becomes a ``--flag`` of ``icf stage <name>``,
 * ``setup()`` (once per worker), ``process(samples, inputs) -> [Result]`` (never raises for a bad
@@ -86,6 +88,7 @@ class Stage:
     version: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
     uses_model: ClassVar[bool] = False
+    clips_per_call: ClassVar[int] = 8
 
     @dataclass(frozen=True)
     class Config:

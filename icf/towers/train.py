@@ -193,7 +193,7 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             advance(losses[-1])
     model.eval()
     return {"steps": len(losses), "planned_steps": total, "first_loss": losses[0] if losses else None,

@@ -82,8 +82,9 @@ class TowersResult:
         how = "cached" if self.cached else f"trained {self.stats['seconds']:.0f} s"
         multi = (f", multi-source top-1 in set {acc['multi_source_top1']:.2f} (n={n['multi_source']})"
                  if n["multi_source"] else "")
+        failed = f", {len(self.stats['failed'])} clips unreadable (see stats.json)" if self.stats["failed"] else ""
         return (f"towers ({how}): zero-shot on val: objects {acc['objects']:.2f} (n={n['objects']}), "
-                f"single-source seconds {acc['single_source']:.2f} (n={n['single_source']}){multi} → {self.spec_path}")
+                f"single-source seconds {acc['single_source']:.2f} (n={n['single_source']}){multi}{failed} → {self.spec_path}")
 
 
 # ---------------------------------------------------------------------------------------------- towers

@@ -39,10 +39,11 @@ def _register_all() -> None:
     from icf.data import cli as data_cli
     from icf.eval import cli as eval_cli
     from icf.pipeline import cli as pipeline_cli
+    from icf.towers import cli as towers_cli
     from icf.train import cli as train_cli
     from icf import demo
 
-    for module in (data_cli, pipeline_cli, train_cli, eval_cli, demo):
+    for module in (data_cli, pipeline_cli, towers_cli, train_cli, eval_cli, demo):
         module.register(app)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from icf.eval.compare import compare_command
 from icf.eval.report import user_errors
 
 FModeOption = typer.Option("official", "--f-mode", help="F aggregation: official (batches of 4 clips) or dataset.")
@@ -82,7 +83,8 @@ def predict_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``score``, ``eval`` and ``predict`` to the root app."""
+    """Add ``score``, ``eval``, ``predict`` and ``compare`` to the root app."""
     app.command("score")(score)
     app.command("eval")(eval_command)
     app.command("predict")(predict_command)
+    app.command("compare")(compare_command)

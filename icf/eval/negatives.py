@@ -28,8 +28,8 @@ new audio input cannot silently keep the real audio.
 Off-screen donors (:func:`assign_donors`): candidates are the other clips of the split with the same
 number of frames (so the donor's cached embeddings are exactly what the target's length would give)
 that sound at all, and none of whose sounding classes is visible in the target; one is drawn with
-``numpy.random.default_rng([seed, crc32(uid)])``, so the choice depends only on the seed and the clip,
-not on batching or ``--limit``. What is visible and what sounds comes from a class catalog:
+``numpy.random.default_rng([seed, crc32(uid)])`` from the candidates sorted by uid, so the choice depends
+only on the seed, the clip and the split, not on batching, shard order or ``--limit``. What is visible and what sounds comes from a class catalog:
 
 * synthetic data (:func:`synthetic_classes`, from the generator's clip plans): visible = every object
   on screen, silent distractors included; sounding = every source heard, off-screen ones included.
@@ -215,12 +215,13 @@ def assign_donors(clips: Sequence[PoolClip], seed: int) -> dict[str, str | None]
     """For every clip, the uid of its off-screen donor (None when no clip qualifies).
 
     A donor is another clip with the same frame count, at least one sounding class, and no sounding class
-    among the target's visible classes; one is drawn uniformly by ``default_rng([seed, crc32(uid)])``.
+    among the target's visible classes; one is drawn uniformly from them (sorted by uid) by
+    ``default_rng([seed, crc32(uid)])``, so the choice does not depend on the order of ``clips``.
     """
     out: dict[str, str | None] = {}
     for target in clips:
-        cands = [c.uid for c in clips if c.uid != target.uid and c.n_frames == target.n_frames
-                 and c.classes.sounding and not (c.classes.sounding & target.classes.visible)]
+        cands = sorted(c.uid for c in clips if c.uid != target.uid and c.n_frames == target.n_frames
+                 and c.classes.sounding and not (c.classes.sounding & target.classes.visible))
         out[target.uid] = cands[int(_clip_rng(seed, target.uid).integers(len(cands)))] if cands else None
     return out
 

@@ -154,6 +154,12 @@ def test_an_audio_key_without_front_end_is_refused() -> None:
         negative_batch(batch, NegativeAudio(AudioFrontEnd(16000)), "noise")  # no CLAP tower for clap_clip
 
 
+def test_a_negative_of_another_shape_is_refused() -> None:
+    batch = {**_batch([5], t_max=5), "mel": torch.zeros(1, 5, 96, 128)}  # shards with 128 mel bands
+    with pytest.raises(UserError, match="shape"):
+        negative_batch(batch, NegativeAudio(AudioFrontEnd(16000)), "silence")
+
+
 def test_noise_negatives_are_deterministic_by_seed() -> None:
     batch = _batch([10, 5, 10])
     fe = AudioFrontEnd(16000)

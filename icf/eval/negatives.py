@@ -29,7 +29,8 @@ Off-screen donors (:func:`assign_donors`): candidates are the other clips of the
 number of frames (so the donor's cached embeddings are exactly what the target's length would give)
 that sound at all, and none of whose sounding classes is visible in the target; one is drawn with
 ``numpy.random.default_rng([seed, crc32(uid)])`` from the candidates sorted by uid, so the choice depends
-only on the seed, the clip and the split, not on batching, shard order or ``--limit``. What is visible and what sounds comes from a class catalog:
+only on the seed, the clip and the split, not on batching, shard order or ``--limit``. What is visible
+and what sounds comes from a class catalog:
 
 * synthetic data (:func:`synthetic_classes`, from the generator's clip plans): visible = every object
   on screen, silent distractors included; sounding = every source heard, off-screen ones included.
@@ -115,7 +116,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 class AudioFrontEnd:
     """A waveform at the dataset's sample rate → every audio key of a clip, as the stages compute them.
 
-    ``mel``: :class:`icf.stages.mel.MelStage` (default config) → ``(T, 96, 64)``. ``clap`` / ``clap_clip``:
+    ``mel``: :class:`icf.stages.mel.MelStage` in its default configuration (VGGish framing, the one that
+    gives the models' ``(T, 96, 64)`` input) → ``(T, 96, 64)``. ``clap`` / ``clap_clip``:
     the extract stage's recipe (resample to the tower's rate, one-second windows → ``(T, Da)``, the first
     T seconds → ``(Da,)``, L2-normalised) through ``clap``; without a tower these keys cannot be made.
     """
@@ -125,7 +127,7 @@ class AudioFrontEnd:
     _mel: Any = field(default=None, init=False, repr=False)
 
     def __call__(self, wave: np.ndarray, n_frames: int) -> Audio:
-        """``wave (n_frames · sample_rate,)`` → ``{"mel": (T, 96, 64)}`` plus ``clap (T, Da)``, ``clap_clip (Da,)`` with a tower."""
+        """``wave (n_frames · sample_rate,)`` → ``mel (T, 96, 64)``; with a tower ``clap (T, Da)``, ``clap_clip (Da,)``."""
         import torchaudio.functional as AF
 
         if self._mel is None:
@@ -336,6 +338,9 @@ def with_negatives(batch: Batch, audio: Mapping[int, Audio]) -> Batch:
                 continue
             if v.shape == out[k].shape[1:]:  # per-clip (D,), or per-frame with T = T_max
                 out[k][i] = v.to(out[k].dtype)
+            elif v.shape[1:] != out[k].shape[2:] or v.shape[0] > out[k].shape[1]:
+                raise UserError(f"negative {k} has shape {tuple(v.shape)}, the batch holds {tuple(out[k].shape[1:])} "
+                                "per clip (shards made with another front-end configuration?)")
             else:  # per-frame (T, ...) into (T_max, ...): zero padding as the loader's
                 out[k][i] = 0
                 out[k][i, : v.shape[0]] = v.to(out[k].dtype)
@@ -403,7 +408,9 @@ def mix_negatives(batch: Batch, fraction: float, source: NegativeAudio, generato
     return with_negatives(batch, audio)
 
 
-def training_negatives(cfg: TrainConfig, shards: ShardSet, device: torch.device | str = "cpu") -> Callable[[Batch, int], Batch]:
+def training_negatives(
+    cfg: TrainConfig, shards: ShardSet, device: torch.device | str = "cpu"
+) -> Callable[[Batch, int], Batch]:
     """``fn(batch, step)`` for the trainer's loop: :func:`mix_negatives` with ``cfg.negative_fraction``,
     seeded by ``(cfg.seed, step)`` (a resumed run draws the same negatives); the identity when the
     fraction is 0 (nothing is loaded)."""

@@ -155,6 +155,11 @@ class TrainConfig:
     amp: bool = True  # used only on CUDA
     seed: int = 0
     max_steps: int | None = None  # stop early (tiny runs, smoke tests)
+    negative_fraction: float = 0.0  # share of each batch's clips given negative audio + an empty target (icf.eval.negatives)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.negative_fraction < 1.0:
+            raise ValueError(f"negative_fraction must lie in [0, 1), got {self.negative_fraction}")
 
 
 def _dataset_fields(dataset: str) -> dict[str, Any]:

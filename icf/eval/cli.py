@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from icf.clitools import UserError
 from icf.eval.compare import compare_command
 from icf.eval.report import user_errors
 
@@ -14,8 +15,6 @@ JsonOption = typer.Option(False, "--json", help="Print one JSON object instead o
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    from icf.clitools import UserError
-
     if value not in choices:
         raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
@@ -48,22 +47,53 @@ def eval_command(
     snr_db: float | None = typer.Option(None, "--snr-db", help="Mix white background noise into the audio at this SNR (dB)."),
     frame_mix: float | None = typer.Option(None, "--frame-mix", help="Fraction of clips whose frames are swapped with other clips'."),
     shuffle_audio: bool = typer.Option(False, "--shuffle-audio", help="Give every clip another clip's audio (control)."),
+    negative: list[str] | None = typer.Option(
+        None, "--negative", help="Negative audio: silence | noise | offscreen (repeatable); reports FPR and HM."),
+    synth: str | None = typer.Option(
+        None, "--synth", help="CLIPS:SEED[:CLASSES] of the `icf synth` tree behind synthetic shards: offscreen then "
+        "knows every visible object (silent ones too) and every sound (off-screen ones too)."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N clips of the split."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the noise and frame mixing."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise, frame mixing and negatives."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Official metrics of a trained run on the val/test shards, optionally under the robustness settings."""
-    from icf.eval.evaluate import Perturbation, evaluate, model_predictor
+    """Official metrics of a trained run on the val/test shards, optionally under the robustness settings
+    or with negative audio (false-positive rates per setting, and HM: harmonic mean of J and 1 − FPR_frame)."""
+    from icf.eval.evaluate import Perturbation, evaluate, evaluate_negatives, model_predictor
     from icf.eval.metrics import F_MODES
+    from icf.eval.negatives import NEGATIVE_KINDS, build_negative
     from icf.eval.report import print_results
     from icf.train.trainer import load_trained
 
     _check_choice("--f-mode", f_mode, F_MODES)
+    pert = Perturbation(snr_db=snr_db, frame_mix=frame_mix, shuffle_audio=shuffle_audio, seed=seed)
+    if negative and pert != Perturbation(seed=seed):
+        raise UserError("--negative cannot be combined with --snr-db, --frame-mix or --shuffle-audio")
+    for kind in negative or []:
+        _check_choice("--negative", kind, NEGATIVE_KINDS)
     model, shards, _, model_cfg, _ = load_trained(run)
     device = next(model.parameters()).device
-    pert = Perturbation(snr_db=snr_db, frame_mix=frame_mix, shuffle_audio=shuffle_audio, seed=seed)
+    title = f"{run} ({shards.dataset} {split})"
+    if negative:
+        catalog = _synth_catalog(shards.dataset, synth) if synth else None
+        settings = [build_negative(kind, shards, split, device, seed, catalog) for kind in dict.fromkeys(negative)]
+        rows = evaluate_negatives(model_predictor(model), shards, split, model_cfg.image_size, settings, f_mode, limit, device)
+        print_results(rows, as_json, title=title)
+        return
     result = evaluate(model_predictor(model), shards, split, model_cfg.image_size, f_mode, pert, limit, device)
-    print_results({pert.describe(): result}, as_json, title=f"{run} ({shards.dataset} {split})")
+    print_results({pert.describe(): result}, as_json, title=title)
+
+
+def _synth_catalog(dataset: str, text: str) -> dict:
+    """``--synth CLIPS:SEED[:CLASSES]`` → the synthetic class catalog of that tree."""
+    from icf.eval.negatives import synthetic_classes
+
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return synthetic_classes(dataset, *(int(p) for p in parts))
+    except ValueError:
+        raise UserError(f"--synth must be CLIPS:SEED[:CLASSES] (integers, as given to icf synth), got {text!r}") from None
 
 
 @user_errors

@@ -5,6 +5,11 @@ class ids for AVSS (``ICF.predict`` does this; so do the baselines). Clips are r
 batches of 4, and each clip's CSV position (``batch["order"]``) goes to the metrics, which regroup the
 clips into the official test loader's batches of 4 in CSV order (the ``official`` F and J depend on that
 grouping) without buffering frames. Shards without ``order`` (shard stage v1) fall back to shard order.
+
+With a negative (:class:`Negative`, :mod:`icf.eval.negatives`) every clip's audio is replaced by silence,
+ambient noise or off-screen sound and the false-positive rates are measured instead
+(:class:`icf.eval.metrics.FalsePositiveMetrics`); :func:`evaluate_negatives` adds the clean run and the
+combined score ``HM`` per setting.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any
 import torch
 
 from icf.data.shards import ShardSet, ShardStream, make_loader
-from icf.eval.metrics import OFFICIAL_CLIPS_PER_BATCH, make_metrics
+from icf.eval.metrics import OFFICIAL_CLIPS_PER_BATCH, FalsePositiveMetrics, make_metrics, negative_score, positive_j
+from icf.eval.negatives import Negative
 from icf.eval.robustness import AudioRotation, frame_mix, noisy_batch
 
 Predictor = Callable[[dict[str, Any]], torch.Tensor]
@@ -67,14 +73,48 @@ def evaluate(
     perturbation: Perturbation = Perturbation(),
     limit: int | None = None,
     device: torch.device | str = "cpu",
+    negative: Negative | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``predict`` on ``split`` (see :mod:`icf.eval.metrics` for the keys)."""
-    metrics = make_metrics(shards.dataset, shards.num_classes, f_mode)
+    """Metrics of ``predict`` on ``split`` (see :mod:`icf.eval.metrics` for the keys); with ``negative``,
+    ``FPR_frame``, ``FPR_pixel``, ``n_frames`` and ``skipped`` (clips given no negative) instead."""
+    if negative is None:
+        metrics = make_metrics(shards.dataset, shards.num_classes, f_mode)
+    else:
+        metrics = FalsePositiveMetrics(binary=shards.dataset != "avss")
+    seen = kept = 0
     for batch in perturbed(batches(shards, split, image_size, limit), perturbation):
+        seen += len(batch["uid"])
+        if negative is not None:
+            batch = negative(batch)
+        kept += len(batch["uid"])
+        if not batch["uid"]:
+            continue
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         pred = predict(moved).cpu()
         metrics.update(pred, batch["masks"], batch["gt"] & batch["valid"], order=batch.get("order"))
+    if negative is not None:
+        return {**metrics.compute(), "skipped": seen - kept, "split": split, "setting": negative.kind}
     return {**metrics.compute(), "split": split, "setting": perturbation.describe()}
+
+
+def evaluate_negatives(
+    predict: Predictor,
+    shards: ShardSet,
+    split: str,
+    image_size: int,
+    negatives: list[Negative],
+    f_mode: str = "official",
+    limit: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[str, Any]]:
+    """``{"clean": metrics, kind: FPRs + HM, ...}``: the clean split once, then each negative setting,
+    its ``HM`` combining the clean J on positives with its ``FPR_frame`` (:func:`negative_score`)."""
+    clean = evaluate(predict, shards, split, image_size, f_mode, limit=limit, device=device)
+    rows = {"clean": clean}
+    for neg in negatives:
+        r = evaluate(predict, shards, split, image_size, f_mode, limit=limit, device=device, negative=neg)
+        rows[neg.kind] = {**r, "HM": negative_score(positive_j(clean), r["FPR_frame"])}
+    return rows
 
 
 def model_predictor(model: torch.nn.Module) -> Predictor:

@@ -31,6 +31,21 @@ FDR (both tasks; CAVP ``ForegroundDetect``, FORMATS §2.4): a dataset-level pixe
 scored frames (rows GT, columns prediction; binary tasks use the two classes background/foreground at the
 0.5 threshold), FDR_c = FP_c / (FP_c + TP_c), NaN-mean over classes (classes never predicted drop out).
 
+Negative audio (:mod:`icf.eval.negatives`; :class:`FalsePositiveMetrics`): on a negative clip nothing
+sounds, so every pixel predicted sounding is a false positive. A pixel is predicted sounding when its
+foreground probability is > 0.5 (S4/MS3, the J threshold) or its class is not background (AVSS). Over the
+real frames (``valid``; the empty target is known on each of them):
+
+* ``FPR_frame`` = frames with any pixel predicted sounding / frames;
+* ``FPR_pixel`` = pixels predicted sounding / pixels.
+
+:func:`negative_score` combines a setting's FPR with the clean split's J into ``HM``, the harmonic mean
+of J on positives (``J_present`` for AVSS, which equals the official J when the split holds every class,
+and is the readable one on synthetic data; ``J`` for S4/MS3) and ``1 − FPR_frame`` on negatives: it is
+high only when the model both segments sounding objects and stays silent when nothing on screen sounds,
+and 0 when either fails completely (a model that ignores the audio has FPR_frame 1 wherever objects are
+visible; one that never predicts anything has J 0).
+
 Every returned value is a fraction in [0, 1] (papers print ×100).
 """
 
@@ -38,6 +53,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -330,6 +346,56 @@ class SemanticMetrics:
             "n_frames": self.n_frames,
             "present_classes": present.nonzero().flatten().tolist(),
         }
+
+
+@dataclass
+class FalsePositiveMetrics:
+    """Streaming ``FPR_frame`` / ``FPR_pixel`` of predictions on negative clips (module docstring)."""
+
+    binary: bool
+    frames: int = 0
+    frames_fp: int = 0
+    pixels: int = 0
+    pixels_fp: int = 0
+
+    @torch.no_grad()
+    def update(
+        self, pred: torch.Tensor, masks: torch.Tensor, scored: torch.Tensor, order: Sequence[int | None] | None = None
+    ) -> None:
+        """Add a batch of negatives.
+
+        Args:
+            pred: ``(B, T, H, W)`` foreground probabilities (binary) or class ids.
+            masks: ``(B, T, H, W)`` the (empty) targets; only their shape is checked.
+            scored: ``(B, T)`` bool, the frames to count (the real frames).
+            order: accepted for symmetry with the other accumulators and ignored.
+        """
+        _check(pred, masks, scored)
+        pred = pred.detach().cpu()[scored.detach().cpu().bool()]
+        sounding = pred.float() > 0.5 if self.binary else pred != 0
+        per_frame = sounding.flatten(1).sum(1)
+        self.frames += int(per_frame.numel())
+        self.frames_fp += int((per_frame > 0).sum())
+        self.pixels += int(sounding.numel())
+        self.pixels_fp += int(per_frame.sum())
+
+    def compute(self) -> dict[str, float | int]:
+        """``FPR_frame``, ``FPR_pixel``, ``n_frames``."""
+        if self.frames == 0:
+            raise ValueError("no negative frame was scored")
+        return {"FPR_frame": self.frames_fp / self.frames, "FPR_pixel": self.pixels_fp / self.pixels,
+                "n_frames": self.frames}
+
+
+def positive_j(clean: dict[str, Any]) -> float:
+    """J on positives as :func:`negative_score` reads it: ``J_present`` when given (AVSS), else ``J``."""
+    return float(clean.get("J_present", clean["J"]))
+
+
+def negative_score(j_positive: float, fpr_frame: float) -> float:
+    """``HM`` = harmonic mean of ``j_positive`` and ``1 − fpr_frame`` (0 when either is 0)."""
+    silent = 1.0 - fpr_frame
+    return 0.0 if j_positive + silent == 0 else 2.0 * j_positive * silent / (j_positive + silent)
 
 
 def make_metrics(task: str, num_classes: int = 71, f_mode: str = "official") -> BinaryMetrics | SemanticMetrics:

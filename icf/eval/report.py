@@ -26,7 +26,8 @@ def user_errors(fn: F) -> F:
 
     return wrapper  # type: ignore[return-value]
 
-COLUMNS = ("J", "F", "JF", "J_present", "F_present", "FDR", "n_frames")
+COUNTS = ("n_frames", "skipped")
+COLUMNS = ("J", "F", "JF", "J_present", "F_present", "FDR", "FPR_frame", "FPR_pixel", "HM", "n_frames", "skipped")
 
 
 def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
@@ -35,12 +36,12 @@ def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
     table = Table(title=title or None)
     table.add_column("setting")
     for col in present:
-        table.add_column(col + ("" if col == "n_frames" else " ×100"), justify="right")
+        table.add_column(col + ("" if col in COUNTS else " ×100"), justify="right")
     for name, r in rows.items():
         cells = []
         for col in present:
             v = r.get(col)
-            cells.append("" if v is None else str(v) if col == "n_frames" else f"{100 * v:.2f}")
+            cells.append("" if v is None else str(v) if col in COUNTS else f"{100 * v:.2f}")
         table.add_row(name, *cells)
     return table
 

@@ -30,6 +30,7 @@ from icf.clitools import UserError, console
 from icf import methods
 from icf.config import ModelConfig, TrainConfig, apply_overrides, model_from_dict, preset, to_dict
 from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
+from icf.eval.negatives import training_negatives
 from icf.methods.base import Resources
 from icf.model.segmenter import SegModel
 from icf.train import checkpoint
@@ -307,12 +308,14 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
 
     if dist.main:
         console.print(f"[bold]run[/] {run}  device {device.type}  workers {dist.world}  {steps_per_epoch} steps/epoch  steps {step}→{stop}")
+    negatives = training_negatives(train_cfg, shards, device)  # identity unless train.negative_fraction > 0
     t0 = time.time()
     with _progress(enabled=dist.main) as bar:
         task = bar.add_task("train", total=stop, completed=step, loss=float("nan"))
         while step < stop:
             stream.set_position(position.epoch, position.batch * dist.world)
             for batch in loader:
+                batch = negatives(batch, step)
                 record = train_step(net, model.loss, to_device(batch, device), optimizer, scheduler, train_cfg, device)
                 step += 1
                 nxt = position.batch + 1

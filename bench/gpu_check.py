@@ -108,6 +108,7 @@ def cmd_train(args: argparse.Namespace) -> bool:
     from icf.config import preset
     from icf.encoders import load, text_bank
     from icf.model import ICF
+    from icf.model.bidir import BidirSegmenter
     from icf.train.trainer import make_optimizer, to_device, train_step
 
     device = torch.device(args.device)
@@ -115,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> bool:
         torch.set_num_threads(1)  # a test run on a shared CPU; one thread avoids OpenMP spin-waits under load
     model_cfg, train_cfg = preset(args.preset, "s4")
     enc = load(towers("tiny" if args.preset == "tiny" else "paper"), device=args.device)
-    model = ICF(model_cfg, enc, text_bank(enc, ["dog", "cat", "guitar"])).to(device)
+    model = ICF(BidirSegmenter(model_cfg), enc, text_bank(enc, ["dog", "cat", "guitar"])).to(device)
     opt = make_optimizer(model, train_cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     rng = np.random.default_rng(0)

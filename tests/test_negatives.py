@@ -40,7 +40,8 @@ from icf.eval.negatives import (
     read_pool,
     synthetic_classes,
 )
-from icf.train.trainer import RunSpec, frozen_towers, read_metrics, train
+from icf.methods.icf import frozen_towers
+from icf.train.trainer import RunSpec, read_metrics, train
 from icf.encoders import EncoderSpec
 from test_train import write_avss_shards
 

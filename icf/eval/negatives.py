@@ -152,7 +152,7 @@ def front_end_for(shards: ShardSet, device: torch.device | str = "cpu") -> Audio
     (the trainer's cached frozen towers, the same instance the model uses)."""
     from icf.data.manifests import load_info
     from icf.encoders import EncoderSpec
-    from icf.train.trainer import frozen_towers
+    from icf.methods.icf import frozen_towers
 
     towers = frozen_towers(EncoderSpec.from_dict(shards.encoders), str(device))
     return AudioFrontEnd(load_info(shards.dataset).sample_rate, towers.clap)

@@ -1,6 +1,6 @@
 """ICF model: baseline segmenter (backbone, pixel decoder, query decoder), MIT, SC, CDCL and losses.
 
-Public entry point: ``ICF(cfg, encoders, text_bank)``; see `icf.model.icf`.
+Public entry point: ``ICF(segmenter, encoders, text_bank)`` over a `icf.model.segmenter.Segmenter`; see `icf.model.icf`.
 """
 
 from icf.model.icf import ICF

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from icf.model import cdcl
-from icf.model.losses import contrast_sum, segmentation_loss, total_loss
+from icf.model.losses import contrast_sum, total_loss
 from icf.model.mit import LEVELS, ImplicitText, MultiGranularityText
 from icf.model.sc import SemanticCounterfactual
 from icf.model.segmenter import Batch, SegModel, Segmenter, TextTokens
@@ -128,18 +128,20 @@ class ICF(SegModel):
     # ---- losses --------------------------------------------------------------------------------
 
     def loss(self, out: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
-        """Eq. 19 and its parts: ``total``, ``seg`` (+ ``bce``, ``dice``, ``focal``) and, when on and in training
+        """Eq. 19 and its parts: ``total``, the segmenter's own L_Seg parts (Eq. 18 for ``bidir``: ``seg``, ``bce``,
+        ``dice``, ``focal``; AVSBench's objective for ``tpavi`` with ``loss=official``) and, when on and in training
         outputs, ``mit`` (Eq. 3), ``cf``, ``cdcl`` (the λ-weighted contrast sum), ``v_a``, ``v_l``, ``a_l``; plus
         the detached diagnostics (module docstring)."""
         cfg = self.cfg
-        parts = segmentation_loss(out["logits"], batch["masks"], batch["gt"], batch["valid"], cfg)
+        parts = dict(self.segmenter.loss(out, batch))
+        seg = parts.pop("total")
         if "loss_mit" in out:
             parts["mit"] = out["loss_mit"]
         if "loss_cf" in out:
             parts["cf"] = out["loss_cf"]
         if cfg.uses("cdcl") and "vis_feat" in out:
             parts.update(self._contrast(out, batch))
-        parts["total"] = total_loss(parts, cfg)
+        parts["total"] = total_loss(parts, cfg, seg=seg)
         parts.update(self._diagnostics(out))
         return parts
 

@@ -68,10 +68,11 @@ def contrast_sum(parts: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
     return sum(weights[k] * parts[k] for k in weights if k in parts)
 
 
-def total_loss(parts: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
+def total_loss(parts: dict[str, Tensor], cfg: ModelConfig, seg: Tensor | None = None) -> Tensor:
     """Eq. 19: L_Seg + λ_cf·L_cf + λ_CDCL·``cdcl`` (the `contrast_sum`), over the terms present, plus
-    λ_mit·``mit`` (Eq. 3's matching objective; not in Eq. 19, which leaves Eq. 3's argmax implicit)."""
-    total = parts["seg"]
+    λ_mit·``mit`` (Eq. 3's matching objective; not in Eq. 19, which leaves Eq. 3's argmax implicit). ``seg``
+    replaces ``parts["seg"]`` as L_Seg (a segmenter's own objective, e.g. AVSBench's BCE + AVM)."""
+    total = parts["seg"] if seg is None else seg
     if "mit" in parts:
         total = total + cfg.lambda_mit * parts["mit"]
     if "cf" in parts:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from icf.clitools import out
-from icf.demo import LAYOUT, _icf, epochs_for_steps, semantic_towers
+from icf.demo import LAYOUT, TOWER_EPOCHS, _icf, epochs_for_steps, semantic_towers
 from icf.eval.compare import comparison, settings_from_options, table, write_outputs
 from icf.train import checkpoint
 from icf.train.trainer import RunSpec, train
@@ -78,7 +78,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600, help="Training steps of every run (equal budgets).")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--towers", default=",".join(TOWERS))
-    p.add_argument("--tower-epochs", type=int, default=8)
+    p.add_argument("--tower-epochs", type=int, default=TOWER_EPOCHS)
     p.add_argument("--split", default="val")
     p.add_argument("--snr-db", default="10,0,-10")
     p.add_argument("--frame-mix", default="0.25")

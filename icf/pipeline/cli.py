@@ -230,6 +230,9 @@ def status(
         table.add_row(e["stage"], e["state"], e["cache_key"] or "-", units,
                       *(str(c[k]) if k in c else "-" for k in ("ok", "failed", "skipped", "pending")))
     out.print(table)
+    for e in entries:
+        for problem in e.get("problems", []):
+            out.print(f"damaged {e['stage']}: {problem}", highlight=False, soft_wrap=True)
     todo = not_done(entries)
     if todo:
         out.print(f"not done: {', '.join(todo)}; `icf stage all --dataset {dataset} --work {ws.work}` (with the "

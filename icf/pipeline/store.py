@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from icf.clitools import UserError
+
 TMP_INFIX = ".tmp-"
 Output = np.ndarray | bytes
 
@@ -48,12 +50,42 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+class CorruptFile(UserError):
+    """A cache file that exists but cannot be read (truncated, not JSON / parquet); the message names it."""
+
+
 def read_json(path: Path) -> Any | None:
-    """The JSON in ``path``, or None when the file does not exist."""
+    """The JSON in ``path``, or None when the file does not exist; ``CorruptFile`` when it is unreadable."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError, IsADirectoryError) as err:
+        raise CorruptFile(f"{path}: corrupt file ({type(err).__name__}: {err})") from None
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """The table in ``path``; ``CorruptFile`` naming the file when it is truncated or not parquet."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise CorruptFile(f"{path}: corrupt file ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+
+
+def parquet_problem(path: Path) -> str | None:
+    """Why the parquet file at ``path`` cannot be read (missing, truncated, bad footer), or None.
+
+    Reads only the footer, so it is cheap enough to run on every unit of a stage before trusting it.
+    """
+    if not path.is_file():
+        return f"{path}: missing file"
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        return f"{path}: corrupt file ({type(err).__name__}: {str(err).splitlines()[0]})"
+    return None
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -107,7 +139,7 @@ def read_outputs(path: Path, uids: set[str] | None = None) -> dict[str, dict[str
     """Inverse of :func:`write_outputs`; ``uids`` restricts which samples are decoded."""
     if not path.exists():
         return {}
-    table = pq.read_table(path)
+    table = read_parquet(path)
     result: dict[str, dict[str, Output]] = {}
     for uid, name, kind, data in zip(*(table.column(c).to_pylist() for c in ("uid", "name", "kind", "data"))):
         if uids is not None and uid not in uids:

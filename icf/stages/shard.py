@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from icf.clitools import UserError
+from icf.data.index import sample_key
 from icf.data.io import read_mask, read_rgb
 from icf.data.manifests import load_info
 from icf.data.sample import Sample
@@ -42,11 +44,6 @@ from icf.pipeline.store import (
 )
 
 EMBEDDINGS = ("clip", "vclip", "vclip_seg", "clap", "clap_clip")
-
-
-def sample_key(uid: str) -> str:
-    """WebDataset key of a clip: the uid with dots replaced (the key ends at the first dot)."""
-    return uid.replace(".", "_")
 
 
 def fit(img: Image.Image, size: int, crop: bool, resample: Image.Resampling) -> Image.Image:
@@ -190,6 +187,30 @@ class ShardStage(Stage):
                 writer.add(sample_key(uid), members)
         return [{"url": f"shards/{split}/{e['name']}", "nsamples": e["nsamples"], "filesize": e["filesize"],
                  "sha256": e["sha256"]} for e in writer.close()]
+
+    @classmethod
+    def finish_problem(cls, dataset_dir: Path, cache_key: str) -> str | None:
+        """Whether ``shards.json``, the text bank and every tar are this key's, as written (sizes checked)."""
+        index_path = dataset_dir / "shards.json"
+        try:
+            index = read_json(index_path)
+        except UserError as err:
+            return str(err)
+        if not isinstance(index, dict):
+            return f"{index_path}: missing file"
+        if index.get("cache_key") != cache_key:
+            return f"{index_path}: written by shard key {index.get('cache_key')}, not {cache_key}"
+        try:
+            files = [(dataset_dir / index["text_bank"], None)]
+            files += [(dataset_dir / e["url"], int(e["filesize"])) for v in index["splits"].values() for e in v]
+        except (KeyError, TypeError, ValueError) as err:
+            return f"{index_path}: malformed ({type(err).__name__}: {err})"
+        for path, size in files:
+            if not path.is_file():
+                return f"{path}: missing file"
+            if size is not None and path.stat().st_size != size:
+                return f"{path}: {path.stat().st_size} bytes, {index_path.name} says {size}"
+        return None
 
     def finish(self, ctx: FinishContext) -> dict[str, Any]:
         """Pack the units into tar shards per split; write the text bank copy and ``shards.json``."""

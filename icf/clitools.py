@@ -33,7 +33,16 @@ def work_dir(work: Path | None) -> Path:
     return (work if work is not None else default_work()).expanduser()
 
 
+def one_line(message: str) -> str:
+    """A ``UserError`` re-raised from a DataLoader worker carries the worker's traceback in its message;
+    keep only the original message (the traceback's last line, without the exception's name)."""
+    lines = message.strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in message:
+        return lines[-1].split(": ", 1)[-1]
+    return message
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` on one line and exit with ``code`` (no traceback)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

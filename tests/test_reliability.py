@@ -237,3 +237,102 @@ def test_paths_outside_the_root_are_rejected(tmp_path):
     outside = Sample("u", "s4", "train", "s4", (str(root / ".." / "x.png"),), ("",), (False,), str(root / "a.wav"), (), 1)
     assert outside_root(inside, root) == ""
     assert "outside the dataset root" in outside_root(outside, root)
+
+
+# ------------------------------------------------------------------------------ F2: shards verified when read
+
+def _test_tar(ws: Workspace) -> Path:
+    return sorted((ws.root / "shards" / "test").glob("*.tar"))[0]
+
+
+def _member_offsets(tar: Path) -> list[int]:
+    """Byte offset of each sample's first member header in ``tar``."""
+    import tarfile
+
+    starts, seen = [], set()
+    with tarfile.open(tar) as tf:
+        for m in tf.getmembers():
+            key = m.name.split(".")[0]
+            if key not in seen:
+                seen.add(key)
+                starts.append(m.offset)
+    return starts
+
+
+def _stream_all(ws: Workspace, split: str = "test", workers: int = 0) -> int:
+    from icf.data.shards import ShardStream, make_loader
+
+    stream = ShardStream(ShardSet.load(ws.root), split, 1, 32, train=False)
+    return sum(len(b["uid"]) for b in make_loader(stream, workers))
+
+
+def _rewrite_index(ws: Workspace, tar: Path, **fields) -> None:
+    import json
+
+    doc = json.loads((ws.root / "shards.json").read_text())
+    for entries in doc["splits"].values():
+        for e in entries:
+            if (ws.root / e["url"]) == tar:
+                e.update(fields)
+    (ws.root / "shards.json").write_text(json.dumps(doc))
+
+
+def test_a_truncated_or_altered_shard_is_a_one_line_error_naming_it(copy):
+    import hashlib
+
+    from icf.clitools import one_line
+    from icf.data.shard_check import ShardError
+
+    root, ws, clean = copy
+    tar = _test_tar(ws)
+    n = _stream_all(ws)
+    assert n == sum(e["nsamples"] for e in ShardSet.load(ws.root).splits["test"])
+    data = tar.read_bytes()
+    tar.write_bytes(data[: _member_offsets(tar)[-1]])  # cut at a sample boundary: one clip fewer
+    with pytest.raises(ShardError, match=f"{tar.name}: shard is .* bytes, shards.json says {len(data)}"):
+        ShardSet.load(ws.root)
+    cut = tar.read_bytes()
+    _rewrite_index(ws, tar, filesize=len(cut), sha256=hashlib.sha256(cut).hexdigest())
+    with pytest.raises(ShardError, match=f"holds {n - 1} samples, shards.json says {n}"):
+        _stream_all(ws)
+    tar.write_bytes(data[: len(data) // 2 + 7])  # mid-member
+    _rewrite_index(ws, tar, filesize=len(data) // 2 + 7)
+    with pytest.raises(ShardError, match="unreadable shard"):
+        _stream_all(ws)
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0x01  # one bit inside a member
+    tar.write_bytes(bytes(flipped))
+    _rewrite_index(ws, tar, filesize=len(data), nsamples=n, sha256=hashlib.sha256(data).hexdigest())
+    with pytest.raises(Exception) as info:  # through two DataLoader workers: still one line
+        _stream_all(ws, workers=2)
+    message = one_line(str(info.value))
+    assert "\n" not in message and message.startswith(str(tar)) and "sha256 differs" in message
+    assert "icf stage shard --dataset avss" in message and "--force" in message
+
+
+def test_verify_names_every_damaged_file_and_stage_all_repairs_them(copy):
+    from typer.testing import CliRunner
+
+    from icf.cli import app
+
+    root, ws, clean = copy
+    cli = CliRunner()
+    ok = cli.invoke(app, ["verify", "--dataset", "avss", "--work", str(ws.work)])
+    assert ok.exit_code == 0 and "all intact" in ok.output
+    tar = _test_tar(ws)
+    flipped = bytearray(tar.read_bytes())
+    flipped[1000] ^= 0x10
+    tar.write_bytes(bytes(flipped))
+    unit = ws.stage_dir("mel", ws.current("mel")["cache_key"]) / "unit-00002.out.parquet"
+    unit.write_bytes(unit.read_bytes()[:-30])
+    bad = cli.invoke(app, ["verify", "--dataset", "avss", "--work", str(ws.work), "--json"])
+    assert bad.exit_code == 1
+    import json
+
+    problems = json.loads(bad.stdout)["problems"]
+    assert len(problems) == 2 and any(str(unit) in p for p in problems) and any("sha256 differs" in p for p in problems)
+    run_all(ws, root)  # the unit is recomputed (footer check); the tar has the right size, so it needs --force
+    assert cli.invoke(app, ["verify", "--dataset", "avss", "--work", str(ws.work)]).exit_code == 1
+    run_stage(ws, ShardStage(SMALL), RunOptions(executor="local", progress=False, force=True), QUIET)
+    assert cli.invoke(app, ["verify", "--dataset", "avss", "--work", str(ws.work)]).exit_code == 0
+    assert files(ws) == clean

@@ -246,6 +246,28 @@ def status(
         out.print(f"{n_failed} failures recorded; --failed lists them with their reasons", highlight=False)
 
 
+def verify(
+    dataset: str = typer.Option(..., "--dataset", help=f"One of {', '.join(DATASETS)}."),
+    work: Path | None = WorkOption,
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
+) -> None:
+    """Read every cache file of the dataset in full (units, manifest, shards against shards.json); exit 1
+    and name each damaged file when any is. `icf stage all` repairs what it reports."""
+    from icf.pipeline.verify import verify_dataset
+
+    with _user_errors():
+        report = verify_dataset(_workspace(dataset, work))
+    if json_out:
+        out.print_json(json.dumps({"dataset": dataset, "checked": report.checked, "problems": report.problems}))
+    else:
+        for problem in report.problems:
+            out.print(f"damaged: {problem}", highlight=False, soft_wrap=True)
+        verdict = f"{len(report.problems)} damaged" if report.problems else "all intact"
+        out.print(f"{dataset}: {report.checked} files checked, {verdict}", highlight=False)
+    if report.problems:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``icf stage ...`` and ``icf status`` to the root app."""
     classes = list(stage_classes().values())
@@ -259,3 +281,4 @@ def register(app: typer.Typer) -> None:
         "index, then every stage in order, skipping what is done."))
     app.add_typer(stage_app, name="stage")
     app.command("status")(status)
+    app.command("verify")(verify)

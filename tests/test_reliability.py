@@ -336,3 +336,18 @@ def test_verify_names_every_damaged_file_and_stage_all_repairs_them(copy):
     run_stage(ws, ShardStage(SMALL), RunOptions(executor="local", progress=False, force=True), QUIET)
     assert cli.invoke(app, ["verify", "--dataset", "avss", "--work", str(ws.work)]).exit_code == 0
     assert files(ws) == clean
+
+
+# ------------------------------------------------------------------------------ newcomer: no weights, no flags
+
+def test_a_random_roberta_clap_without_a_text_folder_builds_offline_and_says_so(tmp_path):
+    from icf.encoders.clap import ClapEncoder
+    from icf.encoders.spec import TINY_CLAP, EncoderWeightsError
+
+    with pytest.warns(UserWarning, match="no --clap-text-dir.*'transformer' text tower"):
+        clap = ClapEncoder(TINY_CLAP, "roberta")  # the default spec's text model, no folder, no weights
+    assert clap.tmodel == "transformer" and clap.encode_text(["a dog"]).shape == (1, clap.dim)
+    weights = tmp_path / "clap.pt"
+    weights.write_bytes(b"x")
+    with pytest.raises(EncoderWeightsError, match="--clap-text-dir"):  # a LAION checkpoint needs RoBERTa
+        ClapEncoder(TINY_CLAP, "roberta", weights=str(weights))

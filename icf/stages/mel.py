@@ -42,6 +42,18 @@ class MelStage(Stage):
         log_offset: float = option(0.01, "log(mel + offset).")
         patch_frames: int = option(96, "STFT frames per patch (0.96 s).")
 
+        def __post_init__(self) -> None:
+            """``ValueError`` naming the flag for a setting that cannot give a log-Mel."""
+            for name in ("sample_rate", "window_s", "hop_s", "n_fft", "n_mels", "log_offset", "patch_frames"):
+                value = getattr(self, name)
+                if not value > 0 or value == float("inf"):
+                    raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            if round(self.window_s * self.sample_rate) > self.n_fft:
+                raise ValueError(f"--window-s {self.window_s} is {round(self.window_s * self.sample_rate)} samples, "
+                                 f"more than --n-fft {self.n_fft}")
+            if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
+                raise ValueError(f"need 0 <= --f-min < --f-max <= sample_rate/2, got {self.f_min}, {self.f_max}")
+
     def setup(self) -> None:
         import torch
         import torchaudio

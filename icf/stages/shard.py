@@ -137,6 +137,15 @@ class ShardStage(Stage):
         jpeg_quality: int = option(90, "JPEG quality of the stored frames.")
         shard_mb: int = option(256, "Target shard size (MB).")
 
+        def __post_init__(self) -> None:
+            """``ValueError`` naming the flag for a setting that cannot give shards."""
+            if self.image_size < 16:
+                raise ValueError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+            if not 1 <= self.jpeg_quality <= 100:
+                raise ValueError(f"--jpeg-quality must lie in 1..100, got {self.jpeg_quality}")
+            if self.shard_mb < 1:
+                raise ValueError(f"--shard-mb must be at least 1, got {self.shard_mb}")
+
     def process_one(self, s: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
         """The tar members of one clip (raises ``ValueError`` naming the file on bad media)."""
         info = load_info(s.dataset)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from icf.clitools import WorkOption, work_dir
+from icf.clitools import UserError, WorkOption, check_at_least, ensure_writable, work_dir
 from icf.eval.report import user_errors
 
 
@@ -30,8 +30,16 @@ def train_command(
     """Train ICF on the shards of WORK/<dataset>/shards.json; writes checkpoints, metrics.jsonl and loss.png."""
     from icf.train.trainer import RunSpec, train
 
+    check_at_least("--max-steps", max_steps, 0)
+    check_at_least("--epochs", epochs, 1)
+    check_at_least("--checkpoint-every", checkpoint_every, 1)
+    check_at_least("--workers", workers, 0)
+    check_at_least("--ray-workers", ray_workers, 0)
+    if resume is not None and out is not None and out != resume:
+        raise UserError("--out and --resume name different folders; --resume continues the run in its own folder")
     root = work_dir(work)
     run = resume or out or root / "runs" / f"{dataset}-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ensure_writable(run, "--resume" if resume else "--out")
     spec = RunSpec(
         dataset=dataset, preset=preset_name, work=root, out=run, epochs=epochs, max_steps=max_steps,
         ablate=frozenset(a.strip() for a in ablate.split(",") if a.strip()), seed=seed, workers=workers,

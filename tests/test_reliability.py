@@ -351,3 +351,43 @@ def test_a_random_roberta_clap_without_a_text_folder_builds_offline_and_says_so(
     weights.write_bytes(b"x")
     with pytest.raises(EncoderWeightsError, match="--clap-text-dir"):  # a LAION checkpoint needs RoBERTa
         ClapEncoder(TINY_CLAP, "roberta", weights=str(weights))
+
+
+# ------------------------------------------------------------------------------ F11: concurrent runs
+
+def test_a_second_run_on_a_locked_workspace_refuses(copy):
+    from typer.testing import CliRunner
+
+    from icf.cli import app
+    from icf.pipeline.lock import workspace_lock
+
+    root, ws, clean = copy
+    with workspace_lock(ws.root):
+        res = CliRunner().invoke(app, ["stage", "all", "--dataset", "avss", "--root", str(root), "--work", str(ws.work),
+                                       "--executor", "local", "--encoders", "tiny", "--image-size", "32", "--no-progress"])
+        assert res.exit_code == 2 and "another icf run is working on this dataset (pid" in res.output
+    res = CliRunner().invoke(app, ["stage", "all", "--dataset", "avss", "--root", str(root), "--work", str(ws.work),
+                                   "--executor", "local", "--encoders", "tiny", "--image-size", "32", "--no-progress"])
+    assert res.exit_code == 0 and files(ws) == clean  # released when the holder is done
+
+
+def test_sweeping_never_deletes_a_live_runs_temp_files(tmp_path):
+    import subprocess
+    import sys
+
+    from icf.pipeline.store import TMP_INFIX, sweep_temp_files, temp_path
+    from icf.stages.shard import _TarWriter
+
+    folder = tmp_path / "shards" / "train"
+    first = _TarWriter(folder, "avss-train", 10**9)
+    first.add("clip1", {"x.npy": b"0" * 1000})
+    _TarWriter(folder, "avss-train", 10**9)  # a second run starting its finish step sweeps the folder
+    assert first.close()[0]["nsamples"] == 1  # the first run's in-flight tar survived
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = Path(str(temp_path(folder / "y.tar")).replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-"))
+    orphan.write_bytes(b"half")
+    legacy = folder / f"z.tar{TMP_INFIX}0123456789ab"
+    legacy.write_bytes(b"half")
+    live = temp_path(folder / "w.tar")
+    live.write_bytes(b"writing")
+    assert sweep_temp_files(folder) == 2 and live.exists() and not orphan.exists() and not legacy.exists()

@@ -26,6 +26,7 @@ from icf.clitools import (
 from icf.data.sample import DATASETS
 from icf.pipeline.engine import RunOptions, StageSummary, progress_bar, run_stage
 from icf.pipeline.ledger import Workspace
+from icf.pipeline.lock import workspace_lock
 from icf.pipeline.stage import Stage
 from icf.pipeline.store import read_json
 from icf.stages import stage_classes
@@ -192,7 +193,7 @@ def _stage_command(cls: type[Stage]) -> Callable[..., None]:
         with _user_errors():
             opts, stage = _options(kw), _build(cls, kw)
             ws = _workspace(kw["dataset"], kw["work"], write=True)
-            with _ray_session():
+            with workspace_lock(ws.root), _ray_session():
                 summary = run_stage(ws, stage, opts, console)
         _report(ws, [summary], kw["json_out"], kw["strict"])
 
@@ -223,7 +224,8 @@ def index_command(**kw: Any) -> None:
         ws = _workspace(kw["dataset"], kw["work"], write=True)
         if kw["root"] is None:
             raise UserError("--root is required: the folder holding the dataset's metadata CSV")
-        summary = _index(ws, kw["root"], kw)
+        with workspace_lock(ws.root):
+            summary = _index(ws, kw["root"], kw)
     _report(ws, [summary], kw["json_out"], kw["strict"])
 
 
@@ -237,18 +239,19 @@ def all_command(**kw: Any) -> None:
         root = kw["root"] or _manifest_root(ws)
         if not root:
             raise UserError("--root is required the first time: the folder holding the dataset's metadata CSV")
-        try:
-            summaries.append(_index(ws, root, kw))
-            keys: dict[str, str] = {}
-            with _ray_session():
-                for stage in stages:
-                    summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
-                    keys[stage.name] = summary.cache_key
-                    summaries.append(summary)
-        except (UserError, OSError):
-            for done in summaries:  # what finished before the error stays done: say so
-                console.print(done.line(), markup=False, highlight=False, soft_wrap=True)
-            raise
+        with workspace_lock(ws.root):
+            try:
+                summaries.append(_index(ws, root, kw))
+                keys: dict[str, str] = {}
+                with _ray_session():
+                    for stage in stages:
+                        summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
+                        keys[stage.name] = summary.cache_key
+                        summaries.append(summary)
+            except (UserError, OSError):
+                for done in summaries:  # what finished before the error stays done: say so
+                    console.print(done.line(), markup=False, highlight=False, soft_wrap=True)
+                raise
     _report(ws, summaries, kw["json_out"], kw["strict"])
 
 

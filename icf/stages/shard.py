@@ -22,7 +22,6 @@ import io
 import json
 import os
 import tarfile
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from icf.data.sample import Sample
 from icf.pipeline.plan import SPLIT_ORDER
 from icf.pipeline.stage import FinishContext, Stage, option
 from icf.pipeline.store import (
-    TMP_INFIX, Output, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs, sweep_temp_files,
+    Output, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs, sweep_temp_files, temp_path,
 )
 
 EMBEDDINGS = ("clip", "vclip", "vclip_seg", "clap", "clap_clip")
@@ -96,7 +95,7 @@ class _TarWriter:
 
     def _open(self) -> None:
         self._name = f"{self.prefix}-{len(self.entries):06d}.tar"
-        self._tmp = self.folder / f"{self._name}{TMP_INFIX}{uuid.uuid4().hex[:12]}"
+        self._tmp = temp_path(self.folder / self._name)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.GNU_FORMAT)
         self._size = self._count = 0
 

@@ -51,6 +51,9 @@ def cases(tmp, text):
         (["train", "--dataset", "avss", *w, "--out", run, "--max-steps", "-1"], "--max-steps must be at least 0"),
         (["train", "--dataset", "avss", *w, "--out", run, "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
         (["train", "--dataset", "avss", *w, "--out", str(text / "run")], "cannot write there"),
+        (["train", "--dataset", "foo", *w], "unknown dataset 'foo'; expected one of s4, ms3, avss"),
+        (["train", *w], "--dataset is required"),
+        (["train", "--resume", str(tmp / "norun"), "--max-steps", "2"], "not a training run"),
     ]
 
 

@@ -391,3 +391,19 @@ def test_sweeping_never_deletes_a_live_runs_temp_files(tmp_path):
     live = temp_path(folder / "w.tar")
     live.write_bytes(b"writing")
     assert sweep_temp_files(folder) == 2 and live.exists() and not orphan.exists() and not legacy.exists()
+
+
+# ------------------------------------------------------------------------------ F14: media edge cases
+
+def test_a_16_bit_frame_is_scaled_not_clipped_and_a_symlink_loop_is_named(tmp_path):
+    from icf.data.io import read_rgb
+
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 … 65472
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    rgb = read_rgb(tmp_path / "wide.png")
+    assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(ramp / 257).astype(np.uint8))  # not all white
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    with pytest.raises(ValueError, match="loop.jpg: broken or looping symlink"):
+        read_rgb(loop)

@@ -74,3 +74,14 @@ def test_out_on_an_existing_run_refuses_even_without_a_checkpoint(work):
 def test_max_steps_zero_takes_no_step(work):
     run = train(_spec(work, "zero", 0))
     assert read_metrics(run) == [] and not (run / checkpoint.CHECKPOINT).exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_file(work, monkeypatch):
+    def full_disk(path, *args):
+        path.with_suffix(".tmp").write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    with pytest.raises(UserError, match="cannot write the checkpoint .*disk full"):
+        train(_spec(work, "full-disk", 1))
+    assert not (work / "runs" / "full-disk" / "checkpoint.tmp").exists()

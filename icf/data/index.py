@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from icf.data.adapters import load_rows
-from icf.data.io import COLOUR_MODES, INDEX_MODES, check_wav
+from icf.data.io import COLOUR_MODES, INDEX_MODES, check_wav, missing_reason
 from icf.data.manifests import SPLITS, load_info
 from icf.data.sample import Sample
 
@@ -64,7 +64,7 @@ def _image_size(path: str) -> tuple[tuple[int, int], str]:
     Raises ``ValueError`` naming the file: missing, unreadable, corrupt PNG chunk, truncated JPEG.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: missing file")
+        raise ValueError(f"{path}: {missing_reason(Path(path))}")
     try:
         with Image.open(path) as img:
             size, mode, fmt = img.size, img.mode, img.format

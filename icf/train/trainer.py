@@ -307,6 +307,18 @@ class StopRequest:
         raise SystemExit(128 + int(self.signal or 0))
 
 
+def save_checkpoint(path: Path, *args: Any) -> None:
+    """``checkpoint.save`` with a full or read-only disk as a one-line ``UserError`` (the previous
+    checkpoint stays intact and the half-written temp file is removed)."""
+    try:
+        checkpoint.save(path, *args)
+    except (OSError, RuntimeError) as err:
+        path.with_suffix(".tmp").unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise UserError(f"{path}: cannot write the checkpoint ({reason}; disk full?); the previous "
+                        "checkpoint is intact, free space and --resume") from None
+
+
 def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
     """Train (or, with ``resume``, continue the run in ``spec.out``) and return the run folder.
 
@@ -376,7 +388,7 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
                     append_metrics(run, {"step": step, "epoch": position.epoch, "time": round(time.time() - t0, 3), **record})
                     bar.update(task, completed=step, loss=record["total"])
                     if step % every == 0 or step == stop:
-                        checkpoint.save(ckpt_path, model, optimizer, scheduler, step, position.to_dict())
+                        save_checkpoint(ckpt_path, model, optimizer, scheduler, step, position.to_dict())
                 if step >= stop or position.batch == 0:
                     break
     if dist.main:

@@ -14,7 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from icf.pipeline.engine import manifest_units, unit_rows
-from icf.pipeline.ledger import FAILED, OK, PENDING, SKIPPED, Workspace, read_stats, read_status, unit_problem
+from icf.pipeline.ledger import (
+    FAILED, OK, PENDING, SKIPPED, Workspace, read_stats, read_status, unit_path, unit_problem,
+)
 from icf.pipeline.stage import Stage
 from icf.pipeline.store import CorruptFile, read_json
 from icf.stages import stage_classes
@@ -76,7 +78,7 @@ def _stage_status(ws: Workspace, name: str) -> dict[str, Any]:
     done = 0
     for unit in view.units:
         stats = read_stats(folder, unit)
-        problem = unit_problem(folder, unit) if stats else None
+        problem = unit_problem(folder, unit) if unit_path(folder, unit, "stats.json").exists() else None
         if problem:
             entry["problems"].append(problem)
         done += bool(stats) and not problem and stats["pending"] == 0 and stats.get("uid_rows") == unit_rows(unit, view.rows)

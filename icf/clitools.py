@@ -58,7 +58,8 @@ def ensure_writable(folder: Path, flag: str) -> None:
 def os_error_line(err: OSError) -> str:
     """One line for a filesystem failure mid-run (disk full, read-only, permission)."""
     where = f"{err.filename}: " if err.filename else ""
-    return f"{where}{err.strerror or err} (finished work is kept; fix this and rerun to resume)"
+    reason = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return f"{where}{reason} (finished work is kept; fix this and rerun to resume)"
 
 
 def one_line(message: str) -> str:

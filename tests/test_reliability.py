@@ -407,3 +407,26 @@ def test_a_16_bit_frame_is_scaled_not_clipped_and_a_symlink_loop_is_named(tmp_pa
     loop.symlink_to(loop)
     with pytest.raises(ValueError, match="loop.jpg: broken or looping symlink"):
         read_rgb(loop)
+
+
+def test_a_full_disk_mid_run_is_one_line_after_the_summaries_of_what_finished(ref, tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    from icf.cli import app
+    from icf.pipeline import store
+
+    real = store.atomic_write
+
+    def fills_up(path, data):
+        if "/shard/" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(store, "atomic_write", fills_up)
+    res = CliRunner().invoke(app, ["stage", "all", "--dataset", "avss", "--root", str(ref[0]), "--work", str(tmp_path / "w"),
+                                   "--executor", "local", "--encoders", "tiny", "--image-size", "32", "--no-progress"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and lines[-1].startswith("error:") and "No space left on device" in lines[-1]
+    assert "Traceback" not in res.output and any(line.startswith("extract [") for line in lines)

@@ -33,7 +33,45 @@ def work_dir(work: Path | None) -> Path:
     return (work if work is not None else default_work()).expanduser()
 
 
+def check_at_least(flag: str, value: float | None, minimum: float) -> None:
+    """``UserError`` unless ``value`` (when given) is a finite number ``>= minimum``."""
+    if value is not None and not (value >= minimum and value == value and value != float("inf")):
+        raise UserError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def ensure_writable(folder: Path, flag: str) -> None:
+    """Create ``folder`` (and parents) and prove a file can be written in it; ``UserError`` naming ``flag``
+    otherwise (read-only filesystem, no permission, disk full), before any heavy work starts."""
+    probe = folder / f".icf-write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+    except OSError as err:
+        raise UserError(f"{flag} {folder}: cannot write there ({err.strerror or err})") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for a filesystem failure mid-run (disk full, read-only, permission)."""
+    where = f"{err.filename}: " if err.filename else ""
+    reason = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return f"{where}{reason} (finished work is kept; fix this and rerun to resume)"
+
+
+def one_line(message: str) -> str:
+    """A ``UserError`` re-raised from a DataLoader worker carries the worker's traceback in its message;
+    keep only the original message (the traceback's last line, without the exception's name)."""
+    lines = message.strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in message:
+        return lines[-1].split(": ", 1)[-1]
+    return message
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` on one line and exit with ``code`` (no traceback)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {one_line(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -154,12 +154,27 @@ class TrainConfig:
     grad_clip: float = 1.0
     amp: bool = True  # used only on CUDA
     seed: int = 0
-    max_steps: int | None = None  # stop early (tiny runs, smoke tests)
+    max_steps: int | None = None  # stop early (tiny runs, smoke tests); 0 = no step
     negative_fraction: float = 0.0  # share of each batch's clips given negative audio + an empty target (icf.eval.negatives)
 
     def __post_init__(self) -> None:
+        """``ValueError`` naming the key for a value of the wrong type or range (``train.lr=abc``)."""
+        numbers = {"lr": (float, 0.0, False), "weight_decay": (float, 0.0, True), "backbone_lr_mult": (float, 0.0, True),
+                   "grad_clip": (float, 0.0, True), "batch_size": (int, 1, True), "epochs": (int, 1, True),
+                   "warmup_steps": (int, 0, True), "seed": (int, 0, True)}
+        for key, (kind, low, inclusive) in numbers.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                raise ValueError(f"train.{key} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+            if not (value >= low if inclusive else value > low) or value != value or value == float("inf"):
+                raise ValueError(f"train.{key} must be {'at least' if inclusive else 'above'} {low}, got {value!r}")
+        if self.schedule not in ("poly", "cosine", "constant"):
+            raise ValueError(f"train.schedule must be poly, cosine or constant, got {self.schedule!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 0):
+            raise ValueError(f"train.max_steps must be an integer >= 0, got {self.max_steps!r}")
         if not 0.0 <= self.negative_fraction < 1.0:
-            raise ValueError(f"negative_fraction must lie in [0, 1), got {self.negative_fraction}")
+            raise ValueError(f"train.negative_fraction must lie in [0, 1), got {self.negative_fraction}")
 
 
 def _dataset_fields(dataset: str) -> dict[str, Any]:

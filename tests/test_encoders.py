@@ -302,8 +302,9 @@ def test_clap_roberta_from_local_folder(roberta_dir, tmp_path):
 
 
 def test_clap_roberta_needs_a_complete_local_folder(tmp_path):
+    # with a checkpoint; without one, a random roberta falls back to 'transformer' (test_reliability.py)
     with pytest.raises(EncoderWeightsError, match="clap_text_dir"):
-        ClapEncoder(TINY.clap_amodel, "roberta")
+        ClapEncoder(TINY.clap_amodel, "roberta", weights=str(tmp_path / "clap.pt"))
     with pytest.raises(EncoderWeightsError, match="missing"):
         ClapEncoder(TINY.clap_amodel, "roberta", text_dir=str(tmp_path))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -65,7 +66,9 @@ def write_shards(root: Path, n: int = 11, size: int = 16, per_shard: int = 4) ->
                 t = 10 if i % 2 == 0 else 5
                 gt = [True] * t if t == 10 else [True] + [False] * 4
                 w.write(_sample(i, t, size, gt, label=1 + i % 5))
-        entries.append({"url": name, "nsamples": min(n, start + per_shard) - start, "filesize": 0, "sha256": ""})
+        data = (root / name).read_bytes()
+        entries.append({"url": name, "nsamples": min(n, start + per_shard) - start, "filesize": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest()})
     doc = {"dataset": "avss", "cache_key": "k", "image_size": size, "num_classes": 71, "classes": ["background"] * 71,
            "encoders": {}, "text_bank": "text.npz", "splits": {"train": entries, "val": entries}}
     (root / "shards.json").write_text(json.dumps(doc))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from icf.clitools import fail, out
+from icf.clitools import UserError, ensure_writable, fail, os_error_line, out
 from icf.data.manifests import object_vocabulary
 from icf.data.synth import LAYOUTS, synthesize
 
@@ -34,8 +34,16 @@ def synth(
         fail(f"--classes must be between 2 and {n_vocab} for {layout}, got {classes}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         fail(f"{out_dir}: output folder exists and is not empty")
+    if snr_db != snr_db or abs(snr_db) == float("inf"):
+        fail(f"--snr-db must be a finite number, got {snr_db}")
     start = time.perf_counter()
-    plans = synthesize(layout, out_dir, clips, seed=seed, size=size, snr_db=snr_db, classes=classes)
+    try:
+        ensure_writable(out_dir, "--out")
+        plans = synthesize(layout, out_dir, clips, seed=seed, size=size, snr_db=snr_db, classes=classes)
+    except UserError as err:
+        fail(str(err))
+    except OSError as err:
+        fail(os_error_line(err))
     seconds = time.perf_counter() - start
     counts = Counter((p.subset, p.split) for p in plans)
     parts = ", ".join(f"{sub}/{split} {n}" for (sub, split), n in sorted(counts.items()))

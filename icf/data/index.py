@@ -8,21 +8,32 @@ problems with the dataset as a whole (unknown dataset, missing root or CSV, wron
 
 Media checks read headers, never full decodes: images are opened with PIL (PNG chunks CRC-verified,
 JPEGs checked for their end-of-image marker), WAVs with ``soundfile.info`` plus a RIFF size check.
+
+Each row also gets a ``digest``: a hash of its fields and of every file's size and mtime (a cheap
+``stat``, no read). It is the clip's input signature downstream, so editing one clip's files in place
+recomputes that clip alone, and a rescan re-checks only the rows whose digest changed.
+
+Rows that would corrupt the output fail here with a reason: a uid that an earlier row already has (the
+first row is kept), a uid whose WebDataset key (:func:`sample_key`) collides with an earlier row's, and
+a uid or file path that leaves ``root`` (``..``, absolute paths).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from icf.data.adapters import load_rows
-from icf.data.io import COLOUR_MODES, INDEX_MODES, check_wav
+from icf.data.io import COLOUR_MODES, INDEX_MODES, check_wav, missing_reason
 from icf.data.manifests import SPLITS, load_info
 from icf.data.sample import Sample
 
@@ -41,6 +52,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("extra", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("digest", pa.string()),
     ]
 )
 MAX_ERRORS = 3  # problems listed per row; the rest are counted
@@ -52,7 +64,7 @@ def _image_size(path: str) -> tuple[tuple[int, int], str]:
     Raises ``ValueError`` naming the file: missing, unreadable, corrupt PNG chunk, truncated JPEG.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: missing file")
+        raise ValueError(f"{path}: {missing_reason(Path(path))}")
     try:
         with Image.open(path) as img:
             size, mode, fmt = img.size, img.mode, img.format
@@ -123,16 +135,67 @@ def check_sample(sample: Sample, check_media: bool = True) -> str:
     return "; ".join(errors)
 
 
-def _duplicate_errors(samples: list[Sample]) -> list[str]:
+def sample_key(uid: str) -> str:
+    """WebDataset key of a clip in the tar shards: the uid with dots replaced (the key ends at the first dot)."""
+    return uid.replace(".", "_")
+
+
+def _uid_errors(samples: list[Sample]) -> list[str]:
+    """Per row, why its uid cannot be used: an earlier row has it, or an earlier row's uid has the same
+    WebDataset key (``abc.1`` and ``abc_1``), or it is a path that climbs out (``..``, absolute)."""
     seen: set[str] = set()
+    keys: dict[str, str] = {}
     out = []
     for s in samples:
-        out.append(f"duplicate uid {s.uid!r} (an earlier CSV row has it)" if s.uid in seen else "")
+        parts = s.uid.replace("\\", "/").split("/")
+        if not s.uid.strip() or s.uid.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            out.append(f"uid {s.uid!r} is not a plain relative name (empty, absolute, or with '.'/'..' parts)")
+        elif s.uid in seen:
+            out.append(f"duplicate uid {s.uid!r} (an earlier CSV row has it)")
+        elif sample_key(s.uid) in keys:
+            out.append(f"uid {s.uid!r} collides with the earlier uid {keys[sample_key(s.uid)]!r}: both are the "
+                       f"WebDataset key {sample_key(s.uid)!r}")
+        else:
+            out.append("")
         seen.add(s.uid)
+        keys.setdefault(sample_key(s.uid), s.uid)
     return out
 
 
+def sample_files(sample: Sample) -> list[str]:
+    """Every file a clip is read from: frames, GT masks, the WAV."""
+    return [*sample.frame_paths, *(m for m in sample.mask_paths if m), sample.audio_path]
+
+
+def outside_root(sample: Sample, root: Path) -> str:
+    """The first of the clip's files whose path leaves ``root`` (``..`` in the CSV), as a reason, or ``""``.
+
+    Paths are normalised, not resolved, so a dataset whose folders are symlinks still works."""
+    base = os.path.normpath(os.path.abspath(root))
+    for path in sample_files(sample):
+        full = os.path.normpath(os.path.abspath(path))
+        if os.path.commonpath([base, full]) != base:
+            return f"{path}: outside the dataset root {base} (path traversal in the CSV?)"
+    return ""
+
+
+def _stat(path: str) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def row_digest(row: Mapping[str, Any], files: Sequence[list[int] | None], problem: str) -> str:
+    """The clip's input signature: its manifest fields, its files' size/mtime, and any CSV-level problem."""
+    payload = json.dumps([dict(row), list(files), problem], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 Progress = Callable[[int, int], None]
+Previous = Mapping[str, Mapping[str, Any]]  # uid → an earlier manifest row (its digest, status and error)
 
 
 def build_manifest(
@@ -142,33 +205,42 @@ def build_manifest(
     check_media: bool = True,
     workers: int = 8,
     progress: Progress | None = None,
+    previous: Previous | None = None,
 ) -> pa.Table:
     """The manifest of ``dataset`` under ``root``: one row per CSV row (in CSV order), optionally only
     ``splits``.
 
-    Columns: :meth:`Sample.to_row` fields, ``status`` (``ok`` | ``failed``) and ``error`` (``""`` when
-    ok), typed by :data:`MANIFEST_SCHEMA`. Bad rows never raise (a malformed CSV row is a failed row
-    with no files); ``UserError`` is raised for an unknown dataset or split, a missing root, a missing
-    CSV or one with the wrong columns. Media checks run on a pool of ``workers`` threads (they are I/O
-    bound); ``progress(done, total)`` is called as rows are checked.
+    Columns: :meth:`Sample.to_row` fields, ``status`` (``ok`` | ``failed``), ``error`` (``""`` when
+    ok) and ``digest``, typed by :data:`MANIFEST_SCHEMA`. Bad rows never raise (a malformed CSV row is a
+    failed row with no files); ``UserError`` is raised for an unknown dataset or split, a missing root, a
+    missing CSV or one with the wrong columns. Media checks run on a pool of ``workers`` threads (they are
+    I/O bound); ``progress(done, total)`` is called as rows are checked. A row whose digest equals its
+    ``previous`` row's keeps that row's verdict without re-reading its files.
     """
-    rows = load_rows(dataset, root, splits)
-    samples = [s for s, _ in rows]
+    loaded = load_rows(dataset, root, splits)
+    samples = [s for s, _ in loaded]
+    rows = [(s, problem or uid_err) for (s, problem), uid_err in zip(loaded, _uid_errors(samples))]
+    previous = previous or {}
 
-    def check(item: tuple[Sample, str]) -> str:
+    def check(item: tuple[Sample, str]) -> tuple[str, str]:
         sample, problem = item
-        return problem or check_sample(sample, check_media)
+        problem = problem or outside_root(sample, Path(root))
+        base = sample.to_row()
+        digest = row_digest(base, [] if problem else [_stat(p) for p in sample_files(sample)], problem)
+        before = previous.get(sample.uid)
+        if before is not None and before.get("digest") == digest:
+            return digest, before["error"] or ""
+        return digest, problem or check_sample(sample, check_media)
 
     found = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for error in pool.map(check, rows):
-            found.append(error)
+        for result in pool.map(check, rows):
+            found.append(result)
             if progress is not None:
                 progress(len(found), len(rows))
     table_rows = []
-    for sample, dup, err in zip(samples, _duplicate_errors(samples), found):
-        error = "; ".join(e for e in (dup, err) if e)
-        table_rows.append({**sample.to_row(), "status": "failed" if error else "ok", "error": error})
+    for sample, (digest, error) in zip(samples, found):
+        table_rows.append({**sample.to_row(), "status": "failed" if error else "ok", "error": error, "digest": digest})
     return pa.Table.from_pylist(table_rows, schema=MANIFEST_SCHEMA)
 
 

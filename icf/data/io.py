@@ -36,6 +36,15 @@ def _data_chunk(path: Path) -> tuple[int, int] | None:
             fh.seek(size + (size & 1), 1)
 
 
+def missing_reason(path: Path) -> str:
+    """Why a path is not a readable file: a broken or looping symlink, a folder, or missing."""
+    if path.is_symlink():
+        return "broken or looping symlink"
+    if path.is_dir():
+        return "a folder, not a file"
+    return "missing file"
+
+
 def check_wav(path: str | Path) -> int:
     """Header check of a WAV without decoding it: readable, non-empty, not truncated.
 
@@ -43,7 +52,8 @@ def check_wav(path: str | Path) -> int:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: missing audio file")
+        reason = missing_reason(path)
+        raise ValueError(f"{path}: {'missing audio file' if reason == 'missing file' else reason}")
     try:
         frames = sf.info(str(path)).frames
     except Exception as err:  # libsndfile reports many kinds of damage; all mean "unreadable"
@@ -83,7 +93,7 @@ def read_wav(path: str | Path, sr: int = 16000) -> np.ndarray:
 
 def _open_image(path: Path) -> Image.Image:
     if not path.is_file():
-        raise ValueError(f"{path}: missing image file")
+        raise ValueError(f"{path}: {missing_reason(path)}")
     try:
         img = Image.open(path)
         img.load()
@@ -92,9 +102,17 @@ def _open_image(path: Path) -> Image.Image:
     return img
 
 
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I")  # 16-bit greyscale PNGs open in these modes
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read a frame as uint8 RGB, shape ``(H, W, 3)``."""
-    return np.asarray(_open_image(Path(path)).convert("RGB"), dtype=np.uint8)
+    """Read a frame as uint8 RGB, shape ``(H, W, 3)``; a 16-bit greyscale frame is scaled to 8 bits
+    (``round(v / 257)``), not clipped to white as ``convert('RGB')`` would."""
+    img = _open_image(Path(path))
+    if img.mode in WIDE_GREY_MODES:
+        grey = np.rint(np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 COLOUR_MODES = ("RGB", "RGBA")  # palette-coloured class masks (AVSS labels_rgb)

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from icf.clitools import UserError
 from icf.data.manifests import load_info
+from icf.data.shard_check import ShardError, read_checked, rebuild_hint, size_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,7 +71,9 @@ class ShardSet:
 
     @classmethod
     def load(cls, path: str | Path) -> ShardSet:
-        """Read ``shards.json``; ``UserError`` naming the file when it is missing or malformed."""
+        """Read ``shards.json``; ``UserError`` naming the file when it is missing or malformed, and
+        :class:`ShardError` when a tar it lists is missing or has another size (its sha256 and sample
+        count are checked as it is streamed)."""
         path = Path(path)
         if path.is_dir():
             path = path / "shards.json"
@@ -79,7 +82,7 @@ class ShardSet:
         try:
             raw = json.loads(path.read_text())
             base = path.parent
-            return cls(
+            shards = cls(
                 path=path,
                 dataset=raw["dataset"],
                 image_size=int(raw["image_size"]),
@@ -90,8 +93,13 @@ class ShardSet:
                 splits={s: [dict(e, url=str(base / e["url"])) for e in entries] for s, entries in raw["splits"].items()},
                 cache_key=str(raw.get("cache_key", "")),
             )
+            problems = [p for entries in shards.splits.values() for p in map(size_problem, entries) if p]
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{path}: malformed shards.json ({type(err).__name__}: {err})") from None
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ShardError(f"{problems[0]}{more}; {rebuild_hint(path.parent)}")
+        return shards
 
     def shard_list(self, split: str) -> list[dict[str, Any]]:
         """The shard entries of ``split``; ``UserError`` when the split has none."""
@@ -244,13 +252,18 @@ class ShardStream(IterableDataset):
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def _raw_stream(self) -> Iterator[dict[str, Any]]:
-        urls = [e["url"] for e in self.shards.shard_list(self.split)]
+        entries = list(self.shards.shard_list(self.split))
         stages: list[Any] = []
         if self.train:
             epoch_seed = self.seed * 1_000_003 + self.epoch
-            random.Random(epoch_seed).shuffle(urls)
+            random.Random(epoch_seed).shuffle(entries)
             stages = [wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=epoch_seed)]
-        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), *stages)
+
+        def samples() -> Iterator[dict[str, Any]]:  # every tar checked against shards.json as it is read
+            for entry in entries:
+                yield from read_checked(entry)
+
+        pipeline = wds.DataPipeline(samples, *stages)
         for i, raw in enumerate(pipeline):
             if self.limit is not None and i >= self.limit:
                 return

@@ -15,6 +15,7 @@ also importable (as a second copy) as top-level ``clap_module``; this module use
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -87,13 +88,26 @@ def _sized_htsat(sizes: dict, audio_cfg, enable_fusion: bool = False, fusion_typ
     )
 
 
+def offline_text_model(tmodel: str, text_dir: str | Path | None, weights: str | None) -> str:
+    """The text tower that can be built here: a random-init ``roberta`` without a local RoBERTa folder
+    (the newcomer's case: no weights, no flags, no network) becomes laion-clap's own ``transformer``,
+    which needs no files; a LAION checkpoint still needs its RoBERTa folder (``--clap-text-dir``)."""
+    if tmodel != "roberta" or text_dir is not None or weights is not None:
+        return tmodel
+    message = ("CLAP text tower: no --clap-text-dir, so laion-clap's 'transformer' text tower (random weights) "
+               "stands in for RoBERTa; pass --clap-text-dir with a LAION checkpoint to use RoBERTa")
+    logging.getLogger("icf.encoders").warning(message)
+    warnings.warn(message, stacklevel=3)
+    return "transformer"
+
+
 def _text_dir(text_dir: str | Path | None, tmodel: str) -> Path | None:
     if tmodel != "roberta":
         return None
     if text_dir is None:
         raise EncoderWeightsError(
-            "CLAP text model 'roberta' needs a local RoBERTa folder (config.json, vocab.json, merges.txt): "
-            "pass clap_text_dir / --clap-text-dir"
+            "CLAP text model 'roberta' (the LAION checkpoints' text tower) needs a local RoBERTa folder "
+            "(config.json, vocab.json, merges.txt): pass clap_text_dir / --clap-text-dir"
         )
     path = Path(text_dir).expanduser()
     missing = [f for f in ("config.json", "vocab.json", "merges.txt") if not (path / f).is_file()]
@@ -157,7 +171,8 @@ class ClapEncoder:
 
     Args:
         amodel: laion-clap audio config name (``HTSAT-tiny``, ``HTSAT-base``, ``PANN-14``, …, ``icf-tiny-htsat``).
-        tmodel: ``roberta`` (the released LAION checkpoints; needs ``text_dir``) or ``transformer``.
+        tmodel: ``roberta`` (the released LAION checkpoints; needs ``text_dir``) or ``transformer``; a
+            ``roberta`` with neither ``text_dir`` nor ``weights`` is built as ``transformer`` (with a warning).
         weights: local CLAP checkpoint, or None for seeded random init.
         seed: random-init seed.
         text_dir: local RoBERTa folder (``config.json``, ``vocab.json``, ``merges.txt``) for ``roberta``.
@@ -173,6 +188,7 @@ class ClapEncoder:
         text_dir: str | None = None,
         device: str = "cpu",
     ):
+        tmodel = offline_text_model(tmodel, text_dir, weights)
         roberta_dir = _text_dir(text_dir, tmodel)
         model, cfg = build_clap_model(amodel, tmodel, roberta_dir, seed)
         if weights is not None:

@@ -19,6 +19,17 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise UserError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _check_eval_options(snr_db: float | None, frame_mix: float | None, limit: int | None) -> None:
+    """Before the model loads: a finite SNR, a frame-mix fraction in [0, 1], a positive clip limit."""
+    from icf.clitools import UserError, check_at_least
+
+    if snr_db is not None and (snr_db != snr_db or abs(snr_db) == float("inf")):
+        raise UserError(f"--snr-db must be a finite number of dB, got {snr_db}")
+    if frame_mix is not None and not 0.0 <= frame_mix <= 1.0:
+        raise UserError(f"--frame-mix must be a fraction in [0, 1], got {frame_mix}")
+    check_at_least("--limit", limit, 1)
+
+
 @user_errors
 def score(
     dataset: str = typer.Option(..., "--dataset", help="s4 | ms3 | avss"),
@@ -65,6 +76,7 @@ def eval_command(
     from icf.train.trainer import load_trained
 
     _check_choice("--f-mode", f_mode, F_MODES)
+    _check_eval_options(snr_db, frame_mix, limit)
     pert = Perturbation(snr_db=snr_db, frame_mix=frame_mix, shuffle_audio=shuffle_audio, seed=seed)
     if negative and pert != Perturbation(seed=seed):
         raise UserError("--negative cannot be combined with --snr-db, --frame-mix or --shuffle-audio")
@@ -104,9 +116,13 @@ def predict_command(
     limit: int | None = typer.Option(8, "--limit", help="Only the first N clips (default 8)."),
 ) -> None:
     """PNG panels per clip: frames, ground truth and predicted masks overlaid in palette colours."""
+    from icf.clitools import UserError
     from icf.eval.visualize import write_panels
     from icf.train.trainer import load_trained
 
+    _check_eval_options(None, None, limit)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
     model, shards, _, model_cfg, _ = load_trained(run)
     paths = write_panels(model, shards, split, model_cfg, out, limit)
     typer.echo(f"{len(paths)} panels in {out}")

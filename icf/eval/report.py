@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from rich.table import Table
 
-from icf.clitools import UserError, fail, out
+from icf.clitools import UserError, fail, os_error_line, out
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,6 +23,8 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as err:
             fail(str(err))
+        except OSError as err:  # disk full, read-only folder mid-run
+            fail(os_error_line(err))
 
     return wrapper  # type: ignore[return-value]
 

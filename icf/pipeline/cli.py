@@ -20,10 +20,13 @@ import typer
 from rich.progress import TaskID
 from rich.table import Table
 
-from icf.clitools import UserError, WorkOption, console, fail, out, work_dir
+from icf.clitools import (
+    UserError, WorkOption, check_at_least, console, ensure_writable, fail, os_error_line, out, work_dir,
+)
 from icf.data.sample import DATASETS
 from icf.pipeline.engine import RunOptions, StageSummary, progress_bar, run_stage
 from icf.pipeline.ledger import Workspace
+from icf.pipeline.lock import workspace_lock
 from icf.pipeline.stage import Stage
 from icf.pipeline.store import read_json
 from icf.stages import stage_classes
@@ -92,21 +95,57 @@ def _with_signature(fn: Callable[..., None], params: list[P], name: str, doc: st
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
+    """A ``UserError``, or a filesystem failure mid-run (disk full, read-only), as one ``error:`` line, exit 2."""
     try:
         yield
     except UserError as err:
         fail(str(err))
+    except OSError as err:
+        fail(os_error_line(err))
 
 
-def _workspace(dataset: str, work: Path | None) -> Workspace:
+def _workspace(dataset: str, work: Path | None, write: bool = False) -> Workspace:
+    """The dataset's workspace; with ``write``, proven writable before anything runs."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    return Workspace(work_dir(work), dataset)
+    ws = Workspace(work_dir(work), dataset)
+    if write:
+        ensure_writable(ws.root, "--work")
+    return ws
+
+
+# weights flags of the extract stage: a file that is not a torch checkpoint (zip or pickle) or safetensors
+WEIGHT_FLAGS = ("clip_weights", "clap_weights")
+
+
+def _weights_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint, by its first bytes (torch zip ``PK``, pickle ``0x80``,
+    safetensors: an 8-byte length then ``{``), or None. Catches a text or image file before the workers start."""
+    if not path.is_file():
+        return None  # the stage names missing files itself
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80" or head[8:9] == b"{":
+        return None
+    return f"{path}: not a torch checkpoint or safetensors file"
+
+
+def _check_config(kw: dict[str, Any]) -> None:
+    """Options shared by every run command (before any work): sizes at least 1, weights files readable."""
+    check_at_least("--batch-size", kw.get("batch_size"), 1)
+    check_at_least("--workers", kw.get("workers"), 1)
+    check_at_least("--unit-size", kw.get("unit_size"), 1)
+    for name in WEIGHT_FLAGS:
+        if kw.get(name):
+            problem = _weights_problem(Path(kw[name]).expanduser())
+            if problem:
+                raise UserError(f"--{name.replace('_', '-')} {problem}")
 
 
 def _options(kw: dict[str, Any]) -> RunOptions:
     if kw["executor"] not in ("ray", "local"):
         raise UserError(f"--executor must be 'ray' or 'local', not {kw['executor']!r}")
+    _check_config(kw)
     only = frozenset(u.strip() for u in kw["only"].split(",") if u.strip()) if kw["only"] else None
     return RunOptions(
         executor=kw["executor"], ray_address=kw["ray_address"], force=kw["force"], only=only,
@@ -115,8 +154,12 @@ def _options(kw: dict[str, Any]) -> RunOptions:
 
 
 def _build(cls: type[Stage], kw: dict[str, Any]) -> Stage:
+    """The stage with its ``Config`` from the flags; a ``Config`` that rejects a value is a ``UserError``."""
     names = {f.name for f in dataclasses.fields(cls.Config)}
-    return cls(cls.Config(**{k: v for k, v in kw.items() if k in names}))
+    try:
+        return cls(cls.Config(**{k: v for k, v in kw.items() if k in names}))
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def _report(ws: Workspace, summaries: list[StageSummary | IndexSummary], json_out: bool, strict: bool) -> None:
@@ -149,8 +192,9 @@ def _ray_session() -> Iterator[None]:
 def _stage_command(cls: type[Stage]) -> Callable[..., None]:
     def command(**kw: Any) -> None:
         with _user_errors():
-            ws, opts, stage = _workspace(kw["dataset"], kw["work"]), _options(kw), _build(cls, kw)
-            with _ray_session():
+            opts, stage = _options(kw), _build(cls, kw)
+            ws = _workspace(kw["dataset"], kw["work"], write=True)
+            with workspace_lock(ws.root), _ray_session():
                 summary = run_stage(ws, stage, opts, console)
         _report(ws, [summary], kw["json_out"], kw["strict"])
 
@@ -177,10 +221,12 @@ def _index(ws: Workspace, root: Path, kw: dict[str, Any]) -> IndexSummary:
 
 def index_command(**kw: Any) -> None:
     with _user_errors():
-        ws = _workspace(kw["dataset"], kw["work"])
+        _check_config(kw)
+        ws = _workspace(kw["dataset"], kw["work"], write=True)
         if kw["root"] is None:
             raise UserError("--root is required: the folder holding the dataset's metadata CSV")
-        summary = _index(ws, kw["root"], kw)
+        with workspace_lock(ws.root):
+            summary = _index(ws, kw["root"], kw)
     _report(ws, [summary], kw["json_out"], kw["strict"])
 
 
@@ -188,24 +234,34 @@ def all_command(**kw: Any) -> None:
     classes = list(stage_classes().values())
     summaries: list[StageSummary | IndexSummary] = []
     with _user_errors():
-        ws, opts = _workspace(kw["dataset"], kw["work"]), _options(kw)
+        opts = _options(kw)
         stages = [_build(cls, kw) for cls in classes]
+        ws = _workspace(kw["dataset"], kw["work"], write=True)
         root = kw["root"] or _manifest_root(ws)
         if not root:
             raise UserError("--root is required the first time: the folder holding the dataset's metadata CSV")
-        summaries.append(_index(ws, root, kw))
-        keys: dict[str, str] = {}
-        with _ray_session():
-            for stage in stages:
-                summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
-                keys[stage.name] = summary.cache_key
-                summaries.append(summary)
+        with workspace_lock(ws.root):
+            try:
+                summaries.append(_index(ws, root, kw))
+                keys: dict[str, str] = {}
+                with _ray_session():
+                    for stage in stages:
+                        summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
+                        keys[stage.name] = summary.cache_key
+                        summaries.append(summary)
+            except (UserError, OSError):
+                for done in summaries:  # what finished before the error stays done: say so
+                    console.print(done.line(), markup=False, highlight=False, soft_wrap=True)
+                raise
     _report(ws, summaries, kw["json_out"], kw["strict"])
 
 
 def _manifest_root(ws: Workspace) -> Path | None:
     """The root the manifest was last built from (so `stage all` may omit --root on reruns)."""
-    stats = read_json(ws.manifest_stats)
+    try:
+        stats = read_json(ws.manifest_stats)
+    except UserError:  # a corrupt stats file: --root must be given again (the index then rebuilds it)
+        return None
     return Path(stats["config"]["root"]) if stats else None
 
 
@@ -231,6 +287,9 @@ def status(
         table.add_row(e["stage"], e["state"], e["cache_key"] or "-", units,
                       *(str(c[k]) if k in c else "-" for k in ("ok", "failed", "skipped", "pending")))
     out.print(table)
+    for e in entries:
+        for problem in e.get("problems", []):
+            out.print(f"damaged {e['stage']}: {problem}", highlight=False, soft_wrap=True)
     todo = not_done(entries)
     if todo:
         out.print(f"not done: {', '.join(todo)}; `icf stage all --dataset {dataset} --work {ws.work}` (with the "
@@ -242,6 +301,28 @@ def status(
                 out.print(f"{e['stage']}\t{f['uid']}\t{f['error']}", highlight=False, soft_wrap=True)
     elif n_failed:
         out.print(f"{n_failed} failures recorded; --failed lists them with their reasons", highlight=False)
+
+
+def verify(
+    dataset: str = typer.Option(..., "--dataset", help=f"One of {', '.join(DATASETS)}."),
+    work: Path | None = WorkOption,
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
+) -> None:
+    """Read every cache file of the dataset in full (units, manifest, shards against shards.json); exit 1
+    and name each damaged file when any is. `icf stage all` repairs what it reports."""
+    from icf.pipeline.verify import verify_dataset
+
+    with _user_errors():
+        report = verify_dataset(_workspace(dataset, work))
+    if json_out:
+        out.print_json(json.dumps({"dataset": dataset, "checked": report.checked, "problems": report.problems}))
+    else:
+        for problem in report.problems:
+            out.print(f"damaged: {problem}", highlight=False, soft_wrap=True)
+        verdict = f"{len(report.problems)} damaged" if report.problems else "all intact"
+        out.print(f"{dataset}: {report.checked} files checked, {verdict}", highlight=False)
+    if report.problems:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
@@ -257,3 +338,4 @@ def register(app: typer.Typer) -> None:
         "index, then every stage in order, skipping what is done."))
     app.add_typer(stage_app, name="stage")
     app.command("status")(status)
+    app.command("verify")(verify)

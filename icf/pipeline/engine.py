@@ -17,12 +17,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from icf.clitools import UserError
 from icf.data.sample import Sample
 from icf.pipeline.ledger import (
-    FAILED, OK, PENDING, SKIPPED, SampleStatus, Workspace, is_done, read_stats, read_status,
+    FAILED, OK, PENDING, SKIPPED, SampleStatus, Workspace, is_done, read_stats, read_status, unit_problem,
 )
 from icf.pipeline.plan import Unit, cache_key, digest, group_units
 from icf.pipeline.runners import make_runner
 from icf.pipeline.stage import FinishContext, Stage
-from icf.pipeline.store import atomic_write_json, read_json, sweep_temp_files
+from icf.pipeline.store import CorruptFile, atomic_write_json, read_json, sweep_temp_files
 from icf.pipeline.worker import UnitJob
 
 
@@ -80,16 +80,41 @@ class StageSummary:
         }
 
 
-def manifest_units(ws: Workspace) -> tuple[list[Unit], dict[str, Sample], dict[str, str]]:
-    """Units, Samples by uid, and index-stage failures (uid → reason) from the manifest."""
+@dataclass(frozen=True)
+class ManifestView:
+    """What every stage reads from the manifest.
+
+    Attributes:
+        units: the work units (each uid once: a later duplicate row of a uid failed at index and is only
+            in the manifest, never in a unit).
+        samples: uid → Sample of every ok row.
+        index_failed: uid → reason, for uids whose (first) row failed at index.
+        rows: uid → the row's digest (its fields and its files' size and mtime): the per-clip input
+            signature, so a clip whose files changed is recomputed alone.
+        order: digest of the uids in manifest (CSV) order.
+    """
+
+    units: list[Unit]
+    samples: dict[str, Sample]
+    index_failed: dict[str, str]
+    rows: dict[str, str]
+    order: str
+
+
+def manifest_units(ws: Workspace) -> ManifestView:
+    """The manifest as units, Samples, index failures and per-row digests (first row of each uid)."""
     rows = ws.read_manifest().to_pylist()
-    samples, index_failed = {}, {}
+    first: dict[str, dict] = {}
     for row in rows:
+        first.setdefault(row["uid"], row)
+    samples, index_failed = {}, {}
+    for uid, row in first.items():
         if row["status"] == OK:
-            samples[row["uid"]] = Sample.from_row(row)
+            samples[uid] = Sample.from_row(row)
         else:
-            index_failed[row["uid"]] = f"index: {row['error']}"
-    return group_units(rows), samples, index_failed
+            index_failed[uid] = f"index: {row['error']}"
+    digests = {uid: row.get("digest") or digest(row) for uid, row in first.items()}
+    return ManifestView(group_units(first.values()), samples, index_failed, digests, digest([r["uid"] for r in rows]))
 
 
 def stage_key(ws: Workspace, stage: Stage, upstream_keys: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
@@ -110,62 +135,90 @@ def stage_key(ws: Workspace, stage: Stage, upstream_keys: Mapping[str, str] | No
     return cache_key(stage.name, stage.version, stage.config(), ups), ups
 
 
-def _upstream_skips(ws: Workspace, stage: Stage, ups: Mapping[str, str], units: list[Unit]) -> dict[str, str]:
-    """uid → reason for every sample an upstream stage did not produce; refuses incomplete upstreams."""
+def unit_rows(unit: Unit, rows: Mapping[str, str]) -> dict[str, str]:
+    """uid → row digest of the unit's clips."""
+    return {u: rows[u] for u in unit.uids}
+
+
+def _upstream_skips(ws: Workspace, stage: Stage, ups: Mapping[str, str], view: ManifestView) -> dict[str, str]:
+    """uid → reason for every sample an upstream stage did not produce; refuses an upstream that is
+    incomplete, corrupt or out of date (computed from other versions of the clips' files)."""
     skips: dict[str, str] = {}
     for name in stage.needs:
         folder = ws.stage_dir(name, ups[name])
-        not_done = [u.id for u in units if (read_stats(folder, u) or {"pending": 1})["pending"]]
-        if not_done:
-            raise UserError(
-                f"stage {name!r} is not complete for {ws.dataset!r} ({len(not_done)} units pending, e.g. "
-                f"unit {not_done[0]}); run `icf stage {name} --dataset {ws.dataset}` first"
-            )
-        for unit in units:
+        run = f"run `icf stage {name} --dataset {ws.dataset} --work {ws.work}` (with its earlier options) first"
+        for unit in view.units:
+            stats = read_stats(folder, unit)
+            if not stats or stats["pending"]:
+                raise UserError(f"stage {name!r} is not complete for {ws.dataset!r} (e.g. unit {unit.id}); {run}")
+            problem = unit_problem(folder, unit)
+            if problem:
+                raise UserError(f"stage {name!r} has a damaged unit ({problem}); {run}: it recomputes that unit")
+            if stats.get("uid_rows") != unit_rows(unit, view.rows):
+                raise UserError(f"stage {name!r} is out of date for unit {unit.id} (clip files changed since it ran); {run}")
             for uid, st in read_status(folder, unit).items():
                 if st.status != OK and uid not in skips:
                     skips[uid] = f"{name}: {st.error}" if st.status == FAILED else st.error or name
     return skips
 
 
-def _todo(unit: Unit, reuse: bool, opts: RunOptions, status: Mapping[str, SampleStatus]) -> tuple[str, ...]:
-    """The uids of ``unit`` to compute now: --only's, all (forced or nothing reusable), or the pending
-    ones plus, with --retry-failed, the failed ones."""
+def input_signatures(unit: Unit, rows: Mapping[str, str], skips: Mapping[str, str]) -> dict[str, str]:
+    """uid → signature of what its result depends on: its manifest row (files included) and whether an
+    upstream stage (or the index) failed it and why."""
+    return {u: digest([rows[u], skips.get(u)]) for u in unit.uids}
+
+
+def _todo(unit: Unit, reuse: bool, opts: RunOptions, status: Mapping[str, SampleStatus],
+          changed: set[str]) -> tuple[str, ...]:
+    """The uids of ``unit`` to compute now: --only's, all (forced or nothing reusable), or the pending and
+    changed ones plus, with --retry-failed, the failed ones."""
     if opts.only is not None:
         return tuple(u for u in unit.uids if u in opts.only)
     if opts.force or not reuse:
         return unit.uids
     redo = {PENDING} | ({FAILED} if opts.retry_failed else set())
-    return tuple(u for u in unit.uids if u not in status or status[u].status in redo)
+    return tuple(u for u in unit.uids if u in changed or u not in status or status[u].status in redo)
 
 
-def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opts: RunOptions) -> tuple[list[Unit], list[UnitJob]]:
-    """All units of the dataset, and a job for each unit that has something to compute."""
-    units, samples, index_failed = manifest_units(ws)
-    unknown = sorted((opts.only or set()) - {u for unit in units for u in unit.uids})
+def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opts: RunOptions) -> tuple[ManifestView, list[UnitJob]]:
+    """The manifest view, and a job for each unit that has something to compute.
+
+    A unit's previous files are reused only when they name this key and every one of them is readable; a
+    damaged unit is recomputed whole, without reading the damaged file.
+    """
+    view = manifest_units(ws)
+    unknown = sorted((opts.only or set()) - {u for unit in view.units for u in unit.uids})
     if unknown:
         raise UserError(f"--only: {len(unknown)} clip ids are not in the {ws.dataset} manifest: {', '.join(unknown[:5])}")
-    skips = {**_upstream_skips(ws, stage, ups, units), **index_failed}
+    skips = {**_upstream_skips(ws, stage, ups, view), **view.index_failed}
     folder = ws.stage_dir(stage.name, key)
     upstream_dirs = {name: ws.stage_dir(name, ups[name]) for name in stage.needs}
     jobs = []
-    for unit in units:
+    for unit in view.units:
         if opts.only is not None and not set(unit.uids) & opts.only:
             continue
-        inputs = digest(sorted((u, skips.get(u)) for u in unit.uids))
+        sigs = input_signatures(unit, view.rows, skips)
+        inputs = digest(sorted(sigs.items()))
         prev = read_stats(folder, unit)
-        reuse = bool(prev) and prev["cache_key"] == key and prev["inputs"] == inputs
+        reuse = bool(prev) and prev["cache_key"] == key and unit_problem(folder, unit) is None
         status = read_status(folder, unit) if reuse else {}
-        todo = _todo(unit, reuse, opts, status)
+        kept = dict(prev.get("uid_inputs") or {}) if reuse else {}
+        changed = {u for u in unit.uids if kept.get(u) != sigs[u]}
+        todo = _todo(unit, reuse, opts, status, changed)
         if not todo and is_done(prev, key, inputs):
             continue
+        if set(todo) >= set(unit.uids):
+            reuse, kept = False, {}  # everything is recomputed: never read the old files
         jobs.append(
             UnitJob(
                 unit=unit,
-                samples=tuple(samples[u] for u in unit.uids if u in samples),
+                samples=tuple(view.samples[u] for u in unit.uids if u in view.samples),
                 stage_dir=folder,
                 cache_key=key,
-                inputs=inputs,
+                uid_inputs=sigs,
+                kept_inputs={u: kept[u] for u in unit.uids if u in kept and u not in todo},
+                rows=unit_rows(unit, view.rows),
+                kept_rows={u: r for u, r in (prev.get("uid_rows") or {}).items() if u in kept and u not in todo} if reuse else {},
                 skipped={u: skips[u] for u in unit.uids if u in skips},
                 todo=todo,
                 reuse=reuse,
@@ -174,7 +227,7 @@ def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opt
                 extra_stats=stage.stats(),
             )
         )
-    return units, jobs
+    return view, jobs
 
 
 def progress_bar(console: Console, enabled: bool) -> Progress:
@@ -208,13 +261,25 @@ def _tally(folder: Path, units: Iterable[Unit], summary: StageSummary) -> dict[i
     return ok_units
 
 
-def _finish(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], ok_units: dict, force: bool) -> dict[str, Any]:
-    """Run ``stage.finish`` unless its marker names the same key and the same set of ok samples."""
+def finish_signature(folder: Path, view: ManifestView, ok_units: Mapping[int, Any]) -> str:
+    """What a stage's dataset-level step depends on: which clips are ok in each unit, each unit's input
+    signature (so a recomputed clip re-runs it) and the manifest order."""
+    inputs = [(unit.id, (read_stats(folder, unit) or {}).get("inputs")) for unit in view.units]
+    return digest([sorted(ok_units.items()), inputs, view.order])
+
+
+def _finish(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], ok_units: dict, signature: str,
+            force: bool) -> dict[str, Any]:
+    """Run ``stage.finish`` unless its marker names the same key and signature and its outputs are intact
+    (a deleted ``shards.json`` or tar, or one another key wrote, makes it run again)."""
     folder = ws.stage_dir(stage.name, key)
-    signature = digest(sorted(ok_units.items()))
     marker = folder / "finish.json"
-    prev = read_json(marker)
-    if prev and not force and prev["cache_key"] == key and prev["units"] == signature:
+    try:
+        prev = read_json(marker)
+    except CorruptFile:
+        prev = None
+    if (prev and not force and prev.get("cache_key") == key and prev.get("units") == signature
+            and stage.finish_problem(ws.root, key) is None):
         return prev["result"]
     ctx = FinishContext(
         dataset=ws.dataset,
@@ -242,7 +307,8 @@ def run_stage(
     folder = ws.stage_dir(stage.name, key)
     sweep_temp_files(folder)
     ws.set_current(stage.name, {"cache_key": key, "version": stage.version, "config": stage.config(), "upstream": ups})
-    units, jobs = plan_jobs(ws, stage, key, ups, opts)
+    view, jobs = plan_jobs(ws, stage, key, ups, opts)
+    units = view.units
     for notice in stage.notices():
         console.print(f"[bold red]WARNING[/] {notice}", highlight=False)
     summary = StageSummary(stage.name, key, units=len(units), units_run=len(jobs))
@@ -254,6 +320,6 @@ def run_stage(
             progress.advance(bar, report.computed)
     ok_units = _tally(folder, units, summary)
     if summary.counts.get(PENDING, 0) == 0 and type(stage).finish is not Stage.finish:
-        summary.finish = _finish(ws, stage, key, ups, ok_units, opts.force)
+        summary.finish = _finish(ws, stage, key, ups, ok_units, finish_signature(folder, view, ok_units), opts.force)
     summary.seconds = time.perf_counter() - t0
     return summary

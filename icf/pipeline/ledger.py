@@ -27,7 +27,9 @@ import pyarrow.parquet as pq
 
 from icf.clitools import UserError
 from icf.pipeline.plan import Unit
-from icf.pipeline.store import Output, atomic_write_json, atomic_write_parquet, read_json, write_outputs
+from icf.pipeline.store import (
+    CorruptFile, Output, atomic_write_json, atomic_write_parquet, parquet_problem, read_json, read_parquet, write_outputs,
+)
 
 OK, FAILED, SKIPPED, PENDING = "ok", "failed", "skipped", "pending"
 STATUS_SCHEMA = pa.schema(
@@ -68,8 +70,12 @@ class Workspace:
         return self.root / stage / key
 
     def current(self, stage: str) -> dict[str, Any] | None:
-        """The key and config of the stage's latest run, or None if it never ran."""
-        return read_json(self.stage_root(stage) / "current.json")
+        """The key and config of the stage's latest run, or None if it never ran (or its record is corrupt:
+        the next run of the stage rewrites it)."""
+        try:
+            return read_json(self.stage_root(stage) / "current.json")
+        except CorruptFile:
+            return None
 
     def set_current(self, stage: str, info: dict[str, Any]) -> None:
         """Record the stage's latest key and config (unchanged → not rewritten)."""
@@ -84,7 +90,11 @@ class Workspace:
                 f"no manifest for {self.dataset!r} in {self.root}; run `icf stage index --dataset "
                 f"{self.dataset} --root DATA --work {self.work}` first"
             )
-        return pq.read_table(self.manifest)
+        try:
+            return read_parquet(self.manifest)
+        except CorruptFile as err:
+            raise CorruptFile(f"{err}; `icf stage index --dataset {self.dataset} --root DATA --work {self.work}` "
+                              "rebuilds it") from None
 
     def index_key(self) -> str:
         stats = read_json(self.manifest_stats)
@@ -99,15 +109,42 @@ def unit_path(stage_dir: Path, unit: Unit, kind: str) -> Path:
 
 
 def read_stats(stage_dir: Path, unit: Unit) -> dict[str, Any] | None:
-    return read_json(unit_path(stage_dir, unit, "stats.json"))
+    """The unit's stats, or None when it has none or they are corrupt (either way: not done, recompute)."""
+    try:
+        stats = read_json(unit_path(stage_dir, unit, "stats.json"))
+    except CorruptFile:
+        return None
+    return stats if isinstance(stats, dict) and {"cache_key", "inputs", "pending"} <= set(stats) else None
 
 
 def read_status(stage_dir: Path, unit: Unit) -> dict[str, SampleStatus]:
+    """uid → status of the unit's clips; empty when the table is missing or corrupt."""
     path = unit_path(stage_dir, unit, "status.parquet")
     if not path.exists():
         return {}
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = read_parquet(path).to_pylist()
+    except CorruptFile:
+        return {}
     return {r["uid"]: SampleStatus(r["status"], r["error"], r["duration_s"]) for r in rows}
+
+
+def unit_problem(stage_dir: Path, unit: Unit) -> str | None:
+    """Why a unit whose stats exist cannot be trusted: a missing or corrupt stats, status or output file.
+
+    Returns the first problem (naming the file) or None. Reads the stats file and the parquet footers only.
+    """
+    stats_path = unit_path(stage_dir, unit, "stats.json")
+    try:
+        if read_json(stats_path) is None:
+            return f"{stats_path}: missing file"
+    except CorruptFile as err:
+        return str(err)
+    for kind in ("status.parquet", "out.parquet"):
+        problem = parquet_problem(unit_path(stage_dir, unit, kind))
+        if problem:
+            return problem
+    return None
 
 
 def is_done(stats: dict[str, Any] | None, key: str, inputs: str) -> bool:

@@ -134,3 +134,10 @@ class Stage:
     def finish(self, ctx: FinishContext) -> dict[str, Any]:
         """Dataset-level work after every unit is done; returns facts for the summary (default: none)."""
         return {}
+
+    @classmethod
+    def finish_problem(cls, dataset_dir: Path, cache_key: str) -> str | None:
+        """Why the files ``finish`` wrote for ``cache_key`` are not on disk as it left them (deleted,
+        truncated, or written since by another key), or None. A problem makes the engine run ``finish``
+        again and ``icf status`` show the stage as not done. Must be cheap (sizes, not checksums)."""
+        return None

@@ -1,8 +1,11 @@
 """``icf status``: per stage, its state, units done / pending and samples ok / failed / skipped / pending,
 read from the ledger alone (no stage code runs, nothing is written).
 
-A stage's state is ``done`` (every unit of its latest key finished), ``incomplete`` (some units still
-pending, e.g. a killed run or ``--only``), ``stale`` (its latest run was built on upstream keys that have
+A stage's state is ``done`` (every unit of its latest key finished, for the clips' current files, and its
+dataset-level outputs on disk as it wrote them), ``incomplete`` (some units still pending or computed from
+older versions of the clips' files, e.g. a killed run or ``--only``), ``damaged`` (a unit file or a
+dataset-level output is truncated, corrupt or missing: ``problems`` names each; the next run of the stage
+repairs it), ``stale`` (its latest run was built on upstream keys that have
 changed since: rerun it) or ``not run``.
 """
 
@@ -10,13 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from icf.pipeline.engine import manifest_units
-from icf.pipeline.ledger import FAILED, OK, PENDING, SKIPPED, Workspace, read_stats, read_status
+from icf.pipeline.engine import manifest_units, unit_rows
+from icf.pipeline.ledger import (
+    FAILED, OK, PENDING, SKIPPED, Workspace, read_stats, read_status, unit_path, unit_problem,
+)
 from icf.pipeline.stage import Stage
-from icf.pipeline.store import read_json
+from icf.pipeline.store import CorruptFile, read_json
 from icf.stages import stage_classes
 
-DONE, INCOMPLETE, STALE, NOT_RUN = "done", "incomplete", "stale", "not run"
+DONE, INCOMPLETE, STALE, NOT_RUN, DAMAGED = "done", "incomplete", "stale", "not run", "damaged"
 
 
 def _index_status(ws: Workspace) -> dict[str, Any]:
@@ -47,28 +52,48 @@ def _has_finish(name: str) -> bool:
     return stage_classes()[name].finish is not Stage.finish
 
 
+def _finish_problem(ws: Workspace, name: str, key: str) -> str | None:
+    """Why the stage's dataset-level step is not done for ``key`` (None when it has none or it is done)."""
+    cls = stage_classes()[name]
+    if not _has_finish(name):
+        return None
+    marker = ws.stage_dir(name, key) / "finish.json"
+    try:
+        if (read_json(marker) or {}).get("cache_key") != key:
+            return f"{marker}: the dataset-level step has not run"
+    except CorruptFile as err:
+        return str(err)
+    return cls.finish_problem(ws.root, key)
+
+
 def _stage_status(ws: Workspace, name: str) -> dict[str, Any]:
     current = ws.current(name)
     entry: dict[str, Any] = {"stage": name, "state": NOT_RUN, "cache_key": None, "units_done": 0,
-                             "units_pending": None, "counts": {}, "failures": []}
+                             "units_pending": None, "counts": {}, "failures": [], "problems": []}
     if current is None:
         return entry
-    units, _, _ = manifest_units(ws)
+    view = manifest_units(ws)
     folder = ws.stage_dir(name, current["cache_key"])
     counts = {OK: 0, FAILED: 0, SKIPPED: 0, PENDING: 0}
     done = 0
-    for unit in units:
+    for unit in view.units:
         stats = read_stats(folder, unit)
-        done += bool(stats) and stats["pending"] == 0
+        problem = unit_problem(folder, unit) if unit_path(folder, unit, "stats.json").exists() else None
+        if problem:
+            entry["problems"].append(problem)
+        done += bool(stats) and not problem and stats["pending"] == 0 and stats.get("uid_rows") == unit_rows(unit, view.rows)
         status = read_status(folder, unit)
         for uid in unit.uids:
             st = status.get(uid)
             counts[st.status if st else PENDING] += 1
             if st and st.status == FAILED:
                 entry["failures"].append({"uid": uid, "error": st.error})
-    finished = not _has_finish(name) or (read_json(folder / "finish.json") or {}).get("cache_key") == current["cache_key"]
-    state = STALE if _is_stale(ws, current) else DONE if done == len(units) and finished else INCOMPLETE
-    entry.update(state=state, cache_key=current["cache_key"], units_done=done, units_pending=len(units) - done,
+    finish_problem = _finish_problem(ws, name, current["cache_key"])
+    if finish_problem and done == len(view.units):
+        entry["problems"].append(finish_problem)
+    state = (STALE if _is_stale(ws, current) else DAMAGED if entry["problems"]
+             else DONE if done == len(view.units) and not finish_problem else INCOMPLETE)
+    entry.update(state=state, cache_key=current["cache_key"], units_done=done, units_pending=len(view.units) - done,
                  counts=counts)
     return entry
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from icf.data.sample import Sample
 from icf.pipeline.ledger import FAILED, OK, PENDING, SKIPPED, SampleStatus, read_status, unit_path, write_unit
-from icf.pipeline.plan import Unit
+from icf.pipeline.plan import Unit, digest
 from icf.pipeline.stage import Inputs, Result, Stage
 from icf.pipeline.store import Output, read_outputs
 
@@ -28,8 +28,13 @@ class UnitJob:
         unit: the unit (id, split, all its uids).
         samples: the unit's manifest rows as Samples, in ``unit.uids`` order.
         stage_dir: ``WORK/<dataset>/<stage>/<key>``.
-        cache_key, inputs: written into the stats; ``inputs`` is the signature of which uids upstream
-            stages passed, so a change upstream makes the unit not-done.
+        cache_key: written into the stats.
+        uid_inputs: uid → input signature now (its manifest row and upstream verdict); the stats record,
+            per uid, the signature its result was computed from, and their digest as ``inputs``, so a
+            changed clip or upstream verdict makes the unit not-done and only that clip is redone.
+        kept_inputs: uid → signature of a kept previous result (not in ``todo``).
+        rows, kept_rows: the same for the manifest-row digests alone (``uid_rows`` in the stats, which
+            downstream stages compare with the manifest to refuse an out-of-date upstream).
         skipped: uid → reason, for samples an upstream stage failed (not processed here).
         todo: uids to compute now; every other eligible uid keeps its previous result (or stays pending).
         reuse: whether the previous unit files belong to this key/signature and may be merged.
@@ -42,7 +47,10 @@ class UnitJob:
     samples: tuple[Sample, ...]
     stage_dir: Path
     cache_key: str
-    inputs: str
+    uid_inputs: Mapping[str, str]
+    kept_inputs: Mapping[str, str]
+    rows: Mapping[str, str]
+    kept_rows: Mapping[str, str]
     skipped: Mapping[str, str]
     todo: tuple[str, ...]
     reuse: bool
@@ -102,10 +110,28 @@ def _load_inputs(job: UnitJob, uids: set[str]) -> dict[str, dict[str, dict[str, 
     return inputs
 
 
+def _signatures(job: UnitJob, status: Mapping[str, SampleStatus], computed: set[str]) -> tuple[dict, dict]:
+    """Per uid, the input signature and row digest its recorded result belongs to (None while pending)."""
+    sigs, rows = {}, {}
+    for uid in job.unit.uids:
+        if uid in computed or uid in job.skipped:
+            sigs[uid], rows[uid] = job.uid_inputs[uid], job.rows[uid]
+        elif status[uid].status != PENDING:
+            sigs[uid], rows[uid] = job.kept_inputs.get(uid), job.kept_rows.get(uid)
+        else:
+            sigs[uid] = rows[uid] = None
+    return sigs, rows
+
+
 def run_unit(stage: Stage, job: UnitJob) -> UnitReport:
-    """Compute ``job.todo`` for one unit, merge with what is kept, and write the unit's files."""
-    outputs = read_outputs(unit_path(job.stage_dir, job.unit, "out.parquet")) if job.reuse else {}
-    status = read_status(job.stage_dir, job.unit) if job.reuse else {}
+    """Compute ``job.todo`` for one unit, merge with what is kept, and write the unit's files.
+
+    A clip whose upstream outputs are missing (an upstream file vanished after planning) stays pending,
+    never failed, so the next run computes it once the upstream is back."""
+    members = set(job.unit.uids)
+    outputs = {u: o for u, o in read_outputs(unit_path(job.stage_dir, job.unit, "out.parquet")).items()
+               if u in members} if job.reuse else {}
+    status = {u: st for u, st in read_status(job.stage_dir, job.unit).items() if u in members} if job.reuse else {}
     for uid in job.unit.uids:
         if uid in job.skipped:
             status[uid] = SampleStatus(SKIPPED, job.skipped[uid])
@@ -113,8 +139,12 @@ def run_unit(stage: Stage, job: UnitJob) -> UnitReport:
         elif uid not in status:
             status[uid] = SampleStatus(PENDING)
     todo = set(job.todo) - set(job.skipped)
-    batch_all = [s for s in job.samples if s.uid in todo]
     inputs = _load_inputs(job, todo)
+    missing = {u for u in todo if set(inputs[u]) != set(job.upstream_dirs)}
+    for uid in missing:
+        outputs.pop(uid, None)
+        status[uid] = SampleStatus(PENDING, "upstream outputs missing")
+    batch_all = [s for s in job.samples if s.uid in todo - missing]
     for start in range(0, len(batch_all), job.batch_size):
         batch = batch_all[start : start + job.batch_size]
         t0 = time.perf_counter()
@@ -130,7 +160,9 @@ def run_unit(stage: Stage, job: UnitJob) -> UnitReport:
                 outputs.pop(res.uid, None)
                 reason = res.error if bad is None else f"NaN or Inf in the {bad} output computed from this clip"
                 status[res.uid] = SampleStatus(FAILED, reason, per_sample)
-    stats = {"stage": stage.name, "cache_key": job.cache_key, "inputs": job.inputs, **job.extra_stats}
+    sigs, rows = _signatures(job, status, {s.uid for s in batch_all})
+    stats = {"stage": stage.name, "cache_key": job.cache_key, "inputs": digest(sorted(sigs.items())),
+             "uid_inputs": sigs, "uid_rows": rows, **job.extra_stats}
     written = write_unit(job.stage_dir, job.unit, outputs, status, stats)
     return UnitReport(job.unit.id, len(batch_all), written)
 

@@ -2,9 +2,13 @@
 
 Wraps :func:`icf.data.index.build_manifest` (one row per CSV row, ``status`` ok/failed with a reason) and
 adds the ``unit`` column (:func:`icf.pipeline.plan.assign_units`) that fixes every later stage's units.
-Its cache key hashes the config (dataset, root, splits, unit size) *and* the manifest's content, so a
-rescan that finds different files gives every downstream stage a new key. It is skipped when the
-manifest was built with the same config, unless ``force``.
+Its cache key hashes the config alone (dataset, root, splits, unit size); the content is in each row's
+``digest`` (fields + files' size and mtime), which downstream stages use as the clip's input signature,
+so a clip whose files changed is recomputed alone and the others keep their results.
+
+Every run re-reads the CSV and ``stat``s every file (cheap); rows whose digest is unchanged keep their
+verdict, the others are re-checked; the manifest is rewritten only when something changed. ``force``
+re-checks every file. A missing or corrupt manifest or stats file is rebuilt.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import pyarrow as pa
 
 from icf.data.index import Progress, build_manifest, write_manifest
 from icf.pipeline.ledger import Workspace
-from icf.pipeline.plan import assign_units, cache_key, digest
-from icf.pipeline.store import atomic_write_json, read_json
+from icf.pipeline.plan import assign_units, cache_key
+from icf.pipeline.store import CorruptFile, atomic_write_json, read_json
 
-VERSION = "1"
+VERSION = "2"  # 2: per-row digests; the key is the config's alone
 DEFAULT_UNIT_SIZE = 32
 
 
@@ -33,9 +37,10 @@ class IndexSummary:
     failures: list[tuple[str, str]]
     rebuilt: bool
     seconds: float
+    rechecked: int = 0
 
     def line(self) -> str:
-        done = "built" if self.rebuilt else "up to date (--force rescans the files)"
+        done = f"built ({self.rechecked} rows checked)" if self.rebuilt else "up to date (--force re-checks every file)"
         return f"index [{self.cache_key}]: {self.ok} ok, {self.failed} failed; manifest {done}, {self.seconds:.1f}s"
 
     def to_dict(self) -> dict[str, Any]:
@@ -45,6 +50,7 @@ class IndexSummary:
             "counts": {"ok": self.ok, "failed": self.failed},
             "failures": [{"uid": u, "error": e} for u, e in self.failures],
             "rebuilt": self.rebuilt,
+            "rechecked": self.rechecked,
             "seconds": round(self.seconds, 3),
         }
 
@@ -57,6 +63,18 @@ def with_units(table: pa.Table, unit_size: int) -> pa.Table:
 
 def _failures(table: pa.Table) -> list[tuple[str, str]]:
     return [(r["uid"], r["error"]) for r in table.select(["uid", "status", "error"]).to_pylist() if r["status"] != "ok"]
+
+
+def _previous(ws: Workspace, config_key: str) -> tuple[dict[str, Any] | None, pa.Table | None]:
+    """The stats and manifest of the last index run with this config; (None, None) when there is none or
+    either file is corrupt (the run then rebuilds them)."""
+    try:
+        stats = read_json(ws.manifest_stats)
+        if not stats or stats.get("config_key") != config_key or not ws.manifest.exists():
+            return stats if isinstance(stats, dict) else None, None
+        return stats, ws.read_manifest()
+    except CorruptFile:
+        return None, None
 
 
 def run_index(
@@ -73,27 +91,35 @@ def run_index(
     ``progress(done, total)`` follows the file checks.
     """
     t0 = time.perf_counter()
-    stats = read_json(ws.manifest_stats)
+    try:
+        old_stats = read_json(ws.manifest_stats)
+    except CorruptFile:
+        old_stats = None
     if unit_size is None:
-        unit_size = stats["config"]["unit_size"] if stats else DEFAULT_UNIT_SIZE
+        unit_size = (old_stats or {}).get("config", {}).get("unit_size", DEFAULT_UNIT_SIZE)
     config = {
         "dataset": ws.dataset,
         "root": str(Path(root).expanduser().resolve()),
         "splits": sorted(splits) if splits else None,
         "unit_size": unit_size,
     }
-    config_key = cache_key("index", VERSION, config, {})
-    if stats and not force and stats["config_key"] == config_key and ws.manifest.exists():
-        failures = _failures(ws.read_manifest())
-        return IndexSummary(stats["cache_key"], stats["ok"], stats["failed"], failures, False, time.perf_counter() - t0)
-    table = with_units(build_manifest(ws.dataset, root, splits, progress=progress), unit_size)
+    key = cache_key("index", VERSION, config, {})
+    stats, before = _previous(ws, key)
+    previous: dict[str, dict] = {}
+    for row in [] if before is None or force else before.select(["uid", "digest", "error"]).to_pylist():
+        previous.setdefault(row["uid"], row)  # the first row of a uid (later duplicates failed)
+    table = with_units(build_manifest(ws.dataset, root, splits, progress=progress, previous=previous), unit_size)
+    failures = _failures(table)
+    ok = table.num_rows - len(failures)
+    if stats and before is not None and before.equals(table):
+        return IndexSummary(key, ok, len(failures), failures, False, time.perf_counter() - t0)
+    old = {r["uid"]: r["digest"] for r in (before.select(["uid", "digest"]).to_pylist() if before is not None else [])}
+    rechecked = sum(old.get(u) != d for u, d in zip(table.column("uid").to_pylist(), table.column("digest").to_pylist()))
     ws.manifest_stats.unlink(missing_ok=True)  # a run killed before the new stats land must rebuild
     write_manifest(table, ws.manifest)
-    failures = _failures(table)
-    key = digest({"config": config_key, "content": digest(table.to_pylist())})
-    ok = table.num_rows - len(failures)
     atomic_write_json(
         ws.manifest_stats,
-        {"stage": "index", "cache_key": key, "config_key": config_key, "config": config, "ok": ok, "failed": len(failures)},
+        {"stage": "index", "cache_key": key, "config_key": key, "config": config, "ok": ok, "failed": len(failures)},
     )
-    return IndexSummary(key, ok, len(failures), failures, True, time.perf_counter() - t0)
+    return IndexSummary(key, ok, len(failures), failures, True, time.perf_counter() - t0,
+                        len(table) if force else rechecked)

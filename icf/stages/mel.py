@@ -1,14 +1,15 @@
-"""Stage ``mel``: the clip's WAV → log-Mel patches in VGGish framing, float16 ``(T, 96, 64)``.
+"""Stage ``mel``: the clip's WAV → log-Mel patches in VGGish's front end, float16 ``(T, 96, 64)``.
 
-VGGish framing (``vggish_params.py`` / ``mel_features.py``, see FORMATS.md §4): 16 kHz mono, 25 ms
-periodic-Hann window (400 samples) every 10 ms (160), 512-point FFT magnitude, 64 HTK-scale mel bands
-125–7500 Hz, ``log(mel + 0.01)``, then non-overlapping 0.96 s patches of 96 frames. VGGish frames a
-400-sample window with no centring; ``torch.stft`` centres a 400-sample window inside each 512-sample
-frame, so the wave is padded by (512 − 400)/2 samples on both sides to put frame k on samples
-[160k, 160k + 400) exactly as VGGish does. One patch per video frame (patch k ↔ frame k); when the audio
-yields fewer patches than frames the last patch repeats (the official S4/MS3 ``extract_one_log_mel``).
-The mel filterbank is torchaudio's (triangles linear in Hz between HTK mel points), not VGGish's own
-matrix (triangles linear in mel), a small difference in band shapes.
+The published VGGish front end (tensorflow/models ``research/audioset/vggish``: ``vggish_params.py``,
+``mel_features.py``), reimplemented from its algorithm: 16 kHz mono; frames of 25 ms (400 samples)
+every 10 ms (160), no centring, ``1 + (N - 400) // 160`` of them; a periodic Hann window
+``0.5 - 0.5 cos(2πn/400)``; the magnitude of a 512-point real FFT (257 bins); VGGish's own mel matrix
+(:func:`vggish_mel_matrix`: 64 triangles *linear in mel* between 66 points equally spaced on the HTK mel
+scale ``1127 ln(1 + f/700)`` from 125 to 7500 Hz, evaluated at the FFT bins' mel positions, DC bin
+zeroed); ``log(mel + 0.01)``; then non-overlapping 0.96 s patches of 96 frames. Everything runs in
+float64 as VGGish's numpy code does, and is stored as float16. One patch per video frame (patch k ↔
+frame k); when the audio yields fewer patches than frames the last patch repeats (the official S4/MS3
+``extract_one_log_mel``).
 """
 
 from __future__ import annotations
@@ -24,11 +25,34 @@ from icf.pipeline.stage import Stage, option
 from icf.pipeline.store import Output
 
 
+def hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
+    """HTK mel scale (the one VGGish uses): ``1127 ln(1 + f / 700)``."""
+    return 1127.0 * np.log1p(np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def vggish_mel_matrix(n_bins: int, sample_rate: float, n_mels: int, f_min: float, f_max: float) -> np.ndarray:
+    """VGGish's spectrogram → mel weights, ``(n_bins, n_mels)`` float64.
+
+    The FFT bins sit at ``linspace(0, sample_rate / 2, n_bins)`` Hz; band k rises linearly *in mel* from
+    edge k to edge k+1 and falls to edge k+2, the ``n_mels + 2`` edges equally spaced in mel between
+    ``f_min`` and ``f_max``; weights are the triangle's height at each bin's mel value (no area
+    normalisation), and the DC bin gets weight 0 in every band.
+    """
+    bins = hz_to_mel(np.linspace(0.0, sample_rate / 2.0, n_bins))[:, None]  # (n_bins, 1)
+    edges = np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2)
+    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]  # (n_mels,) each
+    rising = (bins - lower) / (centre - lower)
+    falling = (upper - bins) / (upper - centre)
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights[0, :] = 0.0
+    return weights
+
+
 class MelStage(Stage):
-    """Log-Mel spectrogram patches (VGGish framing), one 0.96 s patch per frame."""
+    """Log-Mel spectrogram patches (VGGish front end), one 0.96 s patch per frame."""
 
     name = "mel"
-    version = "1"
+    version = "2"  # 2: VGGish's own mel matrix (linear in mel, DC zeroed), float64
 
     @dataclass(frozen=True)
     class Config:
@@ -42,41 +66,35 @@ class MelStage(Stage):
         log_offset: float = option(0.01, "log(mel + offset).")
         patch_frames: int = option(96, "STFT frames per patch (0.96 s).")
 
-    def setup(self) -> None:
-        import torch
-        import torchaudio
+        def __post_init__(self) -> None:
+            """``ValueError`` naming the flag for a setting that cannot give a log-Mel."""
+            for name in ("sample_rate", "window_s", "hop_s", "n_fft", "n_mels", "log_offset", "patch_frames"):
+                value = getattr(self, name)
+                if not value > 0 or value == float("inf"):
+                    raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            if round(self.window_s * self.sample_rate) > self.n_fft:
+                raise ValueError(f"--window-s {self.window_s} is {round(self.window_s * self.sample_rate)} samples, "
+                                 f"more than --n-fft {self.n_fft}")
+            if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
+                raise ValueError(f"need 0 <= --f-min < --f-max <= sample_rate/2, got {self.f_min}, {self.f_max}")
 
+    def setup(self) -> None:
         c = self.cfg
         self._win = round(c.window_s * c.sample_rate)
-        self._mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=c.sample_rate,
-            n_fft=c.n_fft,
-            win_length=self._win,
-            hop_length=round(c.hop_s * c.sample_rate),
-            f_min=c.f_min,
-            f_max=c.f_max,
-            n_mels=c.n_mels,
-            window_fn=torch.hann_window,  # periodic, as VGGish's periodic_hann
-            power=1.0,  # magnitude
-            center=False,
-            norm=None,
-            mel_scale="htk",
-        )
+        self._hop = round(c.hop_s * c.sample_rate)
+        self._window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(self._win) / self._win)  # periodic Hann
+        self._bank = vggish_mel_matrix(c.n_fft // 2 + 1, c.sample_rate, c.n_mels, c.f_min, c.f_max)
 
     def log_mel(self, wave: np.ndarray) -> np.ndarray:
-        """Mono wave ``(N,)`` at ``sample_rate`` → log-Mel ``(frames, n_mels)`` float32, VGGish frames.
+        """Mono wave ``(N,)`` at ``sample_rate`` → log-Mel ``(frames, n_mels)`` float32, VGGish frames
+        (``frames = 1 + (N - window) // hop``).
 
         Raises ``ValueError`` when the wave is shorter than one STFT window."""
-        import torch
-
         if len(wave) < self._win:
             raise ValueError(f"{len(wave)} audio samples is shorter than one {self._win}-sample STFT window")
-
-        pad = (self.cfg.n_fft - self._win) // 2
-        x = torch.nn.functional.pad(torch.from_numpy(wave), (pad, pad))
-        with torch.no_grad():
-            mel = self._mel(x)  # (n_mels, frames)
-        return torch.log(mel + self.cfg.log_offset).T.contiguous().numpy()
+        frames = np.lib.stride_tricks.sliding_window_view(np.asarray(wave, dtype=np.float64), self._win)[:: self._hop]
+        spectrum = np.abs(np.fft.rfft(frames * self._window, self.cfg.n_fft))  # (frames, n_fft // 2 + 1)
+        return np.log(spectrum @ self._bank + self.cfg.log_offset).astype(np.float32)
 
     def patches(self, log_mel: np.ndarray, n_frames: int) -> np.ndarray:
         """``(frames, n_mels)`` → ``(n_frames, patch_frames, n_mels)``; repeats the last patch if short."""

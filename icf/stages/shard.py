@@ -22,7 +22,6 @@ import io
 import json
 import os
 import tarfile
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +31,18 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from icf.clitools import UserError
+from icf.data.index import sample_key
 from icf.data.io import read_mask, read_rgb
 from icf.data.manifests import load_info
 from icf.data.sample import Sample
 from icf.pipeline.plan import SPLIT_ORDER
 from icf.pipeline.stage import FinishContext, Stage, option
 from icf.pipeline.store import (
-    TMP_INFIX, Output, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs, sweep_temp_files,
+    Output, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs, sweep_temp_files, temp_path,
 )
 
 EMBEDDINGS = ("clip", "vclip", "vclip_seg", "clap", "clap_clip")
-
-
-def sample_key(uid: str) -> str:
-    """WebDataset key of a clip: the uid with dots replaced (the key ends at the first dot)."""
-    return uid.replace(".", "_")
 
 
 def fit(img: Image.Image, size: int, crop: bool, resample: Image.Resampling) -> Image.Image:
@@ -99,7 +95,7 @@ class _TarWriter:
 
     def _open(self) -> None:
         self._name = f"{self.prefix}-{len(self.entries):06d}.tar"
-        self._tmp = self.folder / f"{self._name}{TMP_INFIX}{uuid.uuid4().hex[:12]}"
+        self._tmp = temp_path(self.folder / self._name)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.GNU_FORMAT)
         self._size = self._count = 0
 
@@ -139,6 +135,15 @@ class ShardStage(Stage):
         image_size: int = option(224, "Frames and masks are stored at S×S.")
         jpeg_quality: int = option(90, "JPEG quality of the stored frames.")
         shard_mb: int = option(256, "Target shard size (MB).")
+
+        def __post_init__(self) -> None:
+            """``ValueError`` naming the flag for a setting that cannot give shards."""
+            if self.image_size < 16:
+                raise ValueError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+            if not 1 <= self.jpeg_quality <= 100:
+                raise ValueError(f"--jpeg-quality must lie in 1..100, got {self.jpeg_quality}")
+            if self.shard_mb < 1:
+                raise ValueError(f"--shard-mb must be at least 1, got {self.shard_mb}")
 
     def process_one(self, s: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
         """The tar members of one clip (raises ``ValueError`` naming the file on bad media)."""
@@ -190,6 +195,30 @@ class ShardStage(Stage):
                 writer.add(sample_key(uid), members)
         return [{"url": f"shards/{split}/{e['name']}", "nsamples": e["nsamples"], "filesize": e["filesize"],
                  "sha256": e["sha256"]} for e in writer.close()]
+
+    @classmethod
+    def finish_problem(cls, dataset_dir: Path, cache_key: str) -> str | None:
+        """Whether ``shards.json``, the text bank and every tar are this key's, as written (sizes checked)."""
+        index_path = dataset_dir / "shards.json"
+        try:
+            index = read_json(index_path)
+        except UserError as err:
+            return str(err)
+        if not isinstance(index, dict):
+            return f"{index_path}: missing file"
+        if index.get("cache_key") != cache_key:
+            return f"{index_path}: written by shard key {index.get('cache_key')}, not {cache_key}"
+        try:
+            files = [(dataset_dir / index["text_bank"], None)]
+            files += [(dataset_dir / e["url"], int(e["filesize"])) for v in index["splits"].values() for e in v]
+        except (KeyError, TypeError, ValueError) as err:
+            return f"{index_path}: malformed ({type(err).__name__}: {err})"
+        for path, size in files:
+            if not path.is_file():
+                return f"{path}: missing file"
+            if size is not None and path.stat().st_size != size:
+                return f"{path}: {path.stat().st_size} bytes, {index_path.name} says {size}"
+        return None
 
     def finish(self, ctx: FinishContext) -> dict[str, Any]:
         """Pack the units into tar shards per split; write the text bank copy and ``shards.json``."""

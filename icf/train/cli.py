@@ -7,13 +7,14 @@ from pathlib import Path
 
 import typer
 
-from icf.clitools import WorkOption, work_dir
+from icf.clitools import UserError, WorkOption, check_at_least, ensure_writable, work_dir
+from icf.data.sample import DATASETS
 from icf.eval.report import user_errors
 
 
 @user_errors
 def train_command(
-    dataset: str = typer.Option(..., "--dataset", help="s4 | ms3 | avss"),
+    dataset: str | None = typer.Option(None, "--dataset", help="s4 | ms3 | avss (a --resume run knows its own)."),
     method: str = typer.Option("icf", "--method", help="A registered method: icf | bidir | tpavi | … (icf/methods)."),
     preset_name: str = typer.Option("tiny", "--preset", help="tiny | paper-r50 | paper-pvt"),
     work: Path | None = WorkOption,
@@ -31,10 +32,24 @@ def train_command(
     """Train a method on the shards of WORK/<dataset>/shards.json; writes checkpoints, metrics.jsonl and loss.png."""
     from icf.train.trainer import RunSpec, train
 
+    if resume is None and dataset is None:
+        raise UserError("--dataset is required (unless --resume continues a run, which knows its dataset)")
+    if dataset is not None and dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    check_at_least("--max-steps", max_steps, 0)
+    check_at_least("--epochs", epochs, 1)
+    check_at_least("--checkpoint-every", checkpoint_every, 1)
+    check_at_least("--workers", workers, 0)
+    check_at_least("--ray-workers", ray_workers, 0)
+    if resume is not None and not resume.is_dir():
+        raise UserError(f"{resume}: not a training run (no such folder)")
+    if resume is not None and out is not None and out != resume:
+        raise UserError("--out and --resume name different folders; --resume continues the run in its own folder")
     root = work_dir(work)
     run = resume or out or root / "runs" / f"{dataset}-{method}-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ensure_writable(run, "--resume" if resume else "--out")
     spec = RunSpec(
-        dataset=dataset, preset=preset_name, method=method, work=root, out=run, epochs=epochs, max_steps=max_steps,
+        dataset=dataset or "", preset=preset_name, method=method, work=root, out=run, epochs=epochs, max_steps=max_steps,
         ablate=frozenset(a.strip() for a in ablate.split(",") if a.strip()), seed=seed, workers=workers,
         overrides=list(set_), checkpoint_every=checkpoint_every,
     )

@@ -261,8 +261,78 @@ class Dist:
         return self.rank == 0
 
 
+RUN_MARKERS = (RUN_FILE, METRICS_FILE, checkpoint.CHECKPOINT)
+
+
+def trim_metrics(run: Path, step: int) -> None:
+    """Drop the ``metrics.jsonl`` records after ``step`` (those of steps an interrupted run took after its
+    last checkpoint), so a resumed run logs each step once."""
+    records = read_metrics(run)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) != len(records):
+        tmp = run / f"{METRICS_FILE}.tmp"
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        tmp.replace(run / METRICS_FILE)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM while training: the first one asks the loop to checkpoint and stop after the
+    current step (``signal`` is then the signal's number); a second one interrupts at once. Installed only
+    in the main thread (Python delivers signals there); the previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        console.print(f"[yellow]signal {signum}: saving a checkpoint after this step, then stopping "
+                      "(again to stop at once)[/]", highlight=False)
+
+    def __enter__(self) -> StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def exit(self) -> None:
+        """Leave as the signal would have: KeyboardInterrupt for SIGINT (exit 130), exit 143 for SIGTERM."""
+        import signal
+
+        if self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + int(self.signal or 0))
+
+
+def save_checkpoint(path: Path, *args: Any) -> None:
+    """``checkpoint.save`` with a full or read-only disk as a one-line ``UserError`` (the previous
+    checkpoint stays intact and the half-written temp file is removed)."""
+    try:
+        checkpoint.save(path, *args)
+    except (OSError, RuntimeError) as err:
+        path.with_suffix(".tmp").unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise UserError(f"{path}: cannot write the checkpoint ({reason}; disk full?); the previous "
+                        "checkpoint is intact, free space and --resume") from None
+
+
 def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
-    """Train (or, with ``resume``, continue the run in ``spec.out``) and return the run folder."""
+    """Train (or, with ``resume``, continue the run in ``spec.out``) and return the run folder.
+
+    A new run refuses a folder that already holds one (``run.json``, ``metrics.jsonl`` or a checkpoint);
+    SIGINT / SIGTERM save a checkpoint after the current step and stop; ``max_steps`` 0 takes no step.
+    """
     run = spec.out
     if resume:
         doc, model_cfg, train_cfg = read_run_file(run)
@@ -271,7 +341,7 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
         shards = ShardSet.load(doc["shards"])
         every = int(doc.get("checkpoint_every", spec.checkpoint_every))
     else:
-        if dist.main and (run / checkpoint.CHECKPOINT).exists():
+        if dist.main and any((run / name).exists() for name in RUN_MARKERS):
             raise UserError(f"{run}: already holds a run (use --resume {run} to continue it, or another --out)")
         model_cfg, train_cfg = build_configs(spec)
         shards = ShardSet.load(shards_path(spec.work, spec.dataset))
@@ -289,7 +359,7 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
     if steps_per_epoch == 0:
         raise UserError(f"{shards.path}: {stream.num_samples()} train clips, fewer than one batch of {train_cfg.batch_size} per worker")
     total = train_cfg.epochs * steps_per_epoch
-    stop = min(total, train_cfg.max_steps) if train_cfg.max_steps else total
+    stop = total if train_cfg.max_steps is None else min(total, train_cfg.max_steps)
 
     # model, optimiser, schedule (over the whole run, whatever max_steps says)
     model = build_model(model_cfg, shards, device)
@@ -304,15 +374,17 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         step, position = state["step"], DataPosition(**state["position"])
+        if dist.main:
+            trim_metrics(run, step)
     net = dist.wrap(model) if dist.wrap is not None else model
 
     if dist.main:
         console.print(f"[bold]run[/] {run}  device {device.type}  workers {dist.world}  {steps_per_epoch} steps/epoch  steps {step}→{stop}")
     negatives = training_negatives(train_cfg, shards, device)  # identity unless train.negative_fraction > 0
     t0 = time.time()
-    with _progress(enabled=dist.main) as bar:
+    with _progress(enabled=dist.main) as bar, StopRequest() as stop_request:
         task = bar.add_task("train", total=stop, completed=step, loss=float("nan"))
-        while step < stop:
+        while step < stop and stop_request.signal is None:
             stream.set_position(position.epoch, position.batch * dist.world)
             for batch in loader:
                 batch = negatives(batch, step)
@@ -320,17 +392,19 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
                 step += 1
                 nxt = position.batch + 1
                 position = DataPosition(position.epoch + 1, 0) if nxt == steps_per_epoch else DataPosition(position.epoch, nxt)
-                if spec.time_limit_s is not None and time.time() - t0 >= spec.time_limit_s:
+                if (spec.time_limit_s is not None and time.time() - t0 >= spec.time_limit_s) or stop_request.signal:
                     stop = step
                 if dist.main:
                     append_metrics(run, {"step": step, "epoch": position.epoch, "time": round(time.time() - t0, 3), **record})
                     bar.update(task, completed=step, loss=record["total"])
                     if step % every == 0 or step == stop:
-                        checkpoint.save(ckpt_path, model, optimizer, scheduler, step, position.to_dict())
+                        save_checkpoint(ckpt_path, model, optimizer, scheduler, step, position.to_dict())
                 if step >= stop or position.batch == 0:
                     break
     if dist.main:
         plot_losses(run)
+    if stop_request.signal is not None:
+        stop_request.exit()
     return run
 
 

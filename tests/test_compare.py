@@ -99,3 +99,16 @@ def test_settings_registry_parses_values_and_takes_new_entries() -> None:
 def test_mean_std_skips_missing_values() -> None:
     assert mean_std([0.2, None, float("nan"), 0.4]) == pytest.approx({"mean": 0.3, "std": math.sqrt(0.02), "n": 2})
     assert mean_std([])["n"] == 0
+
+
+def test_compare_negative_settings_give_icf_eval_false_positive_rates(runs: list[Path]) -> None:
+    res = CliRunner().invoke(app, ["compare", str(runs[0]), "--split", "val", "--negative", "silence,noise", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output.strip().splitlines()[-1])
+    assert doc["settings"] == ["clean", "negative: silence", "negative: noise"]
+    assert {"FPR_frame", "FPR_pixel", "HM"} <= set(doc["metrics"])
+    expected = _eval_json(runs[0], "--negative", "silence", "--negative", "noise")
+    for kind in ("silence", "noise"):
+        got = doc["runs"][0]["results"][f"negative: {kind}"]
+        for m in ("FPR_frame", "FPR_pixel", "HM"):
+            assert got[m] == pytest.approx(expected[kind][m], abs=1e-12), (kind, m)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the CLI imports this module at start-up: torch loads only w
     from icf.eval.evaluate import Perturbation, Predictor
 
 METRICS = ("J", "F", "J_present", "F_present", "FDR")
+NEGATIVE_METRICS = ("FPR_frame", "FPR_pixel", "HM")  # shown when a negative-audio setting is compared
 # run.json keys that do not make two runs different methods/configurations
 SEED_KEYS = (("train", "seed"),)
 IGNORED_KEYS = ("checkpoint_every",)
@@ -68,6 +69,22 @@ def perturbed_eval(p: Perturbation | None = None, f_mode: str = "official", **fi
     return run
 
 
+def negative_eval(kind: str, seed: int = 0, f_mode: str = "official") -> RunEval:
+    """``icf eval --negative KIND``: the false-positive rates under negative audio and HM (harmonic mean of the
+    clean J on positives and 1 − FPR_frame; `icf.eval.metrics.negative_score`)."""
+    from icf.eval.evaluate import evaluate
+    from icf.eval.metrics import negative_score, positive_j
+    from icf.eval.negatives import build_negative
+
+    def run(predict: Predictor, shards: ShardSet, split: str, image_size: int, device: torch.device) -> dict[str, Any]:
+        clean = evaluate(predict, shards, split, image_size, f_mode, device=device)
+        neg = evaluate(predict, shards, split, image_size, f_mode, device=device,
+                       negative=build_negative(kind, shards, split, device, seed))
+        return {**neg, "HM": negative_score(positive_j(clean), neg["FPR_frame"])}
+
+    return run
+
+
 def _value(name: str, value: str | None) -> float:
     if value is None:
         raise UserError(f"setting {name!r} needs a value ({name}=VALUE)")
@@ -82,6 +99,9 @@ SETTINGS: dict[str, Callable[[str | None], EvalSetting]] = {
     "snr": lambda v: EvalSetting(f"snr {_value('snr', v):g} dB", perturbed_eval(snr_db=_value("snr", v))),
     "frame-mix": lambda v: EvalSetting(f"frame-mix {_value('frame-mix', v):g}", perturbed_eval(frame_mix=_value("frame-mix", v))),
     "shuffled-audio": lambda _v: EvalSetting("shuffled audio", perturbed_eval(shuffle_audio=True)),
+    "silence": lambda _v: EvalSetting("negative: silence", negative_eval("silence")),
+    "noise": lambda _v: EvalSetting("negative: noise", negative_eval("noise")),
+    "offscreen": lambda _v: EvalSetting("negative: offscreen", negative_eval("offscreen")),
 }
 
 
@@ -164,7 +184,7 @@ def mean_std(values: Sequence[float]) -> dict[str, float | int]:
     return {"mean": m, "std": std, "n": len(vals)}
 
 
-def group_runs(evaluated: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
+def group_runs(evaluated: Sequence[dict[str, Any]], labels: Sequence[str], metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
     """Runs sharing a configuration (all but the seed) → one group with mean ± std per setting and metric."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in evaluated:
@@ -181,7 +201,7 @@ def group_runs(evaluated: Sequence[dict[str, Any]], labels: Sequence[str]) -> li
             "seeds": [m["seed"] for m in members],
             "steps": [m["steps"] for m in members],
             "planned_steps": members[0]["planned_steps"],
-            "settings": {lab: {k: mean_std([m["results"][lab].get(k) for m in members]) for k in METRICS} for lab in labels},
+            "settings": {lab: {k: mean_std([m["results"][lab].get(k) for m in members]) for k in metrics} for lab in labels},
         })
     return out
 
@@ -196,11 +216,13 @@ def comparison(runs: Sequence[Path], split: str, settings: Sequence[EvalSetting]
     if len(set(labels)) != len(labels):
         raise UserError(f"settings repeat: {labels}")
     evaluated = evaluate_runs(runs, split, settings, on_eval)
+    found = {k for r in evaluated for res in r["results"].values() for k in res}
+    metrics = [*METRICS, *(m for m in NEGATIVE_METRICS if m in found)]
     return {
         "split": split,
         "settings": labels,
-        "metrics": list(METRICS),
-        "groups": group_runs(evaluated, labels),
+        "metrics": metrics,
+        "groups": group_runs(evaluated, labels, metrics),
         "runs": [{k: v for k, v in r.items() if k != "doc"} | {"method": r["doc"].get("method"), "label": run_label(r["doc"])}
                  for r in evaluated],
     }
@@ -302,6 +324,7 @@ def compare_command(
     split: str = typer.Option("test", "--split", help="val | test"),
     snr_db: list[str] = typer.Option([], "--snr-db", help="Also evaluate with background noise at these SNRs (dB), e.g. 10,0,-10."),
     frame_mix: list[str] = typer.Option([], "--frame-mix", help="Also evaluate with these fractions of clips frame-mixed, e.g. 0.25."),
+    negative: list[str] = typer.Option([], "--negative", help="Also evaluate with negative audio: silence | noise | offscreen (repeatable)."),
     setting: list[str] = typer.Option([], "--setting", help=f"Also evaluate a named setting NAME[=VALUE] ({', '.join(SETTINGS)})."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as one JSON object instead of a table."),
     out_dir: Path | None = typer.Option(None, "--out", help="Write compare.json, compare.csv and compare.png here."),
@@ -313,7 +336,7 @@ def compare_command(
 
     if split not in ("val", "test"):
         raise UserError(f"--split must be val or test, got {split!r}")
-    chosen = settings_from_options(snr_db, frame_mix, setting)
+    chosen = settings_from_options(snr_db, frame_mix, [*split_values(negative), *setting])
     bar = Progress(TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                    TimeRemainingColumn(), console=console, disable=as_json)
     with bar:

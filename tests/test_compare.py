@@ -47,14 +47,14 @@ def test_compare_gives_icf_eval_metrics_and_seed_statistics(runs: list[Path], tm
             for m in METRICS:
                 assert entry["results"][label][m] == pytest.approx(expected[m], abs=1e-12), (run.name, label, m)
     groups = {g["name"]: g for g in doc["groups"]}
-    assert set(groups) == {"tiny", "tiny −cdcl"}
-    base = groups["tiny"]
+    assert set(groups) == {"icf tiny", "icf tiny −cdcl"}
+    base = groups["icf tiny"]
     assert sorted(base["seeds"]) == [7, 8] and base["steps"] == [2, 2] and base["planned_steps"] == 2
     for m in METRICS:
         a, b = (doc["runs"][i]["results"]["clean"][m] for i in (0, 1))
         stat = base["settings"]["clean"][m]
         assert stat["mean"] == pytest.approx((a + b) / 2) and stat["std"] == pytest.approx(abs(a - b) / math.sqrt(2))
-    assert groups["tiny −cdcl"]["settings"]["clean"]["J"]["std"] == 0.0
+    assert groups["icf tiny −cdcl"]["settings"]["clean"]["J"]["std"] == 0.0
     rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
     assert len(rows) == 2 * 2 and float(rows[0]["J_mean"]) == pytest.approx(base["settings"]["clean"]["J"]["mean"], abs=1e-6)
     assert (tmp_path / "compare.png").stat().st_size > 1000
@@ -70,7 +70,15 @@ def test_table_shows_the_method_column_when_run_json_names_one(runs: list[Path],
     assert res.exit_code == 0, res.output
     header = next(line for line in res.output.splitlines() if "group" in line)
     assert "method" in header and "icf-toy" in res.output
-    res = CliRunner().invoke(app, ["compare", str(runs[0]), str(runs[1]), "--split", "val"], env={"COLUMNS": "250"})
+    old = []  # runs written before the registry name no method: no column
+    for i in (0, 1):
+        old.append(tmp_path / f"old{i}")
+        shutil.copytree(runs[i], old[-1])
+        doc = json.loads((old[-1] / "run.json").read_text())
+        doc.pop("method")
+        doc["model"].pop("method")
+        (old[-1] / "run.json").write_text(json.dumps(doc))
+    res = CliRunner().invoke(app, ["compare", *map(str, old), "--split", "val"], env={"COLUMNS": "250"})
     header = next(line for line in res.output.splitlines() if "group" in line)
     assert res.exit_code == 0 and "method" not in header
 

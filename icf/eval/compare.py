@@ -139,8 +139,9 @@ def configuration(doc: dict[str, Any]) -> str:
 
 
 def run_label(doc: dict[str, Any]) -> str:
-    """Short name of a run's configuration: its method (run.json ``method``) or preset, and what it ablates."""
-    name = doc.get("method") or doc.get("preset", "?")
+    """Short name of a run's configuration: its method (run.json ``method``, when named) and preset, and what it
+    ablates."""
+    name = " ".join(str(doc[k]) for k in ("method", "preset") if doc.get(k)) or "?"
     ablate = doc.get("model", {}).get("ablate") or []
     return f"{name} −{','.join(sorted(ablate))}" if ablate else str(name)
 

@@ -3,6 +3,8 @@ and exit 2, before any heavy work starts, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 from typer.testing import CliRunner
 
@@ -14,6 +16,8 @@ def where(tmp_path):
     """A text file (a 'weights file' that is no checkpoint, and a path no folder can be made under)."""
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
+    with zipfile.ZipFile(tmp_path / "notes.zip", "w") as archive:  # a zip, but not what torch.save writes
+        archive.writestr("notes.txt", "not a checkpoint")
     return tmp_path, text
 
 
@@ -34,6 +38,7 @@ def cases(tmp, text):
         (["stage", "all", *stage, "--root", str(tmp), "--f-max", "9000"], "--f-max <= sample_rate/2"),
         (["stage", "shard", *stage, "--image-size", "8"], "--image-size must be at least 16"),
         (["stage", "extract", *stage, "--clip-weights", str(text)], "not a torch checkpoint"),
+        (["stage", "extract", *stage, "--clap-weights", str(tmp / "notes.zip")], "a zip archive but not a torch checkpoint"),
         (["stage", "all", "--dataset", "avss", "--work", str(text / "w"), "--root", str(tmp)], "cannot write there"),
         (["stage", "index", "--dataset", "avss", "--work", str(text / "w"), "--root", str(tmp)], "cannot write there"),
         (["synth", "--layout", "s4", "--out", str(text / "d"), "--clips", "2"], "cannot write there"),

@@ -405,6 +405,25 @@ def test_model_stage_loads_once_per_actor(tmp_path, ray_cluster):
     assert os.getpid() not in loaded
 
 
+class RefusesWeights(ModelToy):
+    """A model stage whose setup() refuses its weights, as the extract stage does for a file that does not fit."""
+
+    name = "refuses"
+
+    def setup(self):
+        raise UserError("CLIP weights /x/bad.zip: do not fit ViT-B-32")
+
+
+def test_a_user_error_in_actor_setup_is_raised_as_itself(tmp_path, ray_cluster):
+    """A UserError of an actor's setup() reaches the CLI as that error (one ``error:`` line), not as Ray's
+    remote traceback of a dead, restarted actor; nothing is recorded as done."""
+    ws = make_ws(tmp_path)
+    with pytest.raises(UserError) as caught:
+        run(ws, RefusesWeights(), executor="ray", workers=2)
+    assert type(caught.value) is UserError and str(caught.value) == "CLIP weights /x/bad.zip: do not fit ViT-B-32"
+    assert not list(ws.stage_root("refuses").rglob("*.stats.json"))
+
+
 def test_two_node_cluster_writes_the_same_shards_as_local(tmp_path, ray_cluster):
     """All four stages on the simulated two-node cluster (tasks + extract actors) vs the local executor."""
     from icf.data.synth import synthesize

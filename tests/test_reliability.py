@@ -95,6 +95,23 @@ def test_deleted_or_broken_shards_are_rebuilt_by_stage_all(copy, damage):
     assert out["shard"].computed == 0 and files(ws) == clean and states(ws)["shard"] == "done"
 
 
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_deleted_or_truncated_extract_text_bank_is_rewritten_by_stage_all(copy, damage):
+    """The extract stage's dataset-level output (the prompt text bank) is checked like the shards: gone or cut,
+    the stage shows as damaged and ``stage all`` writes it again, to the same bytes, without recomputing a clip."""
+    root, ws, clean = copy
+    bank = ws.stage_dir("extract", ws.current("extract")["cache_key"]) / "text_bank.npz"
+    data = bank.read_bytes()
+    if damage == "delete":
+        bank.unlink()
+    else:
+        bank.write_bytes(data[: len(data) // 2])
+    assert states(ws)["extract"] == "damaged"
+    out = run_all(ws, root)
+    assert out["extract"].computed == 0 and bank.read_bytes() == data and files(ws) == clean
+    assert states(ws)["extract"] == "done"
+
+
 # ------------------------------------------------------------------------------ F10: media edited in place
 
 def test_a_media_file_edited_in_place_recomputes_that_clip_alone(ref, tmp_path):

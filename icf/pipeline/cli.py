@@ -8,6 +8,7 @@ command without touching this file.
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 import inspect
 import json
 import typing
@@ -119,14 +120,24 @@ WEIGHT_FLAGS = ("clip_weights", "clap_weights")
 
 
 def _weights_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a checkpoint, by its first bytes (torch zip ``PK``, pickle ``0x80``,
-    safetensors: an 8-byte length then ``{``), or None. Catches a text or image file before the workers start."""
+    """Why ``path`` cannot be a checkpoint, or None: by its first bytes (torch zip ``PK``, pickle ``0x80``,
+    safetensors: an 8-byte length then ``{``) and, for a zip, whether it holds the ``<name>/data.pkl`` that
+    ``torch.save`` writes. Catches a text, image or other zip file before the workers start."""
     if not path.is_file():
         return None  # the stage names missing files itself
     with path.open("rb") as fh:
         head = fh.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80" or head[8:9] == b"{":
+    if head[:1] == b"\x80" or head[8:9] == b"{":
         return None
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"{path}: not a torch checkpoint (unreadable zip: {err})"
+        if any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
+            return None
+        return f"{path}: a zip archive but not a torch checkpoint (no <name>/data.pkl inside)"
     return f"{path}: not a torch checkpoint or safetensors file"
 
 

@@ -57,14 +57,36 @@ def _task(stage: Stage, job: UnitJob) -> UnitReport:
 
 
 class _StageActor:
-    """Body of a Ray actor: ``setup()`` once, then any number of units."""
+    """Body of a Ray actor: ``setup()`` once, then any number of units.
+
+    A `UserError` of ``setup()`` (weights that do not fit, say) is kept and raised by ``run``: raised in
+    ``__init__`` it would kill the actor, which Ray restarts and then reports as a traceback."""
 
     def __init__(self, stage: Stage) -> None:
-        stage.setup()
         self.stage = stage
+        self.setup_error: UserError | None = None
+        try:
+            stage.setup()
+        except UserError as err:
+            self.setup_error = err
 
     def run(self, job: UnitJob) -> UnitReport:
+        if self.setup_error is not None:
+            raise self.setup_error
         return run_unit(self.stage, job)
+
+
+def _user_errors(reports: Iterator[UnitReport]) -> Iterator[UnitReport]:
+    """``reports``, with a `UserError` raised on a worker re-raised here as itself (one ``error:`` line), not
+    wrapped in Ray's remote traceback."""
+    import ray
+
+    try:
+        yield from reports
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, UserError):
+            raise type(err.cause)(str(err.cause)) from None
+        raise
 
 
 _connected_here = False  # whether connect() opened the current Ray connection (disconnect() closes it)
@@ -139,7 +161,7 @@ class RayRunner:
         if not jobs:
             return iter(())
         connect(self.address)
-        return self._actors(stage, jobs) if stage.uses_model else self._tasks(stage, jobs)
+        return _user_errors(self._actors(stage, jobs) if stage.uses_model else self._tasks(stage, jobs))
 
     def _tasks(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
         import ray

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -300,6 +301,17 @@ class ExtractStage(Stage):
             "clap": _unit(per_second),
             "clap_clip": _unit(whole),
         }
+
+    @classmethod
+    def finish_problem(cls, dataset_dir: Path, cache_key: str) -> str | None:
+        """Whether this key's ``text_bank.npz`` is on disk and a whole zip (a deleted or truncated bank makes
+        ``stage all`` write it again)."""
+        path = dataset_dir / cls.name / cache_key / TEXT_BANK
+        if not path.is_file():
+            return f"{path}: missing file"
+        if not zipfile.is_zipfile(path):
+            return f"{path}: damaged (not a whole .npz archive)"
+        return None
 
     def finish(self, ctx: FinishContext) -> dict[str, Any]:
         """Text banks for the dataset's object vocabulary → ``<stage dir>/text_bank.npz``."""

@@ -185,6 +185,9 @@ def test_metadata_errors_are_user_errors(real_tree, tmp_path):
         load_samples("coco", real_tree)
     with pytest.raises(UserError, match="dataset root not found"):
         load_samples("s4", tmp_path / "nope")
+    (tmp_path / "meta.csv").write_text("vid,uid\n")
+    with pytest.raises(UserError, match="meta.csv: --root is a file; give the dataset folder"):
+        load_samples("s4", tmp_path / "meta.csv")
     with pytest.raises(UserError, match="s4_meta_data.csv: metadata CSV not found"):
         load_samples("s4", real_tree / "AVSS")
     with pytest.raises(UserError, match="unknown split 'dev'"):

@@ -238,7 +238,7 @@ def test_broken_samples_are_recorded_and_left_out(tmp_path):
     ws = Workspace(tmp_path / "w", "s4")
     index = run_index(ws, root, None, UNIT)
     s = {r["uid"]: Sample.from_row(r) for r in ws.read_manifest().to_pylist() if r["status"] == "ok"}
-    a, b, c, d, e, f, *_ = sorted(s)
+    a, b, c, d, e, f, g, *_ = sorted(s)
     _truncate(s[a].audio_path)  # truncated WAV
     Path(s[b].audio_path).write_bytes(Path(s[b].audio_path).read_bytes()[:44])  # empty WAV (header only)
     wave, sr = sf.read(s[c].audio_path, dtype="float32")
@@ -250,6 +250,7 @@ def test_broken_samples_are_recorded_and_left_out(tmp_path):
     Path(s[e].frame_paths[2]).unlink()  # missing frame
     gt_mask = next(m for m, g in zip(s[f].mask_paths, s[f].gt_frames) if g)
     Image.new("L", (7, 9)).save(gt_mask)  # mask of the wrong size
+    Image.new("RGB", (40, 30)).save(s[g].frame_paths[3])  # one frame of another size than the rest
     assert index.failed == 1  # the holdout row; the rest broke after indexing: the stages must catch every case
 
     out = run_all(ws, None, extract=TINY)  # no re-index: it would catch most of them first
@@ -259,23 +260,24 @@ def test_broken_samples_are_recorded_and_left_out(tmp_path):
     assert s[a].audio_path in reasons["mel"][a] and "truncated" in reasons["mel"][a]
     assert s[b].audio_path in reasons["mel"][b] and "empty" in reasons["mel"][b]
     assert "NaN or Inf in the mel output" in reasons["mel"][c]
-    assert set(reasons["extract"]) == {a, b, e}  # extract reads its own inputs: the NaN WAV still embeds
+    assert set(reasons["extract"]) == {a, b, e, g}  # extract reads its own inputs: the NaN WAV still embeds
     assert s[e].frame_paths[2] in reasons["extract"][e]
+    assert reasons["extract"][g].startswith(f"{s[g].frame_paths[3]}: frame 3 is 40x30, but frame 0")
     assert reasons["shard"] == {f: reasons["shard"][f]} and gt_mask in reasons["shard"][f] and "7x9" in reasons["shard"][f]
-    assert shard.counts == {"ok": 3, "failed": 1, "skipped": 5}  # a, b, c (mel), e (extract), the holdout row
-    assert mel.counts["ok"] == 5 and extract.counts["ok"] == 5
+    assert shard.counts == {"ok": 2, "failed": 1, "skipped": 6}  # a, b, c (mel), e, g (extract), the holdout row
+    assert mel.counts["ok"] == 5 and extract.counts["ok"] == 4
     assert set(json.loads((ws.root / "shards.json").read_text())["splits"]) <= {"train", "val", "test"}
     assert not (ws.root / "shards" / "holdout").exists()
     shards = ShardSet.load(ws.root / "shards.json")
-    assert sum(shards.num_samples(sp) for sp in shards.splits if shards.splits[sp]) == 3
+    assert sum(shards.num_samples(sp) for sp in shards.splits if shards.splits[sp]) == 2
 
     # --retry-failed after repairing the frame recomputes only what failed, here and downstream
     Image.new("RGB", (32, 32)).save(s[e].frame_paths[2])
     fixed = run_stage(ws, ExtractStage(TINY), RunOptions(executor="local", progress=False, retry_failed=True),
                       QUIET, {"mel": mel.cache_key})
-    assert fixed.computed == 3 and set(dict(fixed.failures)) == {a, b}  # a, b still broken; e repaired
+    assert fixed.computed == 4 and set(dict(fixed.failures)) == {a, b, g}  # a, b, g still broken; e repaired
     again = run_stage(ws, stage_classes()["shard"](), RunOptions(executor="local", progress=False), QUIET)
-    assert again.counts["ok"] == 4 and again.units_run == 1
+    assert again.counts["ok"] == 3 and again.units_run == 1
 
 
 # ------------------------------------------------------------------------------------- SIGKILL resume

@@ -29,6 +29,8 @@ Row = dict[str, str]
 def check_root(root: str | Path) -> Path:
     """The dataset root as an absolute path; ``UserError`` if it is not an existing folder."""
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: --root is a file; give the dataset folder that holds the metadata CSV")
     if not path.is_dir():
         raise UserError(f"{path}: dataset root not found (expected the folder that holds the metadata CSV)")
     return path.resolve()

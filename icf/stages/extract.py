@@ -255,9 +255,11 @@ class ExtractStage(Stage):
     def decode(self, s: Sample) -> Decoded:
         """Read, check and prepare one clip's frames and audio (raises ``ValueError`` naming the file)."""
         frames = [read_rgb(p) for p in s.frame_paths]
-        sizes = {f.shape for f in frames}
-        if len(sizes) > 1:
-            raise ValueError(f"{s.frame_paths[0]}: frames of this clip differ in size {sorted(sizes)}")
+        odd = next((t for t, f in enumerate(frames) if f.shape != frames[0].shape), None)
+        if odd is not None:
+            (h0, w0), (h, w) = frames[0].shape[:2], frames[odd].shape[:2]
+            raise ValueError(f"{s.frame_paths[odd]}: frame {odd} is {w}x{h}, but frame 0 of the clip "
+                             f"({s.frame_paths[0]}) is {w0}x{h0}")
         sr = self.enc.clap.sample_rate
         wave = read_wav(s.audio_path, sr=sr)
         seconds = min(len(wave) // sr, s.n_frames)

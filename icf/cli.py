@@ -17,7 +17,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import typer  # noqa: E402
 
 from icf import __version__  # noqa: E402
-from icf.clitools import UserError, console  # noqa: E402
 
 app = typer.Typer(
     name="icf",
@@ -51,12 +50,8 @@ _register_all()
 
 
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
-    try:
-        app()
-    except UserError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
+    """Console entry point (every command turns a user error into one line and exit 2: `icf.clitools.user_errors`)."""
+    app()
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
-"""Small helpers shared by every command module: the workspace option, one-line errors, the console."""
+"""The bottom floor of every command module: `UserError` and the one decorator that turns it into one
+``error:`` line and exit 2 (`user_errors`), the shared options (``--work``, ``--dataset``), the consoles and the
+one JSON printer."""
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+
+from icf.data.sample import DATASETS
 
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readable when piped or logged
@@ -16,6 +24,55 @@ out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readabl
 
 class UserError(Exception):
     """A mistake in the user's input (bad path, unknown name, malformed file): one line, exit 2."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Every command runs under this: a :class:`UserError`, or a filesystem failure mid-run (disk full,
+    read-only folder), becomes ``error: ...`` on one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            fail(str(err))
+        except OSError as err:
+            fail(os_error_line(err))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(doc: Any) -> None:
+    """``doc`` as one line of strict JSON on stdout (keys sorted; NaN and ±inf, which JSON lacks, as null)."""
+
+    def strict(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    print(json.dumps(strict(doc), sort_keys=True, allow_nan=False, default=str))
+
+
+DATASET_CHOICES = "|".join(DATASETS)
+
+
+def dataset_option(required: bool = True, help: str = "The AVSBench subset.", names: tuple[str, ...] = ()) -> Any:
+    """The one ``--dataset`` option: its choices show in ``--help``; `check_dataset` validates the value."""
+    return typer.Option(... if required else None, "--dataset", *names, metavar=f"[{DATASET_CHOICES}]", help=help)
+
+
+def check_dataset(dataset: str) -> str:
+    """``dataset`` when it is an AVSBench subset; `UserError` listing the choices otherwise."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    return dataset
 
 
 def default_work() -> Path:

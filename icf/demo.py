@@ -22,8 +22,7 @@ from typing import Any
 
 import typer
 
-from icf.clitools import WorkOption, console, out, work_dir
-from icf.eval.report import user_errors
+from icf.clitools import WorkOption, console, out, user_errors, work_dir
 
 LAYOUT = "avss"
 TOWER_EPOCHS = 5  # measured: val zero-shot objects 1.00, single-source seconds 0.95 on 200 clips

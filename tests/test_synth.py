@@ -284,3 +284,7 @@ def test_cli(tmp_path):
     assert bad.exit_code == 2 and not (tmp_path / "n").exists()
     bad = runner.invoke(app, ["synth", "--layout", "avss", "--out", str(tmp_path / "n"), "--classes", "1"])
     assert bad.exit_code == 2 and not (tmp_path / "n").exists()
+    # --dataset is the name every command shares (--layout stays an alias); without --out it writes under --work
+    result = runner.invoke(app, ["synth", "--dataset", "s4", "--work", str(tmp_path / "w"), "--clips", "2", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "w" / "synth-s4" / "s4_meta_data.csv").is_file()

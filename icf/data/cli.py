@@ -8,14 +8,17 @@ from pathlib import Path
 
 import typer
 
-from icf.clitools import UserError, ensure_writable, fail, os_error_line, out
+from icf.clitools import UserError, WorkOption, check_dataset, dataset_option, ensure_writable, out, user_errors, work_dir
 from icf.data.manifests import object_vocabulary
-from icf.data.synth import LAYOUTS, synthesize
+from icf.data.synth import synthesize
 
 
+@user_errors
 def synth(
-    layout: str = typer.Option(..., "--layout", help="Dataset layout to write: s4, ms3 or avss."),
-    out_dir: Path = typer.Option(..., "--out", help="Dataset root to create (must not exist or be empty)."),
+    dataset: str = dataset_option(help="The AVSBench layout to write.", names=("--layout",)),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Dataset root to create (must not exist or be empty; default WORK/synth-<dataset>)."),
+    work: Path | None = WorkOption,
     clips: int = typer.Option(64, "--clips", help="Number of clips, shared among splits (and AVSS subsets)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same bytes."),
     size: int = typer.Option(224, "--size", help="Frame side in pixels."),
@@ -23,31 +26,26 @@ def synth(
     classes: int = typer.Option(8, "--classes", help="How many classes of the layout's vocabulary appear."),
 ) -> None:
     """Write a synthetic dataset in the exact on-disk layout of AVSBench S4, MS3 or AVSS."""
-    if layout not in LAYOUTS:
-        fail(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    check_dataset(dataset)
+    out_dir = out_dir if out_dir is not None else work_dir(work) / f"synth-{dataset}"
     if clips < 1:
-        fail(f"--clips must be at least 1, got {clips}")
+        raise UserError(f"--clips must be at least 1, got {clips}")
     if size < 16:
-        fail(f"--size must be at least 16 pixels, got {size}")
-    n_vocab = len(object_vocabulary(layout))
+        raise UserError(f"--size must be at least 16 pixels, got {size}")
+    n_vocab = len(object_vocabulary(dataset))
     if not 2 <= classes <= n_vocab:
-        fail(f"--classes must be between 2 and {n_vocab} for {layout}, got {classes}")
+        raise UserError(f"--classes must be between 2 and {n_vocab} for {dataset}, got {classes}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        fail(f"{out_dir}: output folder exists and is not empty")
+        raise UserError(f"{out_dir}: output folder exists and is not empty")
     if snr_db != snr_db or abs(snr_db) == float("inf"):
-        fail(f"--snr-db must be a finite number, got {snr_db}")
+        raise UserError(f"--snr-db must be a finite number, got {snr_db}")
     start = time.perf_counter()
-    try:
-        ensure_writable(out_dir, "--out")
-        plans = synthesize(layout, out_dir, clips, seed=seed, size=size, snr_db=snr_db, classes=classes)
-    except UserError as err:
-        fail(str(err))
-    except OSError as err:
-        fail(os_error_line(err))
+    ensure_writable(out_dir, "--out")
+    plans = synthesize(dataset, out_dir, clips, seed=seed, size=size, snr_db=snr_db, classes=classes)
     seconds = time.perf_counter() - start
     counts = Counter((p.subset, p.split) for p in plans)
     parts = ", ".join(f"{sub}/{split} {n}" for (sub, split), n in sorted(counts.items()))
-    out.print(f"wrote {len(plans)} {layout} clips to {out_dir} in {seconds:.1f} s ({parts})", highlight=False, soft_wrap=True)
+    out.print(f"wrote {len(plans)} {dataset} clips to {out_dir} in {seconds:.1f} s ({parts})", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -33,8 +33,8 @@ from PIL import Image
 from icf.data.adapters import clip_paths
 from icf.data.io import colorize
 from icf.data.manifests import DatasetInfo, load_info, object_vocabulary
+from icf.data.sample import DATASETS
 
-LAYOUTS = ("s4", "ms3", "avss")
 AVSS_SUBSET_SHARES = {"v1s": 0.35, "v1m": 0.25, "v2": 0.40}  # more v1m than the real 4%, so each split has some
 S4_STARTS = {0: 0.55, 1: 0.06, 2: 0.07, 3: 0.06, 4: 0.06, 5: 0.15, 6: 0.05}  # start=6 → a 4 s clip
 KINDS = {"normal": 0.75, "offscreen": 0.10, "silent": 0.075, "offscreen_only": 0.075}
@@ -262,8 +262,8 @@ def plan_clips(layout: str, clips: int, seed: int, classes: int = 8) -> list[Cli
     Splits follow the real proportions (``split_sizes`` in the manifest); AVSS clips are shared among
     v1s / v1m / v2 by :data:`AVSS_SUBSET_SHARES`. ``classes`` classes of the layout's vocabulary are used.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout not in DATASETS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(DATASETS)}")
     if clips < 1:
         raise ValueError(f"clips must be at least 1, got {clips}")
     info = load_info(layout)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import typer
 
-from icf.clitools import UserError
+from icf.clitools import UserError, WorkOption, dataset_option, user_errors
 from icf.eval.compare import compare_command
-from icf.eval.report import user_errors
 
 FModeOption = typer.Option("official", "--f-mode", help="F aggregation: official (batches of 4 clips) or dataset.")
 JsonOption = typer.Option(False, "--json", help="Print one JSON object instead of a table.")
@@ -32,7 +31,7 @@ def _check_eval_options(snr_db: float | None, frame_mix: float | None, limit: in
 
 @user_errors
 def score(
-    dataset: str = typer.Option(..., "--dataset", help="s4 | ms3 | avss"),
+    dataset: str = dataset_option(),
     root: Path = typer.Option(..., "--root", help="Dataset root (the folder holding the metadata CSV)."),
     pred: Path = typer.Option(..., "--pred", help="Prediction PNGs at PRED/<GT mask path relative to ROOT>."),
     split: str = typer.Option("test", "--split", help="train | val | test"),
@@ -52,7 +51,8 @@ def score(
 
 @user_errors
 def eval_command(
-    run: Path = typer.Option(..., "--run", help="Training run folder (holds run.json and checkpoint.pt)."),
+    run: Path = typer.Option(..., "--run", help="Training run folder (holds run.json and checkpoint.pt), or its name under WORK/runs."),
+    work: Path | None = WorkOption,
     split: str = typer.Option("test", "--split", help="val | test"),
     f_mode: str = FModeOption,
     snr_db: float | None = typer.Option(None, "--snr-db", help="Mix white background noise into the audio at this SNR (dB)."),
@@ -73,8 +73,9 @@ def eval_command(
     from icf.eval.metrics import F_MODES
     from icf.eval.negatives import NEGATIVE_KINDS, build_negative
     from icf.eval.report import print_results
-    from icf.train.trainer import load_trained
+    from icf.train.trainer import find_run, load_trained
 
+    run = find_run(run, work)
     _check_choice("--f-mode", f_mode, F_MODES)
     _check_eval_options(snr_db, frame_mix, limit)
     pert = Perturbation(snr_db=snr_db, frame_mix=frame_mix, shuffle_audio=shuffle_audio, seed=seed)
@@ -110,16 +111,17 @@ def _synth_catalog(dataset: str, text: str) -> dict:
 
 @user_errors
 def predict_command(
-    run: Path = typer.Option(..., "--run", help="Training run folder."),
+    run: Path = typer.Option(..., "--run", help="Training run folder, or its name under WORK/runs."),
     out: Path = typer.Option(..., "--out", help="Folder for the PNG panels (one per clip)."),
+    work: Path | None = WorkOption,
     split: str = typer.Option("val", "--split", help="train | val | test"),
     limit: int | None = typer.Option(8, "--limit", help="Only the first N clips (default 8)."),
 ) -> None:
     """PNG panels per clip: frames, ground truth and predicted masks overlaid in palette colours."""
-    from icf.clitools import UserError
     from icf.eval.visualize import write_panels
-    from icf.train.trainer import load_trained
+    from icf.train.trainer import find_run, load_trained
 
+    run = find_run(run, work)
     _check_eval_options(None, None, limit)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from icf.clitools import UserError
-from icf.eval.report import user_errors
+from icf.clitools import UserError, WorkOption, print_json, user_errors
 
 if TYPE_CHECKING:  # the CLI imports this module at start-up: torch loads only when a command runs
     import torch
@@ -321,7 +320,8 @@ def write_outputs(doc: dict[str, Any], out: Path) -> list[Path]:
 
 @user_errors
 def compare_command(
-    runs: list[Path] = typer.Argument(..., help="Training run folders (each holds run.json and checkpoint.pt)."),
+    runs: list[Path] = typer.Argument(..., help="Training run folders (each holds run.json and checkpoint.pt), or names under WORK/runs."),
+    work: Path | None = WorkOption,
     split: str = typer.Option("test", "--split", help="val | test"),
     snr_db: list[str] = typer.Option([], "--snr-db", help="Also evaluate with background noise at these SNRs (dB), e.g. 10,0,-10."),
     frame_mix: list[str] = typer.Option([], "--frame-mix", help="Also evaluate with these fractions of clips frame-mixed, e.g. 0.25."),
@@ -334,7 +334,9 @@ def compare_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from icf.clitools import console, out
+    from icf.train.trainer import find_run
 
+    runs = [find_run(r, work) for r in runs]
     if split not in ("val", "test"):
         raise UserError(f"--split must be val or test, got {split!r}")
     chosen = settings_from_options(snr_db, frame_mix, [*split_values(negative), *setting])
@@ -346,7 +348,7 @@ def compare_command(
     if out_dir is not None:
         paths = write_outputs(doc, out_dir)
     if as_json:
-        print(json.dumps(doc, sort_keys=True))
+        print_json(doc)
         return
     out.print(table(doc, title=f"{len(runs)} runs, {split} split (×100, mean ± std over seeds)"))
     if out_dir is not None:

@@ -1,32 +1,12 @@
-"""Command-line output of the eval/train commands: metric tables or JSON, and one-line user errors."""
+"""Command-line output of the eval commands: metric tables, or JSON through `icf.clitools.print_json`."""
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from rich.table import Table
 
-from icf.clitools import UserError, fail, os_error_line, out
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(fn: F) -> F:
-    """Run a command so that a :class:`UserError` becomes ``error: ...`` on one line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            fail(str(err))
-        except OSError as err:  # disk full, read-only folder mid-run
-            fail(os_error_line(err))
-
-    return wrapper  # type: ignore[return-value]
+from icf.clitools import out, print_json
 
 COUNTS = ("n_frames", "skipped")
 COLUMNS = ("J", "F", "JF", "J_present", "F_present", "FDR", "FPR_frame", "FPR_pixel", "HM", "n_frames", "skipped")
@@ -51,7 +31,6 @@ def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
 def print_results(rows: dict[str, dict[str, Any]], as_json: bool, title: str = "") -> None:
     """Print ``rows`` as a table, or as JSON on stdout: the single result when there is one, else all by name."""
     if as_json:
-        payload = next(iter(rows.values())) if len(rows) == 1 else rows
-        print(json.dumps(payload, sort_keys=True))
+        print_json(next(iter(rows.values())) if len(rows) == 1 else rows)
     else:
         out.print(metrics_table(rows, title))

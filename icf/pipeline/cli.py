@@ -8,10 +8,9 @@ command without touching this file.
 from __future__ import annotations
 
 import dataclasses
-import zipfile
 import inspect
-import json
 import typing
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,9 +21,9 @@ from rich.progress import TaskID
 from rich.table import Table
 
 from icf.clitools import (
-    UserError, WorkOption, check_at_least, console, ensure_writable, fail, os_error_line, out, work_dir,
+    UserError, WorkOption, check_at_least, check_dataset, console, dataset_option, ensure_writable, out, print_json,
+    user_errors, work_dir,
 )
-from icf.data.sample import DATASETS
 from icf.pipeline.engine import RunOptions, StageSummary, progress_bar, run_stage
 from icf.pipeline.ledger import Workspace
 from icf.pipeline.lock import workspace_lock
@@ -42,7 +41,7 @@ def _opt(name: str, annotation: Any, default: Any, *flags: str, help: str = "") 
     return P(name, P.KEYWORD_ONLY, default=typer.Option(default, *flags, help=help), annotation=annotation)
 
 
-DATASET = _opt("dataset", str, ..., "--dataset", help=f"One of {', '.join(DATASETS)}.")
+DATASET = P("dataset", P.KEYWORD_ONLY, default=dataset_option(), annotation=str)
 WORK = P("work", P.KEYWORD_ONLY, default=WorkOption, annotation=Path | None)
 STRICT = _opt("strict", bool, False, "--strict", help="Exit 1 when any sample failed.")
 JSON = _opt("json_out", bool, False, "--json", help="Print the summary as JSON on stdout.")
@@ -94,22 +93,9 @@ def _with_signature(fn: Callable[..., None], params: list[P], name: str, doc: st
     return fn
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """A ``UserError``, or a filesystem failure mid-run (disk full, read-only), as one ``error:`` line, exit 2."""
-    try:
-        yield
-    except UserError as err:
-        fail(str(err))
-    except OSError as err:
-        fail(os_error_line(err))
-
-
 def _workspace(dataset: str, work: Path | None, write: bool = False) -> Workspace:
     """The dataset's workspace; with ``write``, proven writable before anything runs."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    ws = Workspace(work_dir(work), dataset)
+    ws = Workspace(work_dir(work), check_dataset(dataset))
     if write:
         ensure_writable(ws.root, "--work")
     return ws
@@ -181,7 +167,7 @@ def _report(ws: Workspace, summaries: list[StageSummary | IndexSummary], json_ou
     if json_out:
         doc = summaries[0].to_dict() if len(summaries) == 1 else {
             "dataset": ws.dataset, "stages": [s.to_dict() for s in summaries], "failed_clips": len(failed)}
-        out.print_json(json.dumps(doc))
+        print_json(doc)
     if failed:
         console.print(f"[yellow]{len(failed)} clips failed[/]; reasons: `icf status --dataset {ws.dataset} "
                       f"--work {ws.work} --failed`", highlight=False, soft_wrap=True)
@@ -201,12 +187,12 @@ def _ray_session() -> Iterator[None]:
 
 
 def _stage_command(cls: type[Stage]) -> Callable[..., None]:
+    @user_errors
     def command(**kw: Any) -> None:
-        with _user_errors():
-            opts, stage = _options(kw), _build(cls, kw)
-            ws = _workspace(kw["dataset"], kw["work"], write=True)
-            with workspace_lock(ws.root), _ray_session():
-                summary = run_stage(ws, stage, opts, console)
+        opts, stage = _options(kw), _build(cls, kw)
+        ws = _workspace(kw["dataset"], kw["work"], write=True)
+        with workspace_lock(ws.root), _ray_session():
+            summary = run_stage(ws, stage, opts, console)
         _report(ws, [summary], kw["json_out"], kw["strict"])
 
     return _with_signature(command, RUN_PARAMS + _config_params([cls]), cls.name, (cls.__doc__ or "").split("\n")[0])
@@ -230,40 +216,40 @@ def _index(ws: Workspace, root: Path, kw: dict[str, Any]) -> IndexSummary:
             progress.stop()
 
 
+@user_errors
 def index_command(**kw: Any) -> None:
-    with _user_errors():
-        _check_config(kw)
-        ws = _workspace(kw["dataset"], kw["work"], write=True)
-        if kw["root"] is None:
-            raise UserError("--root is required: the folder holding the dataset's metadata CSV")
-        with workspace_lock(ws.root):
-            summary = _index(ws, kw["root"], kw)
+    _check_config(kw)
+    ws = _workspace(kw["dataset"], kw["work"], write=True)
+    if kw["root"] is None:
+        raise UserError("--root is required: the folder holding the dataset's metadata CSV")
+    with workspace_lock(ws.root):
+        summary = _index(ws, kw["root"], kw)
     _report(ws, [summary], kw["json_out"], kw["strict"])
 
 
+@user_errors
 def all_command(**kw: Any) -> None:
     classes = list(stage_classes().values())
     summaries: list[StageSummary | IndexSummary] = []
-    with _user_errors():
-        opts = _options(kw)
-        stages = [_build(cls, kw) for cls in classes]
-        ws = _workspace(kw["dataset"], kw["work"], write=True)
-        root = kw["root"] or _manifest_root(ws)
-        if not root:
-            raise UserError("--root is required the first time: the folder holding the dataset's metadata CSV")
-        with workspace_lock(ws.root):
-            try:
-                summaries.append(_index(ws, root, kw))
-                keys: dict[str, str] = {}
-                with _ray_session():
-                    for stage in stages:
-                        summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
-                        keys[stage.name] = summary.cache_key
-                        summaries.append(summary)
-            except (UserError, OSError):
-                for done in summaries:  # what finished before the error stays done: say so
-                    console.print(done.line(), markup=False, highlight=False, soft_wrap=True)
-                raise
+    opts = _options(kw)
+    stages = [_build(cls, kw) for cls in classes]
+    ws = _workspace(kw["dataset"], kw["work"], write=True)
+    root = kw["root"] or _manifest_root(ws)
+    if not root:
+        raise UserError("--root is required the first time: the folder holding the dataset's metadata CSV")
+    with workspace_lock(ws.root):
+        try:
+            summaries.append(_index(ws, root, kw))
+            keys: dict[str, str] = {}
+            with _ray_session():
+                for stage in stages:
+                    summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
+                    keys[stage.name] = summary.cache_key
+                    summaries.append(summary)
+        except (UserError, OSError):
+            for done in summaries:  # what finished before the error stays done: say so
+                console.print(done.line(), markup=False, highlight=False, soft_wrap=True)
+            raise
     _report(ws, summaries, kw["json_out"], kw["strict"])
 
 
@@ -276,8 +262,9 @@ def _manifest_root(ws: Workspace) -> Path | None:
     return Path(stats["config"]["root"]) if stats else None
 
 
+@user_errors
 def status(
-    dataset: str = typer.Option(..., "--dataset", help=f"One of {', '.join(DATASETS)}."),
+    dataset: str = dataset_option(),
     work: Path | None = WorkOption,
     failed: bool = typer.Option(False, "--failed", help="List every failed sample with its reason."),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
@@ -285,11 +272,10 @@ def status(
     """Per stage: state, units done / pending, samples ok / failed / skipped, and (with --failed) the reasons."""
     from icf.pipeline.status import dataset_status, not_done
 
-    with _user_errors():
-        ws = _workspace(dataset, work)
-        entries = dataset_status(ws)
+    ws = _workspace(dataset, work)
+    entries = dataset_status(ws)
     if json_out:
-        out.print_json(json.dumps({"dataset": dataset, "stages": entries}))
+        print_json({"dataset": dataset, "stages": entries})
         return
     table = Table("stage", "state", "key", "units", "ok", "failed", "skipped", "pending", title=f"{dataset} in {ws.root}")
     for e in entries:
@@ -314,8 +300,9 @@ def status(
         out.print(f"{n_failed} failures recorded; --failed lists them with their reasons", highlight=False)
 
 
+@user_errors
 def verify(
-    dataset: str = typer.Option(..., "--dataset", help=f"One of {', '.join(DATASETS)}."),
+    dataset: str = dataset_option(),
     work: Path | None = WorkOption,
     json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
 ) -> None:
@@ -323,10 +310,9 @@ def verify(
     and name each damaged file when any is. `icf stage all` repairs what it reports."""
     from icf.pipeline.verify import verify_dataset
 
-    with _user_errors():
-        report = verify_dataset(_workspace(dataset, work))
+    report = verify_dataset(_workspace(dataset, work))
     if json_out:
-        out.print_json(json.dumps({"dataset": dataset, "checked": report.checked, "problems": report.problems}))
+        print_json({"dataset": dataset, "checked": report.checked, "problems": report.problems})
     else:
         for problem in report.problems:
             out.print(f"damaged: {problem}", highlight=False, soft_wrap=True)

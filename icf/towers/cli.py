@@ -8,8 +8,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from icf.clitools import WorkOption, console, out, work_dir
-from icf.eval.report import user_errors
+from icf.clitools import WorkOption, console, dataset_option, out, user_errors, work_dir
 
 
 def _progress() -> Progress:
@@ -35,7 +34,7 @@ def progress_hook(bar: Progress) -> Callable[[str, int], Callable[[float | None]
 
 @user_errors
 def towers(
-    dataset: str = typer.Option(..., "--dataset", help="avss | s4 (datasets whose masks/CSV name classes)."),
+    dataset: str = dataset_option(help="avss | s4 (datasets whose masks/CSV name classes)."),
     root: Path = typer.Option(..., "--root", help="Dataset root (the folder holding the metadata CSV)."),
     work: Path | None = WorkOption,
     epochs: int = typer.Option(30, "--epochs", help="Passes over the train split's crops / seconds (each tower)."),

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import typer
 
-from icf.clitools import UserError, WorkOption, check_at_least, ensure_writable, work_dir
-from icf.data.sample import DATASETS
-from icf.eval.report import user_errors
+from icf.clitools import (
+    UserError, WorkOption, check_at_least, check_dataset, dataset_option, ensure_writable, user_errors, work_dir,
+)
 
 
 @user_errors
 def train_command(
-    dataset: str | None = typer.Option(None, "--dataset", help="s4 | ms3 | avss (a --resume run knows its own)."),
+    dataset: str | None = dataset_option(required=False, help="The AVSBench subset (a --resume run knows its own)."),
     method: str = typer.Option("icf", "--method", help="A registered method: icf | bidir | tpavi | … (icf/methods)."),
     preset_name: str = typer.Option("tiny", "--preset", help="tiny | paper-r50 | paper-pvt"),
     work: Path | None = WorkOption,
@@ -23,8 +23,10 @@ def train_command(
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: the preset's); sets the schedule length."),
     ablate: str = typer.Option("", "--ablate", help="Switch the method's components off (icf: comma list of mit, sc, cdcl)."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue this run folder from its checkpoint."),
-    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+    loader_workers: int = typer.Option(0, "--loader-workers", help="DataLoader worker processes (per trainer)."),
     ray_workers: int = typer.Option(0, "--ray-workers", help="Train with Ray Train DDP on this many workers."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --ray-workers: the Ray cluster to join (auto, HOST:PORT); default an embedded one."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and every random draw."),
     set_: list[str] = typer.Option([], "--set", help="Override key=value (train.lr=3e-4, method.segmenter=tpavi); repeatable."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a checkpoint every N steps."),
@@ -34,12 +36,14 @@ def train_command(
 
     if resume is None and dataset is None:
         raise UserError("--dataset is required (unless --resume continues a run, which knows its dataset)")
-    if dataset is not None and dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if dataset is not None:
+        check_dataset(dataset)
+    if ray_address is not None and not ray_workers:
+        raise UserError("--ray-address needs --ray-workers N (the number of Ray Train workers)")
     check_at_least("--max-steps", max_steps, 0)
     check_at_least("--epochs", epochs, 1)
     check_at_least("--checkpoint-every", checkpoint_every, 1)
-    check_at_least("--workers", workers, 0)
+    check_at_least("--loader-workers", loader_workers, 0)
     check_at_least("--ray-workers", ray_workers, 0)
     if resume is not None and not resume.is_dir():
         raise UserError(f"{resume}: not a training run (no such folder)")
@@ -50,13 +54,13 @@ def train_command(
     ensure_writable(run, "--resume" if resume else "--out")
     spec = RunSpec(
         dataset=dataset or "", preset=preset_name, method=method, work=root, out=run, epochs=epochs, max_steps=max_steps,
-        ablate=frozenset(a.strip() for a in ablate.split(",") if a.strip()), seed=seed, workers=workers,
+        ablate=frozenset(a.strip() for a in ablate.split(",") if a.strip()), seed=seed, workers=loader_workers,
         overrides=list(set_), checkpoint_every=checkpoint_every,
     )
     if ray_workers:
         from icf.train.ray_train import train_ray
 
-        run = train_ray(spec, ray_workers, resume=resume is not None)
+        run = train_ray(spec, ray_workers, resume=resume is not None, address=ray_address)
     else:
         run = train(spec, resume=resume is not None)
     typer.echo(str(run))

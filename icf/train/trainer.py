@@ -99,6 +99,16 @@ def write_run_file(run: Path, spec: RunSpec, model_cfg: ModelConfig, train_cfg: 
     (run / RUN_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
 
 
+def find_run(run: Path, work: Path | None = None) -> Path:
+    """``run`` itself when it is a folder, else the run of that name under ``WORK/runs`` (``--run NAME --work W``)."""
+    from icf.clitools import work_dir
+
+    if run.is_dir() or run.is_absolute():
+        return run
+    named = work_dir(work) / "runs" / run
+    return named if named.is_dir() else run
+
+
 def read_run_file(run: Path) -> tuple[dict[str, Any], ModelConfig, TrainConfig]:
     """``run.json`` → (the document, ModelConfig, TrainConfig); ``UserError`` when absent or malformed.
 

@@ -1,0 +1,101 @@
+"""README's promises: every ``icf`` command line it shows names a real command and only options that command
+has, and the cheap ones run exactly as written."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from icf.cli import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """Every ``icf ...`` line of README's code blocks (continuations joined, comments dropped)."""
+    lines, block, pending = [], False, ""
+    for raw in README.read_text().splitlines():
+        if raw.startswith("```"):
+            block = not block
+            continue
+        if not block:
+            continue
+        text = pending + re.sub(r"\s+#.*$", "", raw).strip()
+        pending = ""
+        if text.endswith("\\"):
+            pending = text[:-1] + " "
+            continue
+        if text.startswith("icf "):
+            lines.append(text)
+    return lines
+
+
+def concrete(line: str) -> list[str]:
+    """README notation → argv: ``[--a X --b Y]`` keeps its content, ``a|b`` alternatives keep the first."""
+    text = line.replace("[", " ").replace("]", " ")
+    return [tok.split("|")[0] if tok.startswith("-") or "|" in tok else tok for tok in shlex.split(text)][1:]
+
+
+def resolve(argv: list[str]) -> tuple[object, list[str]]:
+    """The (sub)command an argv names and the rest of it."""
+    cmd = typer.main.get_command(app)
+    while hasattr(cmd, "commands"):  # a group
+        assert argv and argv[0] in cmd.commands, f"no command {argv[:1]} under {cmd.name}"
+        cmd, argv = cmd.commands[argv[0]], argv[1:]
+    return cmd, argv
+
+
+def test_readme_shows_commands() -> None:
+    shown = {" ".join(concrete(c)[:2]) if concrete(c)[0] == "stage" else concrete(c)[0] for c in readme_commands()}
+    assert {"synth", "stage all", "train", "eval", "predict", "score", "compare", "status", "verify", "towers", "demo"} <= shown
+
+
+@pytest.mark.parametrize("line", readme_commands())
+def test_every_readme_command_line_parses(line: str) -> None:
+    cmd, argv = resolve(concrete(line))
+    flags = {name for p in cmd.params for name in (*p.opts, *p.secondary_opts)}
+    unknown = [tok.split("=")[0] for tok in argv if tok.startswith("--") and tok.split("=")[0] not in flags]
+    assert not unknown, f"{line}: {unknown} not options of `icf {cmd.name}` ({sorted(flags)})"
+
+
+def test_the_short_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's Usage block from a fresh folder: synth, index, status, verify (the rest need minutes)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ICF_WORK", raising=False)
+    runner = CliRunner()
+    wanted = ("icf synth ", "icf stage index ", "icf status ", "icf verify ")
+    ran = []
+    for line in readme_commands():
+        if line.startswith(wanted) and not any(line.startswith(w) for w, _ in [(r, 0) for r in ran]):
+            res = runner.invoke(app, concrete(line))
+            assert res.exit_code == 0, (line, res.output)
+            ran.append(line.split(" --")[0])
+    assert len(ran) == len(wanted)
+    assert (tmp_path / "icf-work" / "avss" / "manifest.parquet").is_file()
+
+
+def leaf_commands() -> dict[str, object]:
+    found, todo = {}, [("", typer.main.get_command(app))]
+    while todo:
+        path, cmd = todo.pop()
+        if hasattr(cmd, "commands"):
+            todo += [(f"{path} {n}".strip(), c) for n, c in cmd.commands.items()]
+        else:
+            found[path] = cmd
+    return found
+
+
+def test_every_command_takes_work_and_one_dataset_option() -> None:
+    """README: every command but score takes --work; every --dataset shows its choices in --help."""
+    commands = leaf_commands()
+    assert len(commands) >= 15
+    for name, cmd in commands.items():
+        by_flag = {o: p for p in cmd.params for o in p.opts}
+        assert ("--work" in by_flag) == (name != "score"), name
+        if "--dataset" in by_flag:
+            assert by_flag["--dataset"].metavar == "[s4|ms3|avss]", name

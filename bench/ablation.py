@@ -27,7 +27,8 @@ from icf.clitools import out
 from icf.demo import LAYOUT, TOWER_EPOCHS, _icf, epochs_for_steps, semantic_towers
 from icf.eval.compare import comparison, settings_from_options, table, write_outputs
 from icf.train import checkpoint
-from icf.train.trainer import RunSpec, train
+from icf.train.run import RunSpec
+from icf.train.trainer import train
 
 # Table 2's rows as the components each one switches off (--ablate); SC needs MIT.
 ROWS: dict[str, frozenset[str]] = {

@@ -1,4 +1,5 @@
-"""Model and training configuration: dataclasses, the three presets, TOML loading and ``key=value`` overrides.
+"""Model and training configuration: dataclasses, the three presets, and overrides (``key=value`` strings or
+the tables of a TOML file), applied by ``dataclasses.replace`` so every value is validated where it lands.
 
 Presets (ARCHITECTURE.md, faithfulness table):
 
@@ -10,9 +11,9 @@ Presets (ARCHITECTURE.md, faithfulness table):
   one-block-per-stage ResNet with narrow channels, a small CNN on the log-Mel instead of VGGish, d = 48,
   k^t = 3, k^c = 2, 10 reverse diffusion steps.
 
-A TOML file holds ``preset`` and ``dataset`` keys plus optional ``[model]`` and ``[train]`` tables whose
-keys override the preset; ``key=value`` strings (``model.d_model=64``, ``train.lr=3e-4`` or, when the
-name is unique, ``d_model=64``) are parsed as TOML values.
+Overrides: ``key=value`` strings (``model.d_model=64``, ``train.lr=3e-4``, ``method.segmenter=tpavi`` or, when
+the name is unique, ``d_model=64``) whose values are TOML literals, or an overrides file (``icf train --config
+FILE``) with ``[model]``, ``[train]`` and ``[method]`` tables.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("s4", "ms3", "avss")
+from icf.data.sample import DATASETS
+
 PRESETS = ("tiny", "paper-r50", "paper-pvt")
 SCHEDULES = ("poly", "cosine", "constant", "step")
 AVSS_NUM_CLASSES = 71  # 70 sounding classes + background (manifests/avss.toml)
@@ -255,67 +257,60 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
-    """Apply ``key=value`` overrides; keys are ``model.X``, ``train.X``, ``method.X`` (an option of the model's
-    method, validated by ``icf.methods.validate``) or a bare ``X`` that names one field."""
+SECTIONS = ("model", "train", "method")
+
+
+def apply_values(model: ModelConfig, train: TrainConfig, values: dict[str, dict[str, Any]]) -> tuple[ModelConfig, TrainConfig]:
+    """Typed overrides by section (``{"model": {...}, "train": {...}, "method": {...}}``; method options are
+    checked by ``icf.methods.validate``) applied with ``dataclasses.replace``."""
+    unknown = set(values) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; expected {', '.join(SECTIONS)}")
+    m_updates = {k: _coerce(ModelConfig, k, v) for k, v in values.get("model", {}).items()}
+    t_updates = {k: _coerce(TrainConfig, k, v) for k, v in values.get("train", {}).items()}
+    if values.get("method"):
+        m_updates["options"] = {**model.options, **m_updates.get("options", {}), **values["method"]}
+    return dataclasses.replace(model, **m_updates), dataclasses.replace(train, **t_updates)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """``key=value`` strings → values by section. Keys are ``model.X``, ``train.X``, ``method.X`` or a bare ``X``
+    that names one field of ModelConfig or TrainConfig; values are TOML literals (bare words are strings)."""
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    m_updates: dict[str, Any] = {}
-    t_updates: dict[str, Any] = {}
-    options = dict(model.options)
+    values: dict[str, dict[str, Any]] = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, text = (s.strip() for s in item.split("=", 1))
         section, _, name = key.rpartition(".")
         if not section:
-            section = "model" if name in model_fields else "train" if name in train_fields else ""
             if name in model_fields and name in train_fields:
                 raise ValueError(f"override key {name!r} is ambiguous; write model.{name} or train.{name}")
-        if section == "model":
-            m_updates[name] = _coerce(ModelConfig, name, _parse_value(text))
-        elif section == "train":
-            t_updates[name] = _coerce(TrainConfig, name, _parse_value(text))
-        elif section == "method":
-            options[name] = _parse_value(text)
-        else:
+            section = "model" if name in model_fields else "train" if name in train_fields else ""
+        if section not in SECTIONS:
             raise ValueError(f"unknown config key {key!r}")
-    if options != model.options:
-        m_updates["options"] = {**options, **m_updates.get("options", {})}
-    return dataclasses.replace(model, **m_updates), dataclasses.replace(train, **t_updates)
+        values.setdefault(section, {})[name] = _parse_value(text)
+    return values
 
 
-def load_toml(path: str | Path, overrides: list[str] | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """Read a config TOML (``preset``, ``dataset``, optional ``[model]`` / ``[train]`` tables) then apply overrides.
+def apply_overrides(model: ModelConfig, train: TrainConfig, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """`parse_overrides` then `apply_values`."""
+    return apply_values(model, train, parse_overrides(overrides))
 
-    Raises:
-        ValueError: naming ``path`` and the reason, for unreadable TOML or unknown keys.
-    """
+
+def read_overrides(path: str | Path) -> dict[str, dict[str, Any]]:
+    """An overrides file: TOML with ``[model]``, ``[train]`` and ``[method]`` tables; ``ValueError`` naming the file."""
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"{path}: cannot read config ({err})") from err
-    try:
-        model, train = preset(doc.get("preset", "tiny"), doc.get("dataset", "s4"))
-        items = [f"model.{k}={_toml_literal(v)}" for k, v in doc.get("model", {}).items()]
-        items += [f"train.{k}={_toml_literal(v)}" for k, v in doc.get("train", {}).items()]
-        return apply_overrides(model, train, items + list(overrides or []))
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-
-
-def _toml_literal(value: Any) -> str:
-    """Render a parsed TOML value back into TOML text (round trip through ``_parse_value``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_literal(v)}" for k, v in value.items()) + "}"
-    return repr(value)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"{path}: cannot read config ({err})") from None
+    bad = [k for k, v in doc.items() if k not in SECTIONS or not isinstance(v, dict)]
+    if bad:
+        raise ValueError(f"{path}: unknown top-level key(s) {bad}; a config file holds only [model], [train] and "
+                         "[method] tables (preset and dataset come from the command line)")
+    return doc
 
 
 RETIRED_MODEL_KEYS = frozenset({"hard_top1", "mit_pool"})  # read from older run files, ignored
@@ -329,6 +324,11 @@ def model_from_dict(doc: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"unknown model key(s) {sorted(unknown)}")
     keep = {"ablate", "backbone_kwargs", "options"}
     return ModelConfig(**{k: (tuple(v) if isinstance(v, list) and k not in keep else v) for k, v in doc.items() if k in fields})
+
+
+def configs_from_dict(doc: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """Both configs from their `to_dict` form (``{"model": ..., "train": ...}``, e.g. a ``run.json``)."""
+    return model_from_dict(doc["model"]), TrainConfig(**doc["train"])
 
 
 def to_dict(model: ModelConfig, train: TrainConfig) -> dict[str, Any]:

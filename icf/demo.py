@@ -65,7 +65,7 @@ def evaluate_run(run: Path, clips: int, seed: int, size: int, split: str = "val"
     """The trained model, the model with shuffled audio, and the visible-objects oracle on ``split``."""
     from icf.eval.baselines import visible_objects
     from icf.eval.evaluate import Perturbation, evaluate, model_predictor
-    from icf.train.trainer import load_trained
+    from icf.train.run import load_trained
 
     model, shards, _, cfg, _ = load_trained(run)
     device = next(model.parameters()).device
@@ -83,7 +83,7 @@ def epochs_for_steps(work: Path, steps: int, dataset: str = LAYOUT, preset_name:
     so a fixed step budget runs the whole schedule."""
     from icf.config import preset
     from icf.data.shards import ShardSet
-    from icf.train.trainer import shards_path
+    from icf.train.run import shards_path
 
     _, train_cfg = preset(preset_name, dataset)
     per_epoch = max(1, ShardSet.load(shards_path(work, dataset)).num_samples("train") // train_cfg.batch_size)
@@ -113,7 +113,8 @@ def demo(
     """synth → towers → stage all → train tiny → eval (with two controls) → predict."""
     from icf.eval.report import metrics_table
     from icf.eval.visualize import write_panels
-    from icf.train.trainer import RunSpec, load_trained, train
+    from icf.train.run import RunSpec, load_trained
+    from icf.train.trainer import train
 
     root = work_dir(work)
     t0 = time.time()

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from icf.cli import app
 from icf.clitools import UserError
 from icf.eval.compare import SETTINGS, EvalSetting, configuration, mean_std, parse_setting, settings_from_options
-from icf.train.trainer import RunSpec, train
+from icf.train.run import RunSpec
+from icf.train.trainer import train
 from test_train import FAST, write_avss_shards
 
 METRICS = ("J", "F", "J_present", "F_present", "FDR")

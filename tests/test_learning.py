@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from icf.cli import app
 from icf.demo import evaluate_run
 from icf.towers.train import TowersConfig, train_towers
-from icf.train.trainer import RunSpec, train
+from icf.train.run import RunSpec
+from icf.train.trainer import train
 
 CLIPS, SIZE, SEED, STEPS, TOWER_EPOCHS = 64, 64, 0, 200, 4
 

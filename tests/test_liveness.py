@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 
 from icf.cli import app
 from icf.config import preset
-from icf.train.trainer import RunSpec, read_metrics, train
+from icf.train.logs import read_metrics
+from icf.train.run import RunSpec
+from icf.train.trainer import train
 
 CLIPS, SIZE, SEED, STEPS = 48, 64, 1, 150
 CF_COS_TOLERANCE = 0.15  # |mean cos(ℓ^cf, z) − √(1 − c)| per step (measured max 0.109 over 141 steps, seed 1)

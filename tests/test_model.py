@@ -11,7 +11,7 @@ import torch
 
 import icf.encoders as enc
 from icf import methods
-from icf.config import ModelConfig, TrainConfig, apply_overrides, load_toml, preset
+from icf.config import ModelConfig, TrainConfig, apply_overrides, apply_values, preset, read_overrides
 from icf.model import ICF
 from icf.model.backbone import Backbone, BackboneWeightsError
 from icf.model.bidir import BidirSegmenter
@@ -394,14 +394,20 @@ def test_presets_and_overrides(tmp_path) -> None:
     assert m4.options == {"segmenter": "bidir", "channel_context": False} and methods.validate(m4).segmenter == "bidir"
     with pytest.raises(ValueError, match="channel_context"):  # the error lists the valid options
         methods.validate(apply_overrides(m, t, ["method.nope=1"])[0])
-    path = tmp_path / "run.toml"
-    path.write_text('preset = "tiny"\ndataset = "avss"\n[model]\nk_t = 5\ntext_mode = "bank"\n[train]\nepochs = 3\n')
-    m3, t3 = load_toml(path, ["train.seed=7"])
-    assert (m3.k_t, m3.text_mode, m3.num_classes, t3.epochs, t3.seed) == (5, "bank", 71, 3, 7)
+    path = tmp_path / "run.toml"  # an `icf train --config` file: typed values, no string round trip
+    path.write_text('[model]\nk_t = 5\ntext_mode = "bank"\nalpha_range = [0.6, 0.7]\n[train]\nepochs = 3\n'
+                    '[method]\nsegmenter = "tpavi"\n')
+    m3, t3 = apply_values(*preset("tiny", "avss"), read_overrides(path))
+    assert (m3.k_t, m3.text_mode, m3.alpha_range, m3.num_classes, t3.epochs) == (5, "bank", (0.6, 0.7), 71, 3)
+    assert m3.options == {"segmenter": "tpavi"} and isinstance(t3, TrainConfig)
+    for text, match in (('preset = "tiny"\n', "only \\[model\\], \\[train\\] and \\[method\\]"), ("[model\n", "cannot read"),
+                        ("[train]\nlr = \"abc\"\n", "train.lr must be a number")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            apply_values(m, t, read_overrides(path))
     path.write_text("[model]\nbogus = 1\n")
-    with pytest.raises(ValueError, match="run.toml"):
-        load_toml(path)
-    assert isinstance(t3, TrainConfig)
+    with pytest.raises(ValueError, match="unknown ModelConfig key 'bogus'"):
+        apply_values(m, t, read_overrides(path))
 
 
 # ---- heavy: paper presets and real learning ------------------------------------------------------

@@ -41,7 +41,9 @@ from icf.eval.negatives import (
     synthetic_classes,
 )
 from icf.methods.icf import frozen_towers
-from icf.train.trainer import RunSpec, read_metrics, train
+from icf.train.logs import read_metrics
+from icf.train.run import RunSpec
+from icf.train.trainer import train
 from icf.encoders import EncoderSpec
 from test_train import write_avss_shards
 

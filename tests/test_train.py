@@ -26,7 +26,9 @@ from icf.encoders.videoclip import segment_window, segment_windows
 from icf.eval.visualize import LABEL_W, TEXT_H
 from icf.train import checkpoint
 from icf.methods.icf import frozen_towers
-from icf.train.trainer import RunSpec, lr_factor, read_metrics, train
+from icf.train.logs import read_metrics
+from icf.train.run import RunSpec
+from icf.train.trainer import lr_factor, train
 
 
 def _enc(a: np.ndarray, fmt: str) -> bytes:
@@ -124,7 +126,7 @@ def test_resume_reproduces_the_uninterrupted_run(work: Path) -> None:
 
 def test_a_method_other_than_icf_trains_and_runs_record_their_method(work: Path) -> None:
     from icf.model.bidir import BidirSegmenter
-    from icf.train.trainer import load_trained, read_run_file
+    from icf.train.run import load_trained, read_run_file
 
     run = train(RunSpec(dataset="avss", preset="tiny", method="bidir", work=work, out=work / "runs" / "bidir", epochs=1,
                         max_steps=2, overrides=FAST, seed=7))
@@ -245,3 +247,19 @@ def test_eval_and_predict_commands(work: Path, tmp_path: Path) -> None:
     assert h >= 5 * (3 * 32 + 2 * 2) + 2 * TEXT_H  # + the IoU line and at least one legend line
     res = runner.invoke(app, ["eval", "--run", str(tmp_path), "--split", "val"])
     assert res.exit_code == 2 and "not a training run" in res.output
+
+
+def test_train_config_file_sits_under_set_and_loader_workers_flag(work: Path, tmp_path: Path) -> None:
+    """``icf train --config FILE``: its tables override the preset, ``--set`` overrides the file; the DataLoader
+    flag is ``--loader-workers`` (``--workers`` is the stage commands' Ray workers)."""
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("[model]\nimage_size = 32\n[train]\nbatch_size = 2\nlr = 5e-4\nepochs = 3\n")
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "--dataset", "avss", "--work", str(work), "--out", str(run), "--config", str(cfg),
+                                   "--set", "train.lr=2e-4", "--max-steps", "1", "--loader-workers", "0"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((run / "run.json").read_text())
+    assert (doc["model"]["image_size"], doc["train"]["batch_size"], doc["train"]["lr"], doc["train"]["epochs"]) == (32, 2, 2e-4, 3)
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    bad = CliRunner().invoke(app, ["train", "--dataset", "avss", "--work", str(work), "--out", str(tmp_path / "r2"), "--workers", "2"])
+    assert bad.exit_code == 2 and "--workers" in bad.output

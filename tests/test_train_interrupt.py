@@ -13,7 +13,9 @@ import pytest
 
 from icf.clitools import UserError
 from icf.train import checkpoint
-from icf.train.trainer import RunSpec, read_metrics, train
+from icf.train.logs import read_metrics
+from icf.train.run import RunSpec
+from icf.train.trainer import train
 from test_train import FAST, write_avss_shards
 
 

@@ -9,7 +9,8 @@ import torch
 
 from icf.train import checkpoint
 from icf.train.ray_train import train_ray
-from icf.train.trainer import RunSpec, read_metrics
+from icf.train.logs import read_metrics
+from icf.train.run import RunSpec
 from test_train import write_avss_shards
 
 

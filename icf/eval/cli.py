@@ -73,7 +73,7 @@ def eval_command(
     from icf.eval.metrics import F_MODES
     from icf.eval.negatives import NEGATIVE_KINDS, build_negative
     from icf.eval.report import print_results
-    from icf.train.trainer import find_run, load_trained
+    from icf.train.run import find_run, load_trained
 
     run = find_run(run, work)
     _check_choice("--f-mode", f_mode, F_MODES)
@@ -119,7 +119,7 @@ def predict_command(
 ) -> None:
     """PNG panels per clip: frames, ground truth and predicted masks overlaid in palette colours."""
     from icf.eval.visualize import write_panels
-    from icf.train.trainer import find_run, load_trained
+    from icf.train.run import find_run, load_trained
 
     run = find_run(run, work)
     _check_eval_options(None, None, limit)

@@ -147,7 +147,7 @@ def run_label(doc: dict[str, Any]) -> str:
 
 def steps_done(run: Path) -> int | None:
     """The last step ``metrics.jsonl`` records (None when the run has none)."""
-    from icf.train.trainer import read_metrics
+    from icf.train.logs import read_metrics
 
     records = read_metrics(run)
     return int(records[-1]["step"]) if records else None
@@ -157,7 +157,7 @@ def evaluate_runs(runs: Sequence[Path], split: str, settings: Sequence[EvalSetti
                   on_eval: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Every run under every setting: ``[{run, doc, steps, results: {label: metrics}}]`` in input order."""
     from icf.eval.evaluate import model_predictor
-    from icf.train.trainer import load_trained
+    from icf.train.run import load_trained
 
     out = []
     for run in runs:
@@ -334,7 +334,7 @@ def compare_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from icf.clitools import console, out
-    from icf.train.trainer import find_run
+    from icf.train.run import find_run
 
     runs = [find_run(r, work) for r in runs]
     if split not in ("val", "test"):

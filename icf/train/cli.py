@@ -28,11 +28,14 @@ def train_command(
     ray_address: str | None = typer.Option(
         None, "--ray-address", help="With --ray-workers: the Ray cluster to join (auto, HOST:PORT); default an embedded one."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and every random draw."),
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML file of overrides: [model], [train] and [method] tables (before --set)."),
     set_: list[str] = typer.Option([], "--set", help="Override key=value (train.lr=3e-4, method.segmenter=tpavi); repeatable."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a checkpoint every N steps."),
 ) -> None:
     """Train a method on the shards of WORK/<dataset>/shards.json; writes checkpoints, metrics.jsonl and loss.png."""
-    from icf.train.trainer import RunSpec, train
+    from icf.train.run import RunSpec
+    from icf.train.trainer import train
 
     if resume is None and dataset is None:
         raise UserError("--dataset is required (unless --resume continues a run, which knows its dataset)")
@@ -45,6 +48,8 @@ def train_command(
     check_at_least("--checkpoint-every", checkpoint_every, 1)
     check_at_least("--loader-workers", loader_workers, 0)
     check_at_least("--ray-workers", ray_workers, 0)
+    if config is not None and resume is not None:
+        raise UserError("--config applies to a new run; a --resume run keeps the configs in its run.json")
     if resume is not None and not resume.is_dir():
         raise UserError(f"{resume}: not a training run (no such folder)")
     if resume is not None and out is not None and out != resume:
@@ -55,7 +60,7 @@ def train_command(
     spec = RunSpec(
         dataset=dataset or "", preset=preset_name, method=method, work=root, out=run, epochs=epochs, max_steps=max_steps,
         ablate=frozenset(a.strip() for a in ablate.split(",") if a.strip()), seed=seed, workers=loader_workers,
-        overrides=list(set_), checkpoint_every=checkpoint_every,
+        overrides=list(set_), checkpoint_every=checkpoint_every, config=config,
     )
     if ray_workers:
         from icf.train.ray_train import train_ray

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from icf.train.trainer import Dist, RunSpec, train
+from icf.train.run import RunSpec
+from icf.train.trainer import Dist, train
 
 ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM")
 

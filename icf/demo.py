@@ -8,7 +8,7 @@ pipeline then extracts with them. Training runs a fixed number of steps (``--ste
 The evaluation table compares the trained model on the validation clips with two controls that do not
 listen (see :mod:`icf.eval.baselines`): the same model with the audio of another clip, and the oracle
 "segment every visible object". A model that uses the audio beats both. The J/F columns are the official
-71-class means; ``J_present``/``F_present`` average over the classes present in the split (SPEC §6), the
+71-class means; ``J_present``/``F_present`` average over the classes present in the split (Decisions D3), the
 readable numbers on 8-class synthetic data.
 """
 

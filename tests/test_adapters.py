@@ -1,5 +1,5 @@
 """Adapters on a small tree built from REAL rows of the AVSBench CSVs (paths written out literally from
-FORMATS.md §1, independent of the manifest templates), and on synthetic trees."""
+the official loaders' paths (Decisions D1), independent of the manifest templates), and on synthetic trees."""
 
 import csv
 import json

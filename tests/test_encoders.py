@@ -361,8 +361,14 @@ VGGISH_LAYOUT = {
 def test_vggish_has_the_torchvggish_layout():
     model = VGGish()
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == VGGISH_LAYOUT
-    out = model(torch.randn(2, 1, 96, 64))
-    assert out.shape == (2, 128) and (out >= 0).all()
+    mel = torch.randn(2, 1, 96, 64)
+    out = model(mel)
+    # three linear layers, each followed by ReLU (torchvggish keeps the last ReLU), on the flattened features
+    x = model.features(mel).permute(0, 2, 3, 1).flatten(1)
+    for i in (0, 2, 4):
+        x = torch.relu(x @ model.state_dict()[f"embeddings.{i}.weight"].T + model.state_dict()[f"embeddings.{i}.bias"])
+    assert out.shape == (2, 128)
+    torch.testing.assert_close(out, x)
 
 
 def test_vggish_flattens_in_time_freq_channel_order():

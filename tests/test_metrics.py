@@ -1,4 +1,4 @@
-"""Official AVSBench metrics: hand-computed cases and a slow, loop-by-loop reference (FORMATS.md §2)."""
+"""Official AVSBench metrics: hand-computed cases and a slow, loop-by-loop reference (Decisions D2)."""
 
 from __future__ import annotations
 

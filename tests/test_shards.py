@@ -1,4 +1,4 @@
-"""The trainer's shard reader on small tars written here in the SPEC §4 format."""
+"""The trainer's shard reader on small tars written here in the shard format (Decisions D5)."""
 
 from __future__ import annotations
 

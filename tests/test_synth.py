@@ -1,5 +1,5 @@
 """The synthetic generator: exact AVSBench layouts, GT rules, masks = sounding objects, audio that follows
-the schedule, determinism. Expected paths are written out literally from FORMATS.md §1 / §7."""
+the schedule, determinism. Expected paths are written out literally from the official loaders' paths (Decisions D1)."""
 
 import csv
 import hashlib

@@ -1,4 +1,4 @@
-"""The trainer's reader of the WebDataset shards (``WORK/<dataset>/shards.json`` + tars; SPEC §4, §6).
+"""The trainer's reader of the WebDataset shards (``WORK/<dataset>/shards.json`` + tars; Decisions D5).
 
 One epoch is one deterministic stream: the shard order and a WebDataset shuffle buffer are seeded by
 ``(seed, epoch)`` for training (eval keeps the listed order), the stream is cut into batches of

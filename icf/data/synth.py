@@ -2,7 +2,7 @@
 
 ``synthesize(layout, out, clips, seed)`` writes a folder that the S4 / MS3 / AVSS adapters read exactly
 like the real release (same CSV name and columns, folders, file names and types, GT availability;
-``manifests/*.toml`` supplies every template). Content (SPEC §3):
+``manifests/*.toml`` supplies every template). Content (Decisions D7):
 
 * each class has a visual signature (shape, two-colour pattern, hue) and an audio signature
   (fundamental, number of harmonics, AM and FM rates), see :func:`signatures`;

@@ -1,9 +1,9 @@
-"""VideoCLIP substitute (SPEC §4): CLIP4Clip-style mean pooling of CLIP frame embeddings.
+"""VideoCLIP substitute (Decisions D6): CLIP4Clip-style mean pooling of CLIP frame embeddings.
 
 VideoCLIP (fairseq MMPT) has no installable package. The default video-text model here pools the
 cached CLIP frame embeddings over the clip (video level) and over each segment window (segment
-level) and uses the CLIP text tower on the text side. Anything satisfying `VideoTextModel` can
-replace it later.
+level) and uses the CLIP text tower on the text side; a real video-text model replaces it by offering
+the same methods as `VideoClipEncoder`.
 
 This module also holds THE segment-window rule of ICF §3.2 (`segment_windows`); MIT imports it.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -44,24 +44,6 @@ def segment_windows(n_frames: int, window: int) -> list[list[int]]:
     ends = range(n_frames, 0, -window)  # exclusive end of each window, latest first
     starts = [max(end - window, 0) for end in ends]
     return [list(range(start, start + window)) for start in reversed(starts)]
-
-
-class VideoTextModel(Protocol):
-    """What MIT and the extract stage need from a video-text model."""
-
-    dim: int
-
-    def encode_video(self, frame_emb: torch.Tensor) -> torch.Tensor: ...
-
-    def encode_segments(self, frame_emb: torch.Tensor, window: int) -> torch.Tensor: ...
-
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor: ...
-
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor: ...
-
-    def token_embedding(self, ids: torch.Tensor) -> torch.Tensor: ...
-
-    def encode_text_embeddings(self, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor: ...
 
 
 class VideoClipEncoder:

@@ -1,4 +1,4 @@
-"""Evaluation of a predictor on a split of the shards, with the robustness settings of §6.
+"""Evaluation of a predictor on a split of the shards, with the robustness settings (paper supplement; QDFormer Fig. 7).
 
 A predictor maps a Batch to per-frame predictions ``(B, T, H, W)``: foreground probabilities for S4/MS3,
 class ids for AVSS (``ICF.predict`` does this; so do the baselines). Clips are read in shard order in

@@ -1,9 +1,9 @@
-"""AVSBench metrics exactly as the official evaluation code computes them (FORMATS.md §2), streaming.
+"""AVSBench metrics exactly as the official evaluation code computes them (Decisions D2), streaming.
 
 Two accumulators, one per task. Both take one batch at a time (``update``) and give every number at the
 end (``compute``); the per-frame work is vectorised, the aggregation follows the official loops.
 
-S4 / MS3 (binary, :class:`BinaryMetrics`, FORMATS §2.1–2.2), on foreground probabilities in [0, 1]:
+S4 / MS3 (binary, :class:`BinaryMetrics`, Decisions D2), on foreground probabilities in [0, 1]:
 
 * J: per frame, foreground IoU of ``prob > 0.5`` with the GT, ``inter / (union + 1e-7)``; a frame whose GT
   is empty scores the background IoU instead (true negatives / H·W).
@@ -16,18 +16,18 @@ S4 / MS3 (binary, :class:`BinaryMetrics`, FORMATS §2.1–2.2), on foreground pr
   batches). ``dataset`` mode: one mean curve over every non-empty frame of the split, then its maximum
   (the batch-size independent fix); J is the plain mean over frames.
 
-AVSS (71 classes incl. background, :class:`SemanticMetrics`, FORMATS §2.3), on class-index maps:
+AVSS (71 classes incl. background, :class:`SemanticMetrics`, Decisions D2), on class-index maps:
 
 * per frame and per class c: IoU_c = inter / (2.22e-16 + union), F_c = F_β(P_c, R_c) with NaN → 0; the
   class's frame count grows only where c is in prediction ∪ GT. Per-class mean = sum / count (0 where a
   class never occurs), J (= mIoU) and F are the means over **all** classes, background included.
 * ``J_present`` / ``F_present``: the same per-class means averaged over the classes that occur in the
-  split's ground truth (SPEC §6; the official mean caps a split holding k classes at (k + 1) / 71).
+  split's ground truth (Decisions D3; the official mean caps a split holding k classes at (k + 1) / 71).
 * Padded frames: the official AVSS test pads v1s/v1m clips to 10 frames with all-background labels and
   all-background predictions and scores them, which inflates the background IoU. Here only frames with
   ground truth are scored (``gt``; padded frames never have GT), as COMBO-AVS does.
 
-FDR (both tasks; CAVP ``ForegroundDetect``, FORMATS §2.4): a dataset-level pixel confusion matrix over the
+FDR (both tasks; CAVP ``ForegroundDetect``, Decisions D4): a dataset-level pixel confusion matrix over the
 scored frames (rows GT, columns prediction; binary tasks use the two classes background/foreground at the
 0.5 threshold), FDR_c = FP_c / (FP_c + TP_c), NaN-mean over classes (classes never predicted drop out).
 

@@ -3,7 +3,7 @@
 Per clip (float16, L2-normalised; T = the clip's frames):
 
 * ``clip`` ``(T, Dc)``: CLIP image embedding of each frame,
-* ``vclip`` ``(Dv,)`` and ``vclip_seg`` ``(S, Dv)``: VideoCLIP (CLIP4Clip-style substitute, SPEC §4) over
+* ``vclip`` ``(Dv,)`` and ``vclip_seg`` ``(S, Dv)``: VideoCLIP (CLIP4Clip-style substitute, Decisions D6) over
   the clip and over each segment window of ⌈T/2⌉ frames (S4/MS3) or ⌈T/4⌉ (AVSS) (ICF §3.2),
 * ``clap`` ``(T, Da)``: CLAP embedding of each one-second audio window k ↔ frame k (windows past the end of
   the audio repeat the last full second, as the mel stage repeats its last patch),

@@ -1,7 +1,7 @@
 """The ``icf`` command line: a thin typer app.
 
 Each subsystem registers its own commands (``register(app)``) so this file stays a table of contents:
-``icf synth`` (data), ``icf stage ...`` and ``icf status`` (pipeline), ``icf train`` (train),
+``icf synth`` (data), ``icf stage ...``, ``icf status`` and ``icf verify`` (workflow), ``icf train`` (train),
 ``icf eval`` / ``icf score`` / ``icf predict`` (eval), ``icf demo``.
 """
 
@@ -37,12 +37,12 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 def _register_all() -> None:
     from icf.data import cli as data_cli
     from icf.eval import cli as eval_cli
-    from icf.pipeline import cli as pipeline_cli
+    from icf.workflow import cli as workflow_cli
     from icf.towers import cli as towers_cli
     from icf.train import cli as train_cli
     from icf import demo
 
-    for module in (data_cli, pipeline_cli, towers_cli, train_cli, eval_cli, demo):
+    for module in (data_cli, workflow_cli, towers_cli, train_cli, eval_cli, demo):
         module.register(app)
 
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from icf.data.datasets import load_info
 from icf.data.sample import DATASETS
 
 PRESETS = ("tiny", "paper-r50", "paper-pvt")
 SCHEDULES = ("poly", "cosine", "constant", "step")
-AVSS_NUM_CLASSES = 71  # 70 sounding classes + background (manifests/avss.toml)
 
 
 _CHOICES = {
@@ -195,11 +195,11 @@ class TrainConfig:
 
 
 def _dataset_fields(dataset: str) -> dict[str, Any]:
+    """The model fields a dataset fixes, from its descriptor (`icf.data.datasets`)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
-    if dataset == "avss":
-        return dict(dataset=dataset, num_classes=AVSS_NUM_CLASSES, frames=10, segment_div=4)
-    return dict(dataset=dataset, num_classes=1, frames=5, segment_div=2)
+    info = load_info(dataset)
+    return dict(dataset=dataset, num_classes=info.num_logits, frames=info.max_frames, segment_div=info.segment_divisor)
 
 
 def preset(name: str, dataset: str) -> tuple[ModelConfig, TrainConfig]:

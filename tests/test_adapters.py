@@ -13,9 +13,9 @@ from PIL import Image
 
 from icf.clitools import UserError
 from icf.data.adapters import load_samples
-from icf.data.index import build_manifest
+from icf.stages.index import build_manifest
 from icf.data.io import colorize, decolorize, read_mask, read_rgb, read_wav
-from icf.data.manifests import load_info
+from icf.data.datasets import load_info
 from icf.data.synth import plan_clips, synthesize
 
 # Verbatim rows of the released s4_meta_data.csv, ms3_meta_data.csv and AVSS metadata.csv (../shared/avsbench),

@@ -18,7 +18,8 @@ from icf.clitools import UserError
 from icf.data.adapters import load_samples
 from icf.data.io import read_rgb, read_wav
 from icf.data.synth import synthesize
-from icf.encoders.videoclip import SEGMENT_DIVISOR, segment_window
+from icf.data.datasets import load_info
+from icf.encoders.videoclip import segment_window
 from icf.pipeline.engine import RunOptions, plan_jobs, run_stage
 from icf.pipeline.ledger import Workspace
 from icf.stages.extract import ExtractStage, RowBatcher, _unit, prefetch
@@ -56,7 +57,7 @@ def per_clip_reference(s, enc) -> dict[str, np.ndarray]:
     per_second = enc.clap.encode_audio(wave[: seconds * sr].reshape(seconds, sr)).numpy()
     per_second = np.concatenate([per_second, np.repeat(per_second[-1:], s.n_frames - seconds, axis=0)])
     whole = enc.clap.encode_audio(wave[None, : s.n_frames * sr])[0]
-    window = segment_window(s.n_frames, SEGMENT_DIVISOR[s.dataset])
+    window = segment_window(s.n_frames, load_info(s.dataset).segment_divisor)
     return {
         "clip": _unit(clip.numpy()),
         "vclip": _unit(enc.videoclip.encode_video(clip).numpy()),

@@ -12,7 +12,8 @@ from PIL import Image
 
 from icf.clitools import UserError
 from icf.data.adapters import load_samples
-from icf.data.index import MANIFEST_SCHEMA, build_manifest, check_sample, read_samples, write_manifest
+from icf.data.sample import Sample
+from icf.stages.index import MANIFEST_SCHEMA, build_manifest, check_sample, write_manifest
 from icf.data.synth import synthesize
 
 SIZE = 32
@@ -168,4 +169,4 @@ def test_write_is_atomic_and_round_trips(pristine, tmp_path):
     assert sorted(os.listdir(path.parent)) == ["manifest.parquet"]
     back = pq.read_table(path)
     assert back.equals(table)
-    assert read_samples(back) == load_samples("avss", pristine / "avss")
+    assert [Sample.from_row(r) for r in back.to_pylist()] == load_samples("avss", pristine / "avss")

@@ -20,7 +20,7 @@ from icf.clitools import UserError
 from icf.config import TrainConfig, apply_overrides, preset
 from icf.data.shards import ShardSet, ShardStream, make_loader
 from icf.data.synth import plan_clips, render_frame, select_classes, signatures
-from icf.data.manifests import object_vocabulary
+from icf.data.datasets import object_vocabulary
 from icf.eval.baselines import visible_objects
 from icf.eval.evaluate import evaluate
 from icf.eval.metrics import FalsePositiveMetrics, negative_score, positive_j

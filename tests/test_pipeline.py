@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from icf.clitools import UserError
-from icf.data.index import MANIFEST_SCHEMA, write_manifest
+from icf.stages.index import MANIFEST_SCHEMA, write_manifest
 from icf.data.sample import Sample
 from icf.pipeline.engine import RunOptions, run_stage
 from icf.pipeline.ledger import Workspace, read_stats, read_status

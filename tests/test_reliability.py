@@ -19,8 +19,8 @@ from icf.data.shards import ShardSet
 from icf.data.synth import synthesize
 from icf.pipeline.engine import RunOptions, run_stage
 from icf.pipeline.ledger import Workspace
-from icf.pipeline.status import dataset_status
-from icf.stages import stage_classes
+from icf.workflow.run import pipeline_stages, run_pipeline
+from icf.workflow.status import dataset_status
 from icf.stages.extract import ExtractStage
 from icf.stages.index import run_index
 from icf.stages.shard import ShardStage
@@ -33,13 +33,11 @@ SMALL = ShardStage.Config(image_size=32)
 
 def run_all(ws: Workspace, root: Path, shard: ShardStage.Config = SMALL, **opts) -> dict:
     """index + every stage, as `icf stage all` does; summaries by stage name."""
-    out = {"index": run_index(ws, root, None, UNIT, force=opts.pop("force_index", False))}
-    keys: dict[str, str] = {}
-    cfg = {"extract": TINY, "shard": shard}
-    for name, cls in stage_classes().items():
-        out[name] = run_stage(ws, cls(cfg.get(name)), RunOptions(executor="local", progress=False, **opts), QUIET, keys)
-        keys[name] = out[name].cache_key
-    return out
+    force_index = opts.pop("force_index", False)
+    summaries = run_pipeline(ws, pipeline_stages({"extract": TINY, "shard": shard}),
+                             RunOptions(executor="local", progress=False, **opts), QUIET,
+                             index=lambda: run_index(ws, root, None, UNIT, force=force_index))
+    return {s.stage: s for s in summaries}
 
 
 def files(ws: Workspace) -> dict[str, bytes]:
@@ -247,7 +245,7 @@ def test_a_uid_that_climbs_out_of_the_root_fails_at_index(tree, tmp_path):
 
 
 def test_paths_outside_the_root_are_rejected(tmp_path):
-    from icf.data.index import outside_root
+    from icf.stages.index import outside_root
 
     root = tmp_path / "d"
     inside = Sample("u", "s4", "train", "s4", (str(root / "a.png"),), ("",), (False,), str(root / "a.wav"), (), 1)

@@ -34,6 +34,7 @@ from icf.stages import stage_classes
 from icf.stages.extract import ExtractStage
 from icf.stages.index import run_index
 from icf.stages.mel import MelStage
+from icf.workflow.run import pipeline_stages, run_pipeline
 
 QUIET = Console(file=open(os.devnull, "w"))
 UNIT = 3
@@ -43,13 +44,9 @@ TINY = ExtractStage.Config(encoders="tiny")
 def run_all(ws: Workspace, root: Path | None, executor: str = "local", **stage_cfg) -> dict:
     """index (unless ``root`` is None) + every stage in order (as `icf stage all` does); returns the
     summaries by stage."""
-    out = {"index": run_index(ws, root, None, UNIT)} if root is not None else {}
-    keys: dict[str, str] = {}
-    for name, cls in stage_classes().items():
-        stage = cls(stage_cfg.get(name))
-        out[name] = run_stage(ws, stage, RunOptions(executor=executor, progress=False), QUIET, keys)
-        keys[name] = out[name].cache_key
-    return out
+    index = (lambda: run_index(ws, root, None, UNIT)) if root is not None else None
+    summaries = run_pipeline(ws, pipeline_stages(stage_cfg), RunOptions(executor=executor, progress=False), QUIET, index=index)
+    return {s.stage: s for s in summaries}
 
 
 def shard_hashes(work: Path, dataset: str) -> dict[str, str]:
@@ -371,3 +368,32 @@ def test_cli_stage_all_on_embedded_ray_matches_the_local_run(avss, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert [s.get("computed", 0) for s in json.loads(again.stdout)["stages"]] == [0, 0, 0, 0]
     assert shard_hashes(work, "avss") == ref_hashes
+
+
+def test_a_stage_option_named_like_a_run_option_is_refused_by_name(monkeypatch):
+    """A stage whose Config field collides with a shared run option (--workers) gets a command that says so;
+    every other command keeps working."""
+    import dataclasses
+
+    import typer
+
+    from icf.pipeline.stage import Stage
+    from icf.workflow import cli as workflow_cli
+
+    class Clashing(Stage):
+        name, version = "clashing", "1"
+
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            workers: int = 3
+
+    monkeypatch.setattr(workflow_cli, "stage_classes", lambda: {**stage_classes(), "clashing": Clashing})
+    monkeypatch.setattr(workflow_cli, "stage_app", typer.Typer(no_args_is_help=True))
+    app2 = typer.Typer()
+    workflow_cli.register(app2)
+    runner = CliRunner()
+    res = runner.invoke(app2, ["stage", "clashing", "--dataset", "s4"])
+    assert res.exit_code == 2 and "stage 'clashing'" in res.output and "--workers" in res.output
+    res = runner.invoke(app2, ["stage", "all", "--dataset", "s4"])
+    assert res.exit_code == 2 and "collide with the run option(s) --workers" in res.output
+    assert runner.invoke(app2, ["stage", "mel", "--help"]).exit_code == 0

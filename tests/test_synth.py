@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from icf.cli import app
 from icf.data.io import decolorize
-from icf.data.manifests import load_info, object_vocabulary
+from icf.data.datasets import load_info, object_vocabulary
 from icf.data.synth import plan_clips, select_classes, signatures, synthesize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "avsbench"

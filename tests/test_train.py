@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from icf.cli import app
 from icf.clitools import UserError
-from icf.data.manifests import load_info
+from icf.data.datasets import load_info
 from icf.encoders import EncoderSpec, text_bank
 from icf.encoders.videoclip import segment_window, segment_windows
 from icf.eval.visualize import LABEL_W, TEXT_H

@@ -4,7 +4,7 @@ The on-disk layout of each dataset is described by path templates in its manifes
 (``[layout]``), formatted with the CSV row; the per-dataset modules (:mod:`icf.data.s4`,
 :mod:`icf.data.ms3`, :mod:`icf.data.avss`) only say which subset a row belongs to, which classes it
 names and which fields to keep. Adapters build Samples from the CSV and never open media; the index
-stage (:mod:`icf.data.index`) checks the files.
+stage (:mod:`icf.stages.index`) checks the files.
 
 Two levels of trouble: a problem with the dataset as a whole (missing root or CSV, wrong header,
 undecodable CSV) raises ``UserError``; a problem with one row (wrong number of fields, unknown AVSS
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from icf.clitools import UserError
-from icf.data.manifests import SPLITS, DatasetInfo
+from icf.data.datasets import SPLITS, DatasetInfo
 from icf.data.sample import DATASETS, Sample
 
 Row = dict[str, str]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from icf.clitools import UserError
 from icf.data.adapters import Row, RowError, check_root, class_tokens, make_sample, rows_to_samples
-from icf.data.manifests import DatasetInfo, load_info
+from icf.data.datasets import DatasetInfo, load_info
 from icf.data.sample import Sample
 
 

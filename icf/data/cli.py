@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from icf.clitools import UserError, WorkOption, check_dataset, dataset_option, ensure_writable, out, user_errors, work_dir
-from icf.data.manifests import object_vocabulary
+from icf.data.datasets import object_vocabulary
 from icf.data.synth import synthesize
 
 

@@ -1,4 +1,5 @@
-"""Reading AVSBench media: WAV audio, RGB frames, GT masks, and palette colouring.
+"""Reading AVSBench media: WAV audio, RGB frames, GT masks, palette colouring, and the cheap media checks of
+the index stage (`media_errors`: headers and CRCs, no full decode).
 
 Every reader raises ``ValueError`` whose message names the file and the reason (missing, unreadable,
 empty, truncated, wrong mode), so callers can turn it into a failed manifest row or a one-line error.
@@ -6,6 +7,7 @@ empty, truncated, wrong mode), so callers can turn it into a failed manifest row
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from icf.data.manifests import load_info
+from icf.data.datasets import load_info
+from icf.data.sample import Sample
 
 
 def _data_chunk(path: Path) -> tuple[int, int] | None:
@@ -130,7 +133,7 @@ def read_mask(path: str | Path, dataset: str) -> np.ndarray:
     path = Path(path)
     info = load_info(dataset)
     img = _open_image(path)
-    if info.mask_kind == "binary":
+    if info.binary:
         return (np.asarray(img.convert("L")) >= 128).astype(np.uint8)
     if img.mode in COLOUR_MODES:
         try:
@@ -169,3 +172,56 @@ def decolorize(rgb: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np
         r, g, b = (int(v) for v in rgb[off][0])
         raise ValueError(f"{int(off.sum())} pixels have colours outside the palette, e.g. ({r}, {g}, {b})")
     return ids.astype(np.uint8)
+
+
+def image_size(path: str) -> tuple[tuple[int, int], str]:
+    """``((width, height), mode)`` of an image, checked without decoding pixels.
+
+    Raises ``ValueError`` naming the file: missing, unreadable, corrupt PNG chunk, truncated JPEG.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {missing_reason(Path(path))}")
+    try:
+        with Image.open(path) as img:
+            size, mode, fmt = img.size, img.mode, img.format
+            if fmt == "PNG":
+                img.verify()  # walks every chunk and checks its CRC; no inflate
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable image ({err})") from None
+    if fmt == "JPEG":
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(path) - 64))
+            if b"\xff\xd9" not in fh.read():
+                raise ValueError(f"{path}: truncated JPEG (no end-of-image marker)")
+    return size, mode
+
+
+def media_errors(sample: Sample) -> list[str]:
+    """Every problem with a clip's files, read without decoding: each frame and GT mask readable (PNG CRCs, JPEG end
+    marker), a mask the size of its frame and of the dataset's kind, the WAV whole. Each names the file."""
+    info = load_info(sample.dataset)
+    errors = []
+    for frame, mask in zip(sample.frame_paths, sample.mask_paths):
+        try:
+            frame_size, _ = image_size(frame)
+        except ValueError as err:
+            errors.append(str(err))
+            frame_size = None
+        if not mask:
+            continue
+        try:
+            mask_size, mode = image_size(mask)
+        except ValueError as err:
+            errors.append(str(err))
+            continue
+        if not info.binary and mode not in INDEX_MODES + COLOUR_MODES:
+            errors.append(f"{mask}: class mask must be a class-index (L, P) or palette-colour (RGB) PNG, found mode {mode}")
+        if frame_size is not None and mask_size != frame_size:
+            errors.append(
+                f"{mask}: mask is {mask_size[0]}x{mask_size[1]} but its frame is {frame_size[0]}x{frame_size[1]}"
+            )
+    try:
+        check_wav(sample.audio_path)
+    except ValueError as err:
+        errors.append(str(err))
+    return errors

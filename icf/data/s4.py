@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from icf.data.adapters import Row, class_tokens, make_sample, rows_to_samples
-from icf.data.manifests import DatasetInfo, load_info
+from icf.data.datasets import DatasetInfo, load_info
 from icf.data.sample import Sample
 
 

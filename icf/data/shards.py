@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from icf.clitools import UserError
-from icf.data.manifests import load_info
+from icf.data.datasets import load_info
 from icf.data.shard_check import ShardError, read_checked, rebuild_hint, size_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

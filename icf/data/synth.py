@@ -32,7 +32,7 @@ from PIL import Image
 
 from icf.data.adapters import clip_paths
 from icf.data.io import colorize
-from icf.data.manifests import DatasetInfo, load_info, object_vocabulary
+from icf.data.datasets import DatasetInfo, load_info, object_vocabulary
 from icf.data.sample import DATASETS
 
 AVSS_SUBSET_SHARES = {"v1s": 0.35, "v1m": 0.25, "v2": 0.40}  # more v1m than the real 4%, so each split has some
@@ -366,7 +366,7 @@ def frame_mask(plan: ClipPlan, owner: np.ndarray, t: int, info: DatasetInfo) -> 
     covering exactly the visible pixels of the objects that sound in second ``t``."""
     lut = np.zeros(len(plan.objects) + 1, dtype=np.uint8)
     for k in plan.sounding_objects(t):
-        lut[k + 1] = 1 if info.mask_kind == "binary" else info.class_id(plan.objects[k].name)
+        lut[k + 1] = 1 if info.binary else info.class_id(plan.objects[k].name)
     return lut[owner]
 
 
@@ -433,7 +433,7 @@ def _write_clip(info: DatasetInfo, root: Path, plan: ClipPlan, size: int, sigs: 
         if not mask_path:
             continue
         mask = frame_mask(plan, owner, t, info)
-        if info.mask_kind == "binary":
+        if info.binary:
             _save_png(mask * np.uint8(255), Path(mask_path))
         else:
             _save_png(mask, Path(mask_path))

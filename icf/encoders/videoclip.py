@@ -20,8 +20,6 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # keep the window rule importable without loading open_clip
     from icf.encoders.clip import ClipEncoder
 
-# Segment windows per dataset (ICF §3.2): ⌈T/2⌉ frames for S4/MS3, ⌈T/4⌉ for AVSS.
-SEGMENT_DIVISOR = {"s4": 2, "ms3": 2, "avss": 4}
 
 
 def segment_window(n_frames: int, divisor: int) -> int:

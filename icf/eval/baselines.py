@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from icf.data.manifests import load_info, object_vocabulary
+from icf.data.datasets import load_info, object_vocabulary
 from icf.data.shards import resize_square
 from icf.data.synth import ClipPlan, plan_clips, render_frame, select_classes, signatures
 from icf.eval.evaluate import Predictor
@@ -43,7 +43,7 @@ def visible_objects(layout: str, clips: int, seed: int, classes: int, native_siz
     Returns probabilities (0/1) for S4/MS3 and class ids for AVSS, ``(B, T, image_size, image_size)``.
     """
     info = load_info(layout)
-    binary = info.mask_kind == "binary"
+    binary = info.binary
     plans = {p.uid: p for p in plan_clips(layout, clips, seed, classes)}
     sigs = signatures(select_classes(object_vocabulary(layout), classes))
 
@@ -52,7 +52,7 @@ def visible_objects(layout: str, clips: int, seed: int, classes: int, native_siz
         out = torch.zeros(b, t, image_size, image_size, dtype=torch.int64)
         for i, uid in enumerate(batch["uid"]):
             plan = plans[uid]
-            crop = layout == "avss" and plan.split == "train"
+            crop = info.crops(plan.split)
             for f in range(plan.n_frames):
                 ids = visible_object_map(plan, f, native_size, sigs, binary, info.class_id)
                 stored = np.asarray(fit(Image.fromarray(ids, "L"), shard_size, crop, Image.Resampling.NEAREST))

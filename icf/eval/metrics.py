@@ -58,6 +58,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from icf.data.datasets import load_info
+
 F_BETA2 = 0.3
 N_THRESHOLDS = 255
 J_EPS = 1e-7
@@ -398,10 +400,8 @@ def negative_score(j_positive: float, fpr_frame: float) -> float:
     return 0.0 if j_positive + silent == 0 else 2.0 * j_positive * silent / (j_positive + silent)
 
 
-def make_metrics(task: str, num_classes: int = 71, f_mode: str = "official") -> BinaryMetrics | SemanticMetrics:
-    """The accumulator for a dataset: ``s4``/``ms3`` → :class:`BinaryMetrics`, ``avss`` → :class:`SemanticMetrics`."""
-    if task in ("s4", "ms3"):
-        return BinaryMetrics(f_mode=f_mode)
-    if task == "avss":
-        return SemanticMetrics(num_classes=num_classes)
-    raise ValueError(f"unknown dataset {task!r}; expected s4, ms3 or avss")
+def make_metrics(task: str, num_classes: int | None = None, f_mode: str = "official") -> BinaryMetrics | SemanticMetrics:
+    """The accumulator for a dataset: binary ones (S4, MS3) → :class:`BinaryMetrics`, AVSS →
+    :class:`SemanticMetrics` over ``num_classes`` (default: the dataset's 71)."""
+    info = load_info(task)
+    return BinaryMetrics(f_mode=f_mode) if info.binary else SemanticMetrics(num_classes=num_classes or info.num_classes)

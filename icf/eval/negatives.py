@@ -150,7 +150,7 @@ class AudioFrontEnd:
 def front_end_for(shards: ShardSet, device: torch.device | str = "cpu") -> AudioFrontEnd:
     """The front end of ``shards``: its dataset's sample rate and the CLAP tower of its encoder spec
     (the trainer's cached frozen towers, the same instance the model uses)."""
-    from icf.data.manifests import load_info
+    from icf.data.datasets import load_info
     from icf.encoders import EncoderSpec
     from icf.methods.icf import frozen_towers
 
@@ -247,7 +247,7 @@ def read_pool(shards: ShardSet, split: str, catalog: Mapping[str, ClipClasses] |
     must name every clip."""
     import webdataset as wds
 
-    from icf.data.manifests import load_info
+    from icf.data.datasets import load_info
 
     names = load_info(shards.dataset).classes
     urls = [e["url"] for e in shards.shard_list(split)]
@@ -260,7 +260,7 @@ def read_pool(shards: ShardSet, split: str, catalog: Mapping[str, ClipClasses] |
                 raise UserError(f"{shards.path}: clip {uid} is not in the synthetic plan (wrong --synth arguments?)")
             classes = catalog[uid]
         else:
-            semantic = shards.dataset == "avss"
+            semantic = not load_info(shards.dataset).binary
             ids = _mask_ids(raw, np.load(io.BytesIO(raw["gt.npy"]))) if semantic else set()
             classes = annotated_classes(meta, ids, names)
         audio = {k: _npy(raw[f"{k}.npy"]) for k in AUDIO_KEYS if f"{k}.npy" in raw}

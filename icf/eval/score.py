@@ -26,7 +26,7 @@ from PIL import Image
 from icf.clitools import UserError
 from icf.data.adapters import check_root, load_samples
 from icf.data.io import read_mask
-from icf.data.manifests import load_info
+from icf.data.datasets import load_info
 from icf.eval.metrics import make_metrics
 
 MAX_LISTED = 3
@@ -44,7 +44,7 @@ def read_prediction(path: Path, dataset: str, shape: tuple[int, int], resize: bo
     of range, or a size that differs from the mask's ``shape`` (without ``resize``).
     """
     info = load_info(dataset)
-    semantic = info.mask_kind == "semantic"
+    semantic = not info.binary
     try:
         img = Image.open(path)
         img.load()

@@ -180,7 +180,7 @@ def save_panels(batch: dict, pred_ids: torch.Tensor, out: Path, palette: np.ndar
 def write_panels(model: torch.nn.Module, shards: ShardSet, split: str, model_cfg: ModelConfig, out: Path,
                  limit: int | None = None) -> list[Path]:
     """Predict the first ``limit`` clips of ``split`` and write one panel per clip into ``out``."""
-    from icf.data.manifests import load_info
+    from icf.data.datasets import load_info
     from icf.eval.evaluate import batches
 
     info = load_info(shards.dataset)

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from icf.clitools import UserError
 from icf.data.sample import Sample
 from icf.pipeline.ledger import (
-    FAILED, OK, PENDING, SKIPPED, SampleStatus, Workspace, is_done, read_stats, read_status, unit_problem,
+    FAILED, OK, PENDING, SKIPPED, SampleStatus, Workspace, count_unit, is_done, read_stats, read_status, unit_problem,
 )
 from icf.pipeline.plan import Unit, cache_key, digest, group_units
 from icf.pipeline.runners import make_runner
@@ -251,12 +251,7 @@ def _tally(folder: Path, units: Iterable[Unit], summary: StageSummary) -> dict[i
     ok_units = {}
     for unit in units:
         status = read_status(folder, unit)
-        for uid in unit.uids:
-            st = status.get(uid)
-            name = st.status if st else PENDING
-            summary.counts[name] = summary.counts.get(name, 0) + 1
-            if name == FAILED:
-                summary.failures.append((uid, st.error or ""))
+        count_unit(status, unit.uids, summary.counts, summary.failures)
         ok_units[unit.id] = (unit.split, tuple(u for u in unit.uids if status.get(u) and status[u].status == OK))
     return ok_units
 

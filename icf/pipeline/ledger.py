@@ -18,6 +18,7 @@ reason); ``skipped`` (an upstream stage failed it); ``pending`` (not computed ye
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,18 @@ def read_status(stage_dir: Path, unit: Unit) -> dict[str, SampleStatus]:
     except CorruptFile:
         return {}
     return {r["uid"]: SampleStatus(r["status"], r["error"], r["duration_s"]) for r in rows}
+
+
+def count_unit(status: Mapping[str, SampleStatus], uids: Iterable[str], counts: dict[str, int],
+               failures: list[tuple[str, str]]) -> None:
+    """Add one unit's clips to ``counts`` by status (a clip without a row is pending) and its failed clips
+    with their reasons to ``failures``: the one tally the engine's summary and ``icf status`` share."""
+    for uid in uids:
+        st = status.get(uid)
+        name = st.status if st else PENDING
+        counts[name] = counts.get(name, 0) + 1
+        if name == FAILED:
+            failures.append((uid, st.error or ""))
 
 
 def unit_problem(stage_dir: Path, unit: Unit) -> str | None:

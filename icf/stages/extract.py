@@ -42,10 +42,10 @@ import torch
 
 from icf.clitools import UserError
 from icf.data.io import read_rgb, read_wav
-from icf.data.manifests import object_vocabulary
-from icf.data.sample import Sample
+from icf.data.datasets import load_info, object_vocabulary
+from icf.data.sample import DATASETS, Sample
 from icf.encoders import Encoders, EncoderSpec, RandomWeightsWarning
-from icf.encoders.videoclip import SEGMENT_DIVISOR, segment_window
+from icf.encoders.videoclip import segment_window
 from icf.pipeline.stage import FinishContext, Inputs, Result, Stage, option
 from icf.pipeline.store import atomic_write, npz_bytes
 
@@ -234,7 +234,7 @@ class ExtractStage(Stage):
         return {
             "encoders": self.spec.to_dict(),
             "weights_files": {"clip": _fingerprint(self.spec.clip_weights), "clap": _fingerprint(self.spec.clap_weights)},
-            "segment_divisor": SEGMENT_DIVISOR,
+            "segment_divisor": {d: load_info(d).segment_divisor for d in DATASETS},
         }
 
     def stats(self) -> dict[str, Any]:
@@ -295,7 +295,7 @@ class ExtractStage(Stage):
         per_second, whole = windows[:-1], windows[-1]
         per_second = np.concatenate([per_second, np.repeat(per_second[-1:], s.n_frames - len(per_second), axis=0)])
         frames = torch.from_numpy(clip)
-        window = segment_window(s.n_frames, SEGMENT_DIVISOR[s.dataset])
+        window = segment_window(s.n_frames, load_info(s.dataset).segment_divisor)
         return {
             "clip": _unit(clip),
             "vclip": _unit(self.enc.videoclip.encode_video(frames).numpy()),

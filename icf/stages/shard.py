@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from icf.clitools import UserError
-from icf.data.index import sample_key
+from icf.data.shard_format import sample_key
 from icf.data.io import read_mask, read_rgb
-from icf.data.manifests import load_info
+from icf.data.datasets import load_info
 from icf.data.sample import Sample
 from icf.pipeline.plan import SPLIT_ORDER
 from icf.pipeline.stage import FinishContext, Stage, option
@@ -148,7 +148,7 @@ class ShardStage(Stage):
     def process_one(self, s: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
         """The tar members of one clip (raises ``ValueError`` naming the file on bad media)."""
         info = load_info(s.dataset)
-        crop = s.dataset == "avss" and s.split == "train"
+        crop = info.crops(s.split)
         size = self.cfg.image_size
         out: dict[str, bytes] = {}
         for t, (frame_path, mask_path) in enumerate(zip(s.frame_paths, s.mask_paths)):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from icf.clitools import UserError
 from icf.data.io import read_mask, read_rgb, read_wav
-from icf.data.manifests import load_info, object_vocabulary
+from icf.data.datasets import load_info, object_vocabulary
 from icf.data.sample import Sample
 
 MARGIN = 0.15  # of the box side, on each side
@@ -51,7 +51,7 @@ class Examples:
 def mask_classes(mask: np.ndarray, sample: Sample, vocabulary: Sequence[str]) -> dict[int, np.ndarray]:
     """``{vocabulary index: (H, W) bool region}`` of the classes in one GT mask (regions ≥ MIN_PIXELS)."""
     info = load_info(sample.dataset)
-    if info.mask_kind == "binary":
+    if info.binary:
         if not sample.classes:
             raise UserError(f"{sample.dataset} names no classes in its CSV: it cannot train towers")
         regions = {vocabulary.index(sample.classes[0]): mask > 0}
@@ -131,6 +131,6 @@ def split_examples(
 
 def towers_vocabulary(dataset: str) -> tuple[str, ...]:
     """The classes the towers' prompts name: the dataset's object vocabulary (as the extract text banks)."""
-    if load_info(dataset).mask_kind == "binary" and dataset == "ms3":
+    if load_info(dataset).binary and dataset == "ms3":
         raise UserError("ms3 names no classes in its CSV: it cannot train towers (use avss or s4)")
     return object_vocabulary(dataset)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from icf.clitools import UserError
 from icf.data.adapters import load_samples
-from icf.data.manifests import load_info
+from icf.data.datasets import load_info
 from icf.encoders import PROMPT_TEMPLATES, TEXT_TOWERS, EncoderSpec, RandomWeightsWarning, prompts
 from icf.pipeline.plan import cache_key, digest
 from icf.pipeline.store import atomic_write, atomic_write_json, read_json

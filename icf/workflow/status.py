@@ -15,7 +15,7 @@ from typing import Any
 
 from icf.pipeline.engine import manifest_units, unit_rows
 from icf.pipeline.ledger import (
-    FAILED, OK, PENDING, SKIPPED, Workspace, read_stats, read_status, unit_path, unit_problem,
+    FAILED, OK, PENDING, SKIPPED, Workspace, count_unit, read_stats, read_status, unit_path, unit_problem,
 )
 from icf.pipeline.stage import Stage
 from icf.pipeline.store import CorruptFile, read_json
@@ -75,6 +75,7 @@ def _stage_status(ws: Workspace, name: str) -> dict[str, Any]:
     view = manifest_units(ws)
     folder = ws.stage_dir(name, current["cache_key"])
     counts = {OK: 0, FAILED: 0, SKIPPED: 0, PENDING: 0}
+    failures: list[tuple[str, str]] = []
     done = 0
     for unit in view.units:
         stats = read_stats(folder, unit)
@@ -82,19 +83,14 @@ def _stage_status(ws: Workspace, name: str) -> dict[str, Any]:
         if problem:
             entry["problems"].append(problem)
         done += bool(stats) and not problem and stats["pending"] == 0 and stats.get("uid_rows") == unit_rows(unit, view.rows)
-        status = read_status(folder, unit)
-        for uid in unit.uids:
-            st = status.get(uid)
-            counts[st.status if st else PENDING] += 1
-            if st and st.status == FAILED:
-                entry["failures"].append({"uid": uid, "error": st.error})
+        count_unit(read_status(folder, unit), unit.uids, counts, failures)
     finish_problem = _finish_problem(ws, name, current["cache_key"])
     if finish_problem and done == len(view.units):
         entry["problems"].append(finish_problem)
     state = (STALE if _is_stale(ws, current) else DAMAGED if entry["problems"]
              else DONE if done == len(view.units) and not finish_problem else INCOMPLETE)
     entry.update(state=state, cache_key=current["cache_key"], units_done=done, units_pending=len(view.units) - done,
-                 counts=counts)
+                 counts=counts, failures=[{"uid": uid, "error": error} for uid, error in failures])
     return entry
 
 

@@ -11,8 +11,7 @@ import dataclasses
 import inspect
 import typing
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from icf.pipeline.stage import Stage
 from icf.pipeline.store import read_json
 from icf.stages import stage_classes
 from icf.stages.index import DEFAULT_UNIT_SIZE, IndexSummary, run_index
+from icf.workflow.run import ray_session, run_pipeline
 
 stage_app = typer.Typer(help="Run pipeline stages (each skips what is already done).", no_args_is_help=True)
 
@@ -69,6 +69,28 @@ INDEX_PARAMS = [
     _opt("unit_size", int | None, None, "--unit-size",
          help=f"Clips per work unit (default: the manifest's, else {DEFAULT_UNIT_SIZE})."),
 ]
+
+
+def option_clash(cls: type[Stage]) -> str | None:
+    """Why ``cls`` cannot get a command: a ``Config`` field named like an option every stage command has
+    (``--workers``, ``--force``, ``--root``, …), or None."""
+    reserved = {p.name for p in RUN_PARAMS + INDEX_PARAMS}
+    clash = sorted(f.name for f in dataclasses.fields(cls.Config) if f.name in reserved)
+    if not clash:
+        return None
+    flags = ", ".join("--" + n.replace("_", "-") for n in clash)
+    return (f"stage {cls.name!r} ({cls.__module__}): its Config field(s) {clash} collide with the run option(s) "
+            f"{flags} of every stage command; rename them")
+
+
+def _refusing(message: str, name: str) -> Callable[..., None]:
+    """A command that only says why its stage has no command (the rest of the CLI keeps working)."""
+
+    @user_errors
+    def command(**_kw: Any) -> None:
+        raise UserError(message)
+
+    return _with_signature(command, RUN_PARAMS + INDEX_PARAMS, name, f"(unavailable: {message})")
 
 
 def _config_params(classes: list[type[Stage]]) -> list[P]:
@@ -175,23 +197,12 @@ def _report(ws: Workspace, summaries: list[StageSummary | IndexSummary], json_ou
         raise typer.Exit(1)
 
 
-@contextmanager
-def _ray_session() -> Iterator[None]:
-    """Stop the embedded Ray (if a stage started one) when the command ends."""
-    from icf.pipeline.runners import disconnect
-
-    try:
-        yield
-    finally:
-        disconnect()
-
-
 def _stage_command(cls: type[Stage]) -> Callable[..., None]:
     @user_errors
     def command(**kw: Any) -> None:
         opts, stage = _options(kw), _build(cls, kw)
         ws = _workspace(kw["dataset"], kw["work"], write=True)
-        with workspace_lock(ws.root), _ray_session():
+        with workspace_lock(ws.root), ray_session():
             summary = run_stage(ws, stage, opts, console)
         _report(ws, [summary], kw["json_out"], kw["strict"])
 
@@ -229,23 +240,16 @@ def index_command(**kw: Any) -> None:
 
 @user_errors
 def all_command(**kw: Any) -> None:
-    classes = list(stage_classes().values())
-    summaries: list[StageSummary | IndexSummary] = []
     opts = _options(kw)
-    stages = [_build(cls, kw) for cls in classes]
+    stages = [_build(cls, kw) for cls in stage_classes().values()]
     ws = _workspace(kw["dataset"], kw["work"], write=True)
     root = kw["root"] or _manifest_root(ws)
     if not root:
         raise UserError("--root is required the first time: the folder holding the dataset's metadata CSV")
+    summaries: list[StageSummary | IndexSummary] = []
     with workspace_lock(ws.root):
         try:
-            summaries.append(_index(ws, root, kw))
-            keys: dict[str, str] = {}
-            with _ray_session():
-                for stage in stages:
-                    summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
-                    keys[stage.name] = summary.cache_key
-                    summaries.append(summary)
+            run_pipeline(ws, stages, opts, console, index=lambda: _index(ws, root, kw), summaries=summaries)
         except (UserError, OSError):
             for done in summaries:  # what finished before the error stays done: say so
                 console.print(done.line(), markup=False, highlight=False, soft_wrap=True)
@@ -270,7 +274,7 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
 ) -> None:
     """Per stage: state, units done / pending, samples ok / failed / skipped, and (with --failed) the reasons."""
-    from icf.pipeline.status import dataset_status, not_done
+    from icf.workflow.status import dataset_status, not_done
 
     ws = _workspace(dataset, work)
     entries = dataset_status(ws)
@@ -308,7 +312,7 @@ def verify(
 ) -> None:
     """Read every cache file of the dataset in full (units, manifest, shards against shards.json); exit 1
     and name each damaged file when any is. `icf stage all` repairs what it reports."""
-    from icf.pipeline.verify import verify_dataset
+    from icf.workflow.verify import verify_dataset
 
     report = verify_dataset(_workspace(dataset, work))
     if json_out:
@@ -325,12 +329,15 @@ def verify(
 def register(app: typer.Typer) -> None:
     """Add ``icf stage ...`` and ``icf status`` to the root app."""
     classes = list(stage_classes().values())
+    clashes = {cls.name: option_clash(cls) for cls in classes}
     stage_app.command("index")(_with_signature(
         index_command, [DATASET, WORK, *INDEX_PARAMS, FORCE, STRICT, PROGRESS, JSON], "index",
         "Scan the dataset folder into WORK/<dataset>/manifest.parquet (one row per clip, ok/failed)."))
     for cls in classes:
-        stage_app.command(cls.name)(_stage_command(cls))
-    stage_app.command("all")(_with_signature(
+        message = clashes[cls.name]
+        stage_app.command(cls.name)(_refusing(message, cls.name) if message else _stage_command(cls))
+    broken = next((m for m in clashes.values() if m), None)
+    stage_app.command("all")(_refusing(broken, "all") if broken else _with_signature(
         all_command, RUN_PARAMS + INDEX_PARAMS + _config_params(classes), "all",
         "index, then every stage in order, skipping what is done."))
     app.add_typer(stage_app, name="stage")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from icf.data.adapters import class_tokens
-from icf.data.manifests import MANIFEST_DIR, load_info, object_vocabulary, parse_info
+from icf.data.datasets import MANIFEST_DIR, load_info, object_vocabulary, parse_info
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "avsbench"
@@ -132,9 +132,26 @@ def test_a_regular_install_ships_the_root_manifests(tmp_path):
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
     subprocess.run([*pip, "--target", str(target), str(src)], check=True, capture_output=True, timeout=120)
     shutil.rmtree(src)
-    probe = ("import icf.data.manifests as m; print(m.__file__); "
+    probe = ("import icf.data.datasets as m; print(m.__file__); "
              "print(*(len(m.load_info(d).classes) for d in ('s4', 'ms3', 'avss')))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)},
                          capture_output=True, text=True, check=True, timeout=60).stdout.split("\n")
-    assert out[0] == str(target / "icf" / "data" / "manifests.py")
+    assert out[0] == str(target / "icf" / "data" / "datasets.py")
     assert out[1] == "23 0 71"
+
+
+def test_descriptors_carry_the_facts_the_code_derives_from_them():
+    """Frames, logits, segment divisor, crop rule and mask kind live in the descriptors alone; the presets, the
+    metrics and the shard stage read them from there."""
+    from icf.config import preset
+    from icf.eval.metrics import BinaryMetrics, SemanticMetrics, make_metrics
+
+    facts = {d: (info.max_frames, info.num_logits, info.segment_divisor, info.binary, info.crops("train"), info.crops("val"))
+             for d in ("s4", "ms3", "avss") for info in [load_info(d)]}
+    assert facts == {"s4": (5, 1, 2, True, False, False), "ms3": (5, 1, 2, True, False, False),
+                     "avss": (10, 71, 4, False, True, False)}
+    for d, (frames, logits, divisor, binary, *_) in facts.items():
+        model, _ = preset("tiny", d)
+        assert (model.frames, model.num_classes, model.segment_div) == (frames, logits, divisor)
+        assert isinstance(make_metrics(d), BinaryMetrics if binary else SemanticMetrics)
+    assert make_metrics("avss").num_classes == 71

@@ -1,4 +1,6 @@
-"""Dataset descriptors: ``manifests/{s4,ms3,avss}.toml`` loaded into typed, frozen records.
+"""Dataset descriptors: ``manifests/{s4,ms3,avss}.toml`` loaded into typed, frozen records, the one home of
+every dataset fact (classes, palette, layouts, frames per clip, segment divisor, train crop rule, binary or
+semantic masks); config, encoders, stages, metrics and the synthetic generator derive theirs from it.
 
 The TOML files are the project's single source of truth for class lists, palettes, frame counts,
 ground-truth rules, CSV names/columns, on-disk path templates and expected split sizes. Adapters, the
@@ -98,6 +100,8 @@ class DatasetInfo:
         start_column / video_seconds: S4 clip trimming (``start``; 10 s raw videos), see
             :meth:`audio_seconds`.
         class_index_file / class_index_offset: AVSS ``label2idx.json`` and its id offset (value − 1).
+        segment_divisor: segment windows hold ⌈T / segment_divisor⌉ frames (ICF §3.2: 2 for S4/MS3, 4 for AVSS).
+        train_crop: whether train frames are centre-cropped to a square (else resized) when sharded.
     """
 
     name: str
@@ -116,6 +120,22 @@ class DatasetInfo:
     video_seconds: float = 0.0
     class_index_file: str = ""
     class_index_offset: int = 0
+    segment_divisor: int = 2
+    train_crop: bool = False
+
+    @property
+    def binary(self) -> bool:
+        """Binary masks (S4, MS3: one mask logit) rather than class-index masks (AVSS)."""
+        return self.mask_kind == "binary"
+
+    @property
+    def num_logits(self) -> int:
+        """Mask logits per pixel a model predicts: 1 for binary datasets, one per class (71) for AVSS."""
+        return 1 if self.binary else self.num_classes
+
+    def crops(self, split: str) -> bool:
+        """Whether frames of ``split`` are centre-cropped when sharded (the train split of ``train_crop`` datasets)."""
+        return self.train_crop and split == "train"
 
     @property
     def num_classes(self) -> int:
@@ -199,6 +219,8 @@ def parse_info(raw: dict) -> DatasetInfo:
         video_seconds=float(raw.get("clip", {}).get("video_seconds", 0.0)),
         class_index_file=raw.get("class_index", {}).get("file", ""),
         class_index_offset=int(raw.get("class_index", {}).get("offset", 0)),
+        segment_divisor=int(raw["segment_divisor"]),
+        train_crop=bool(raw["train_crop"]),
     )
     if info.mask_kind not in ("binary", "semantic"):
         raise ValueError(f"{info.name}: mask_kind must be binary or semantic, not {info.mask_kind!r}")

@@ -1,0 +1,8 @@
+"""The shard format (Decisions D5): what a clip is called inside the WebDataset tars."""
+
+from __future__ import annotations
+
+
+def sample_key(uid: str) -> str:
+    """WebDataset key of a clip in the tar shards: the uid with dots replaced (the key ends at the first dot)."""
+    return uid.replace(".", "_")

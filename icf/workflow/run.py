@@ -1,0 +1,57 @@
+"""`run_pipeline`: index, then every stage in dependency order, each on the keys this run gave its upstream
+stages (what ``icf stage all`` does; the tests and the bench call it too)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+
+from icf.pipeline.engine import RunOptions, StageSummary, run_stage
+from icf.pipeline.ledger import Workspace
+from icf.pipeline.stage import Stage
+from icf.stages import stage_classes
+from icf.stages.index import IndexSummary
+
+Summary = StageSummary | IndexSummary
+
+
+def pipeline_stages(configs: Mapping[str, Any] | None = None) -> list[Stage]:
+    """Every unit stage in order, built with ``configs[name]`` (its ``Config``; default config otherwise)."""
+    configs = configs or {}
+    return [cls(configs.get(name)) for name, cls in stage_classes().items()]
+
+
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Stop the embedded Ray (if a stage started one) when the block ends."""
+    from icf.pipeline.runners import disconnect
+
+    try:
+        yield
+    finally:
+        disconnect()
+
+
+def run_pipeline(ws: Workspace, stages: Sequence[Stage], opts: RunOptions, console: Console,
+                 index: Callable[[], IndexSummary] | None = None, summaries: list[Summary] | None = None) -> list[Summary]:
+    """Run ``index`` (when given) then ``stages`` in order and return their summaries.
+
+    Args:
+        index: runs the index stage (e.g. ``lambda: run_index(ws, root, None, unit_size)``); None keeps the
+            manifest as it is.
+        summaries: the list the summaries are appended to as each stage ends, so that a caller whose run
+            stops on an error still sees what finished.
+    """
+    summaries = [] if summaries is None else summaries
+    if index is not None:
+        summaries.append(index())
+    keys: dict[str, str] = {}
+    with ray_session():
+        for stage in stages:
+            summary = run_stage(ws, stage, opts, console, upstream_keys=keys)
+            keys[stage.name] = summary.cache_key
+            summaries.append(summary)
+    return summaries

@@ -162,7 +162,7 @@ class TrainConfig:
     amp: bool = True  # used only on CUDA
     seed: int = 0
     max_steps: int | None = None  # stop early (tiny runs, smoke tests); 0 = no step
-    negative_fraction: float = 0.0  # share of each batch's clips given negative audio + an empty target (icf.eval.negatives)
+    negative_fraction: float = 0.0  # share of each batch's clips given negative audio + an empty target (icf.augment.negatives)
 
     def __post_init__(self) -> None:
         """``ValueError`` naming the key for a value of the wrong type or range (``train.lr=abc``)."""

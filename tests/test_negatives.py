@@ -1,4 +1,4 @@
-"""Negative audio (icf.eval.negatives): FPR arithmetic, the audio-blind oracle, determinism, off-screen
+"""Negative audio (icf.augment.negatives): FPR arithmetic, the audio-blind oracle, determinism, off-screen
 donors, the training option, and ``icf eval --negative``."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from scipy import signal
 from typer.testing import CliRunner
 
-import icf.eval.negatives as negatives
+import icf.augment.negatives as negatives
 from icf.cli import app
 from icf.clitools import UserError
 from icf.config import TrainConfig, apply_overrides, preset
@@ -24,7 +24,7 @@ from icf.data.datasets import object_vocabulary
 from icf.eval.baselines import visible_objects
 from icf.eval.evaluate import evaluate
 from icf.eval.metrics import FalsePositiveMetrics, negative_score, positive_j
-from icf.eval.negatives import (
+from icf.augment.negatives import (
     NOISE_DBFS,
     AudioFrontEnd,
     ClipClasses,

@@ -71,7 +71,7 @@ def eval_command(
     or with negative audio (false-positive rates per setting, and HM: harmonic mean of J and 1 − FPR_frame)."""
     from icf.eval.evaluate import Perturbation, evaluate, evaluate_negatives, model_predictor
     from icf.eval.metrics import F_MODES
-    from icf.eval.negatives import NEGATIVE_KINDS, build_negative
+    from icf.augment.negatives import NEGATIVE_KINDS, build_negative
     from icf.eval.report import print_results
     from icf.train.run import find_run, load_trained
 
@@ -98,7 +98,7 @@ def eval_command(
 
 def _synth_catalog(dataset: str, text: str) -> dict:
     """``--synth CLIPS:SEED[:CLASSES]`` → the synthetic class catalog of that tree."""
-    from icf.eval.negatives import synthetic_classes
+    from icf.augment.negatives import synthetic_classes
 
     parts = text.split(":")
     try:

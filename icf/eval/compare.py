@@ -73,7 +73,7 @@ def negative_eval(kind: str, seed: int = 0, f_mode: str = "official") -> RunEval
     clean J on positives and 1 − FPR_frame; `icf.eval.metrics.negative_score`)."""
     from icf.eval.evaluate import evaluate
     from icf.eval.metrics import negative_score, positive_j
-    from icf.eval.negatives import build_negative
+    from icf.augment.negatives import build_negative
 
     def run(predict: Predictor, shards: ShardSet, split: str, image_size: int, device: torch.device) -> dict[str, Any]:
         clean = evaluate(predict, shards, split, image_size, f_mode, device=device)

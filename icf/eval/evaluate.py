@@ -6,7 +6,7 @@ batches of 4, and each clip's CSV position (``batch["order"]``) goes to the metr
 clips into the official test loader's batches of 4 in CSV order (the ``official`` F and J depend on that
 grouping) without buffering frames. Shards without ``order`` (shard stage v1) fall back to shard order.
 
-With a negative (:class:`Negative`, :mod:`icf.eval.negatives`) every clip's audio is replaced by silence,
+With a negative (:class:`Negative`, :mod:`icf.augment.negatives`) every clip's audio is replaced by silence,
 ambient noise or off-screen sound and the false-positive rates are measured instead
 (:class:`icf.eval.metrics.FalsePositiveMetrics`); :func:`evaluate_negatives` adds the clean run and the
 combined score ``HM`` per setting.
@@ -22,7 +22,7 @@ import torch
 
 from icf.data.shards import ShardSet, ShardStream, make_loader
 from icf.eval.metrics import OFFICIAL_CLIPS_PER_BATCH, FalsePositiveMetrics, make_metrics, negative_score, positive_j
-from icf.eval.negatives import Negative
+from icf.augment.negatives import Negative
 from icf.eval.robustness import AudioRotation, frame_mix, noisy_batch
 
 Predictor = Callable[[dict[str, Any]], torch.Tensor]

@@ -31,7 +31,7 @@ FDR (both tasks; CAVP ``ForegroundDetect``, Decisions D4): a dataset-level pixel
 scored frames (rows GT, columns prediction; binary tasks use the two classes background/foreground at the
 0.5 threshold), FDR_c = FP_c / (FP_c + TP_c), NaN-mean over classes (classes never predicted drop out).
 
-Negative audio (:mod:`icf.eval.negatives`; :class:`FalsePositiveMetrics`): on a negative clip nothing
+Negative audio (:mod:`icf.augment.negatives`; :class:`FalsePositiveMetrics`): on a negative clip nothing
 sounds, so every pixel predicted sounding is a false positive. A pixel is predicted sounding when its
 foreground probability is > 0.5 (S4/MS3, the J threshold) or its class is not background (AVSS). Over the
 real frames (``valid``; the empty target is known on each of them):

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 import torch
 import torchaudio.functional as AF
 
+from icf.data.shard_format import AUDIO_KEYS, FRAME_KEYS
+
 LOG_OFFSET = 0.01  # VGGish log(mel + 0.01)
 SAMPLE_RATE = 16000
 N_FFT = 512  # VGGish: next power of two above the 400-sample window
 MEL_LOW_HZ, MEL_HIGH_HZ = 125.0, 7500.0
-AUDIO_KEYS = ("mel", "clap", "clap_clip")
-FRAME_KEYS = ("frames", "masks", "gt", "clip")
 
 
 def white_noise_logmel(shape: tuple[int, ...], generator: torch.Generator, power: float = 1.0) -> torch.Tensor:

@@ -27,7 +27,7 @@ from icf import methods
 from icf.clitools import UserError, console
 from icf.config import ModelConfig, TrainConfig, apply_values, parse_overrides, preset, read_overrides
 from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
-from icf.eval.negatives import training_negatives
+from icf.augment.negatives import training_negatives
 from icf.train import checkpoint
 from icf.train.logs import METRICS_FILE, append_metrics, plot_losses, progress_bar, trim_metrics
 from icf.train.run import RUN_FILE, RunSpec, build_model, pick_device, read_run_file, seed_everything, shards_path, write_run_file

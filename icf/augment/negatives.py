@@ -17,7 +17,7 @@ Kinds (:data:`NEGATIVE_KINDS`):
   this one (see :func:`assign_donors` for the rule).
 
 Every audio input reaches the model: silence and noise are **waveforms**, turned into every key of
-:data:`icf.eval.robustness.AUDIO_KEYS` by the project's own front ends (:class:`AudioFrontEnd`): the
+:data:`icf.data.shard_format.AUDIO_KEYS` by the project's own front ends (:class:`AudioFrontEnd`): the
 log-Mel of the mel stage (VGGish framing, stored as float16) and the CLAP embeddings of the extract stage
 (per-second windows and the whole clip, L2-normalised, float16) through the frozen CLAP audio tower of
 the shards' encoder spec. So ``clap`` / ``clap_clip`` are not zeroed but exactly what the extract stage
@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from icf.clitools import UserError
-from icf.eval.robustness import AUDIO_KEYS
+from icf.data.shard_format import AUDIO_KEYS
 
 if TYPE_CHECKING:
     from icf.config import TrainConfig

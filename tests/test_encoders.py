@@ -76,8 +76,8 @@ def test_spec_json_round_trip_and_flags():
     spec = EncoderSpec(clip_weights="/w/clip.pt", clap_weights="/w/clap.pt", clap_text_dir="/w/roberta", seed=7)
     assert EncoderSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert EncoderSpec.from_json(spec.to_json()) == spec
-    assert not spec.is_random and spec.weights_summary() == {"clip": "/w/clip.pt", "clap": "/w/clap.pt"}
-    assert TINY.is_random and TINY.weights_summary() == {"clip": "random", "clap": "random"}
+    assert spec.weights_summary() == {"clip": "/w/clip.pt", "clap": "/w/clap.pt"}
+    assert TINY.weights_summary() == {"clip": "random", "clap": "random"}
     assert EncoderSpec().clap_tmodel == "roberta" and TINY.clap_tmodel == "transformer"
 
 

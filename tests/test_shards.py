@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from icf.clitools import UserError
-from icf.data.shards import DataPosition, ShardSet, ShardStream, epoch_batches, make_loader
+from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
 
 DC, DV, DA = 6, 5, 4
 
@@ -115,7 +115,8 @@ def test_batch_contract(shards: ShardSet) -> None:
 def test_train_order_is_seeded_per_epoch(shards: ShardSet) -> None:
     def epoch(seed: int, e: int) -> list[list[str]]:
         stream = ShardStream(shards, "train", batch_size=3, image_size=8, train=True, seed=seed, shuffle_buffer=4)
-        return _uids(epoch_batches(stream, make_loader(stream), DataPosition(e, 0)))
+        stream.set_position(e, 0)
+        return _uids(make_loader(stream))
 
     a = epoch(0, 0)
     assert len(a) == 3 and all(len(u) == 3 for u in a)  # 11 // 3 batches, partial one dropped
@@ -127,7 +128,8 @@ def test_train_order_is_seeded_per_epoch(shards: ShardSet) -> None:
 def test_resume_skips_exactly_and_workers_do_not_change_the_stream(shards: ShardSet) -> None:
     def run(workers: int, pos: DataPosition) -> list[list[str]]:
         stream = ShardStream(shards, "train", batch_size=2, image_size=8, train=True, seed=3, shuffle_buffer=4)
-        return _uids(epoch_batches(stream, make_loader(stream, workers), pos))
+        stream.set_position(pos.epoch, pos.batch)
+        return _uids(make_loader(stream, workers))
 
     full = run(0, DataPosition(2, 0))
     assert len(full) == 5

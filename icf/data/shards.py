@@ -308,9 +308,3 @@ def make_loader(stream: ShardStream, workers: int = 0) -> DataLoader:
         stream, batch_size=None, num_workers=min(workers, usable_cpus()), persistent_workers=False,
         generator=torch.Generator().manual_seed(0),
     )
-
-
-def epoch_batches(stream: ShardStream, loader: DataLoader, position: DataPosition) -> Iterator[dict[str, Any]]:
-    """The batches of ``position.epoch`` from batch ``position.batch`` on."""
-    stream.set_position(position.epoch, position.batch)
-    yield from loader

@@ -59,11 +59,6 @@ class EncoderSpec:
         """The tiny registered configs (random init) used by tests and the demo."""
         return cls(clip_model=TINY_CLIP, clap_amodel=TINY_CLAP, clap_tmodel="transformer", seed=seed)
 
-    @property
-    def is_random(self) -> bool:
-        """True when at least one tower has no weights file (random init)."""
-        return self.clip_weights is None or self.clap_weights is None
-
     def weights_summary(self) -> dict[str, str]:
         """``{"clip": path | "random", "clap": path | "random"}`` for stats files and logs."""
         return {"clip": self.clip_weights or "random", "clap": self.clap_weights or "random"}

@@ -25,7 +25,7 @@ from torch import nn
 
 from icf import methods
 from icf.clitools import UserError, console
-from icf.config import ModelConfig, TrainConfig, apply_values, parse_overrides, preset, read_overrides
+from icf.config import ModelConfig, TrainConfig, apply_overrides, apply_values, preset, read_overrides
 from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
 from icf.augment.negatives import training_negatives
 from icf.train import checkpoint
@@ -45,7 +45,7 @@ def build_configs(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
         model_cfg, train_cfg = methods.get(spec.method).preset(spec.preset, model_cfg, train_cfg)
         if spec.config is not None:
             model_cfg, train_cfg = apply_values(model_cfg, train_cfg, read_overrides(spec.config))
-        model_cfg, train_cfg = apply_values(model_cfg, train_cfg, parse_overrides(list(spec.overrides)))
+        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, list(spec.overrides))
         switches = {"seed": spec.seed, "epochs": spec.epochs, "max_steps": spec.max_steps}
         model_cfg = dataclasses.replace(model_cfg, ablate=frozenset(spec.ablate))
         train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in switches.items() if v is not None})

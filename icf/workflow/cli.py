@@ -30,7 +30,7 @@ from icf.pipeline.stage import Stage
 from icf.pipeline.store import read_json
 from icf.stages import stage_classes
 from icf.stages.index import DEFAULT_UNIT_SIZE, IndexSummary, run_index
-from icf.workflow.run import ray_session, run_pipeline
+from icf.workflow.run import pipeline_stages, ray_session, run_pipeline
 
 stage_app = typer.Typer(help="Run pipeline stages (each skips what is already done).", no_args_is_help=True)
 
@@ -172,11 +172,11 @@ def _options(kw: dict[str, Any]) -> RunOptions:
     )
 
 
-def _build(cls: type[Stage], kw: dict[str, Any]) -> Stage:
-    """The stage with its ``Config`` from the flags; a ``Config`` that rejects a value is a ``UserError``."""
+def _config(cls: type[Stage], kw: dict[str, Any]) -> Any:
+    """The stage's ``Config`` from the flags; a ``Config`` that rejects a value is a ``UserError``."""
     names = {f.name for f in dataclasses.fields(cls.Config)}
     try:
-        return cls(cls.Config(**{k: v for k, v in kw.items() if k in names}))
+        return cls.Config(**{k: v for k, v in kw.items() if k in names})
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -200,7 +200,7 @@ def _report(ws: Workspace, summaries: list[StageSummary | IndexSummary], json_ou
 def _stage_command(cls: type[Stage]) -> Callable[..., None]:
     @user_errors
     def command(**kw: Any) -> None:
-        opts, stage = _options(kw), _build(cls, kw)
+        opts, stage = _options(kw), cls(_config(cls, kw))
         ws = _workspace(kw["dataset"], kw["work"], write=True)
         with workspace_lock(ws.root), ray_session():
             summary = run_stage(ws, stage, opts, console)
@@ -241,7 +241,7 @@ def index_command(**kw: Any) -> None:
 @user_errors
 def all_command(**kw: Any) -> None:
     opts = _options(kw)
-    stages = [_build(cls, kw) for cls in stage_classes().values()]
+    stages = pipeline_stages({name: _config(cls, kw) for name, cls in stage_classes().items()})
     ws = _workspace(kw["dataset"], kw["work"], write=True)
     root = kw["root"] or _manifest_root(ws)
     if not root:

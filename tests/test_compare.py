@@ -16,15 +16,15 @@ from icf.clitools import UserError
 from icf.eval.compare import SETTINGS, EvalSetting, configuration, mean_std, parse_setting, settings_from_options
 from icf.train.run import RunSpec
 from icf.train.trainer import train
-from test_train import FAST, write_avss_shards
+from test_train import FAST
 
 METRICS = ("J", "F", "J_present", "F_present", "FDR")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory, avss_shards) -> list[Path]:
     work = tmp_path_factory.mktemp("work")
-    write_avss_shards(work, n_train=4, n_val=3)
+    avss_shards(work, n_train=4, n_val=3)
     spec = lambda out, seed, ablate=frozenset(): RunSpec(  # noqa: E731
         dataset="avss", preset="tiny", work=work, out=work / "runs" / out, epochs=1, max_steps=2, overrides=FAST,
         seed=seed, ablate=ablate)

@@ -45,7 +45,6 @@ from icf.train.logs import read_metrics
 from icf.train.run import RunSpec
 from icf.train.trainer import train
 from icf.encoders import EncoderSpec
-from test_train import write_avss_shards
 
 LOG_SILENCE = math.log(0.01)  # the mel stage's log(mel + 0.01) of digital silence
 
@@ -212,8 +211,8 @@ def test_offscreen_donors_are_deterministic_by_seed_and_none_when_nothing_fits()
     assert d["a"] is None and d["b"] == "a" and d["c"] in ("a", "b") and d["d"] is None
 
 
-def test_offscreen_batch_carries_every_audio_key_of_the_donor(tmp_path: Path) -> None:
-    shards = ShardSet.load(write_avss_shards(tmp_path, n_train=2, n_val=6))
+def test_offscreen_batch_carries_every_audio_key_of_the_donor(tmp_path: Path, avss_shards) -> None:
+    shards = ShardSet.load(avss_shards(tmp_path, n_train=2, n_val=6))
     pool = {c.uid: c for c in read_pool(shards, "val")}
     # the fixture's clips are labelled 1 + i % 3 and show only that class
     assert pool["val.000"].classes == ClipClasses(frozenset({"accordion"}), frozenset({"accordion"}))
@@ -261,8 +260,8 @@ def test_mix_negatives_empties_exactly_the_chosen_clips() -> None:
     assert all(len(choose_negatives(4, 0.25, torch.Generator().manual_seed(s))) == 1 for s in range(50))
 
 
-def test_trainer_applies_negative_fraction(tmp_path: Path) -> None:
-    write_avss_shards(tmp_path, n_train=4, n_val=2)
+def test_trainer_applies_negative_fraction(tmp_path: Path, avss_shards) -> None:
+    avss_shards(tmp_path, n_train=4, n_val=2)
     fast = ["train.batch_size=4", "model.image_size=32"]
     runs = {}
     for name, p in (("plain", 0.0), ("neg", 0.5)):
@@ -275,10 +274,10 @@ def test_trainer_applies_negative_fraction(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def test_evaluate_with_negatives_measures_listening(tmp_path: Path) -> None:
+def test_evaluate_with_negatives_measures_listening(tmp_path: Path, avss_shards) -> None:
     """A predictor that segments everything unless the mel is digital silence: FPR 0 under silence,
     1 under noise and off-screen sound; one that ignores audio: 1 everywhere."""
-    shards = ShardSet.load(write_avss_shards(tmp_path, n_train=2, n_val=4))
+    shards = ShardSet.load(avss_shards(tmp_path, n_train=2, n_val=4))
     silent = torch.tensor(LOG_SILENCE).half().float()
 
     def listens(batch: dict) -> torch.Tensor:
@@ -296,8 +295,8 @@ def test_evaluate_with_negatives_measures_listening(tmp_path: Path) -> None:
         assert evaluate(blind, shards, "val", 32, negative=neg)["FPR_frame"] == 1.0
 
 
-def test_eval_command_with_negatives(tmp_path: Path) -> None:
-    write_avss_shards(tmp_path, n_train=4, n_val=4)
+def test_eval_command_with_negatives(tmp_path: Path, avss_shards) -> None:
+    avss_shards(tmp_path, n_train=4, n_val=4)
     run = train(RunSpec(dataset="avss", preset="tiny", work=tmp_path, out=tmp_path / "run", max_steps=1,
                         overrides=["train.batch_size=2", "model.image_size=32"]))
     runner = CliRunner()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -11,73 +9,40 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 
 from icf.clitools import UserError
+from icf.data.io import npy_load
+from icf.data.shard_format import encode_clip, image_bytes
 from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
 
 DC, DV, DA = 6, 5, 4
 
 
-def _png(a: np.ndarray, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
-def _sample(i: int, t: int, size: int, gt: list[bool], label: int) -> dict[str, bytes | str]:
+def _clip(i: int, t: int, size: int, gt: list[bool], label: int) -> dict[str, bytes]:
+    """Clip i: frames filled with 10·i, GT masks with ``label`` on the top-left quarter, mel = i, vclip = i."""
     rng = np.random.default_rng(i)
-    s: dict[str, bytes | str] = {"__key__": f"clip{i:03d}"}
-    for f in range(t):
-        s[f"f{f}.jpg"] = _png(np.full((size, size, 3), 10 * i % 250, np.uint8), "JPEG")
-        if gt[f]:
-            m = np.zeros((size, size), np.uint8)
-            m[: size // 2, : size // 2] = label
-            s[f"m{f}.png"] = _png(m)
-    s["gt.npy"] = _npy(np.array(gt))
-    s["mel.npy"] = _npy(np.full((t, 96, 64), i, np.float16))
-    s["clip.npy"] = _npy(rng.standard_normal((t, DC)).astype(np.float16))
-    s["vclip.npy"] = _npy(np.full(DV, i, np.float16))
-    s["vclip_seg.npy"] = _npy(np.ones((-(-t // 4), DV), np.float16))
-    s["clap.npy"] = _npy(np.zeros((t, DA), np.float16))
-    s["clap_clip.npy"] = _npy(np.zeros(DA, np.float16))
+    frames = [image_bytes(np.full((size, size, 3), 10 * i % 250, np.uint8), "JPEG") for _ in range(t)]
+    m = np.zeros((size, size), np.uint8)
+    m[: size // 2, : size // 2] = label
+    masks = {f: image_bytes(m, "PNG") for f in range(t) if gt[f]}
+    arrays = {"mel": np.full((t, 96, 64), i, np.float16), "clip": rng.standard_normal((t, DC)).astype(np.float16),
+              "vclip": np.full(DV, i, np.float16), "vclip_seg": np.ones((-(-t // 4), DV), np.float16),
+              "clap": np.zeros((t, DA), np.float16), "clap_clip": np.zeros(DA, np.float16)}
     meta = {"uid": f"clip.{i:03d}", "dataset": "avss", "split": "train", "subset": "v2" if t == 10 else "v1s",
-            "n_frames": t, "classes": ["dog"], "labels": [label]}
-    if i < 10:  # CSV position (shard stage v2); clip 10 lacks it, as in older shards
-        meta["order"] = 100 - i
-    s["meta.json"] = json.dumps(meta).encode()
-    return s
+            "n_frames": t, "classes": ["dog"], "labels": [label], "order": 100 - i}
+    return encode_clip(frames, masks, arrays, meta)
 
 
-def write_shards(root: Path, n: int = 11, size: int = 16, per_shard: int = 4) -> Path:
-    """``n`` AVSS-like clips (alternating 10 and 5 frames) in shards of ``per_shard`` → shards.json."""
-    (root / "shards").mkdir(parents=True)
-    entries = []
-    for start in range(0, n, per_shard):
-        name = f"shards/avss-train-{start // per_shard:06d}.tar"
-        with wds.TarWriter(str(root / name)) as w:
-            for i in range(start, min(n, start + per_shard)):
-                t = 10 if i % 2 == 0 else 5
-                gt = [True] * t if t == 10 else [True] + [False] * 4
-                w.write(_sample(i, t, size, gt, label=1 + i % 5))
-        data = (root / name).read_bytes()
-        entries.append({"url": name, "nsamples": min(n, start + per_shard) - start, "filesize": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
-    doc = {"dataset": "avss", "cache_key": "k", "image_size": size, "num_classes": 71, "classes": ["background"] * 71,
-           "encoders": {}, "text_bank": "text.npz", "splits": {"train": entries, "val": entries}}
-    (root / "shards.json").write_text(json.dumps(doc))
-    return root / "shards.json"
+def write_shards(root: Path, writer, n: int = 11, size: int = 16, per_shard: int = 4) -> Path:
+    """``n`` AVSS-like clips (alternating 10 and 5 frames) in shards of ``per_shard``, in train and val."""
+    clips = [_clip(i, 10 if i % 2 == 0 else 5, size, [True] * 10 if i % 2 == 0 else [True] + [False] * 4, 1 + i % 5)
+             for i in range(n)]
+    return writer(root, {"train": clips, "val": clips}, size, per_shard=per_shard, text_bank="text.npz")
 
 
 @pytest.fixture()
-def shards(tmp_path: Path) -> ShardSet:
-    return ShardSet.load(write_shards(tmp_path))
+def shards(tmp_path: Path, shard_set_writer) -> ShardSet:
+    return ShardSet.load(write_shards(tmp_path, shard_set_writer))
 
 
 def _uids(batches) -> list[list[str]]:
@@ -108,8 +73,8 @@ def test_batch_contract(shards: ShardSet) -> None:
     # eval: every clip once, in shard order, last partial batch kept
     assert sum(_uids(batches), []) == [f"clip.{i:03d}" for i in range(11)]
     assert [len(u) for u in _uids(batches)] == [4, 4, 3]
-    # each clip's CSV position travels with it (None where meta.json has none)
-    assert [b["order"] for b in batches] == [[100, 99, 98, 97], [96, 95, 94, 93], [92, 91, None]]
+    # each clip's CSV position travels with it
+    assert [b["order"] for b in batches] == [[100, 99, 98, 97], [96, 95, 94, 93], [92, 91, 90]]
 
 
 def test_train_order_is_seeded_per_epoch(shards: ShardSet) -> None:
@@ -148,12 +113,30 @@ def test_errors(tmp_path: Path, shards: ShardSet) -> None:
         ShardStream(shards, "test", 2, 8, train=False).num_samples()
     broken = tmp_path / "broken"
     (broken / "shards").mkdir(parents=True)
-    sample = _sample(0, 5, 8, [True] * 5, 1)
+    sample = _clip(0, 5, 8, [True] * 5, 1)
     del sample["mel.npy"]
     with wds.TarWriter(str(broken / "shards/x.tar")) as w:
-        w.write(sample)
+        w.write({"__key__": "clip000", **sample})
     doc = json.loads((tmp_path / "shards.json").read_text())
     doc["splits"] = {"val": [{"url": "shards/x.tar", "nsamples": 1}]}
     (broken / "shards.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="clip000.*missing member 'mel.npy'"):
         list(make_loader(ShardStream(ShardSet.load(broken), "val", 1, 8, train=False)))
+
+
+def test_encode_clip_round_trips_through_decode_sample_and_refuses_a_short_array() -> None:
+    """The two directions of the shard format agree; a frame array with another length names the clip."""
+    from icf.data.shard_format import ARRAYS, decode_sample
+
+    members = _clip(3, 5, 8, [True, False, True, False, False], 2)
+    assert {m for m in members} == {*(f"f{t}.jpg" for t in range(5)), "m0.png", "m2.png", "gt.npy", "meta.json",
+                                    *(f"{name}.npy" for name in ARRAYS)}
+    clip = decode_sample(members)
+    assert clip["gt"].tolist() == [True, False, True, False, False] and clip["meta"]["uid"] == "clip.003"
+    assert int((clip["masks"][0] == 2).sum()) == 16 and int(clip["masks"][1].sum()) == 0
+    assert clip["mel"].shape == (5, 96, 64) and float(clip["mel"][0, 0, 0]) == 3.0 and clip["vclip"].shape == (DV,)
+    meta = json.loads(members["meta.json"])
+    arrays = {name: npy_load(members[f"{name}.npy"]) for name in ARRAYS}
+    arrays["clap"] = arrays["clap"][:4]
+    with pytest.raises(ValueError, match="clip.003: clap has 4 rows for 5 frames"):
+        encode_clip([members[f"f{t}.jpg"] for t in range(5)], {}, arrays, meta)

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 
 from icf.cli import app
 from icf.data.sample import Sample
-from icf.data.shards import ShardSet, decode_sample
+from icf.data.shard_format import decode_sample
+from icf.data.shards import ShardSet
 from icf.data.synth import synthesize
 from icf.pipeline.engine import RunOptions, run_stage
 from icf.pipeline.ledger import Workspace

@@ -16,13 +16,13 @@ from icf.train import checkpoint
 from icf.train.logs import read_metrics
 from icf.train.run import RunSpec
 from icf.train.trainer import train
-from test_train import FAST, write_avss_shards
+from test_train import FAST
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory, avss_shards) -> Path:
     root = tmp_path_factory.mktemp("work")
-    write_avss_shards(root, n_train=6, n_val=3)  # 3 steps per epoch at batch 2
+    avss_shards(root, n_train=6, n_val=3)  # 3 steps per epoch at batch 2
     return root
 
 

@@ -11,7 +11,6 @@ from icf.train import checkpoint
 from icf.train.ray_train import train_ray
 from icf.train.logs import read_metrics
 from icf.train.run import RunSpec
-from test_train import write_avss_shards
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +25,8 @@ def ray_session():
         ray.shutdown()
 
 
-def test_two_cpu_workers(tmp_path: Path, ray_session) -> None:
-    write_avss_shards(tmp_path, n_train=8, n_val=2)
+def test_two_cpu_workers(tmp_path: Path, ray_session, avss_shards) -> None:
+    avss_shards(tmp_path, n_train=8, n_val=2)
     spec = RunSpec(dataset="avss", preset="tiny", work=tmp_path, out=tmp_path / "runs" / "ddp", epochs=1, max_steps=2,
                    overrides=["train.batch_size=2", "model.image_size=32"], seed=1, checkpoint_every=1)
     run = train_ray(spec, num_workers=2)

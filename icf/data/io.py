@@ -7,6 +7,7 @@ empty, truncated, wrong mode), so callers can turn it into a failed manifest row
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from pathlib import Path
@@ -37,6 +38,18 @@ def _data_chunk(path: Path) -> tuple[int, int] | None:
             if cid == b"data":
                 return fh.tell(), size
             fh.seek(size + (size & 1), 1)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as ``.npy`` file bytes (no pickles)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    """``.npy`` file bytes → the array (no pickles)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def missing_reason(path: Path) -> str:

@@ -8,7 +8,7 @@ own batches, and the DataLoader returns worker outputs round-robin, so the batch
 for any number of workers — and resuming at ``DataPosition(epoch, batch)`` skips exactly the batches
 already consumed without decoding them.
 
-Decoding (:func:`decode_sample`) turns one tar sample into tensors; :func:`collate` pads clips to the
+Decoding (`icf.data.shard_format.decode_sample`) turns one tar sample into tensors; :func:`collate` pads clips to the
 dataset's T (10 for AVSS, 5 otherwise) with ``valid`` False on padding, resizes frames (bilinear,
 antialiased) and masks (nearest) to the model's image size when the shard's differs, normalises frames
 with the ImageNet statistics, and stacks everything into the Batch of ARCHITECTURE.md (plus ``uid`` and
@@ -17,7 +17,6 @@ with the ImageNet statistics, and stacks everything into the Batch of ARCHITECTU
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -27,21 +26,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from icf.clitools import UserError
 from icf.data.datasets import load_info
 from icf.data.shard_check import ShardError, read_checked, rebuild_hint, size_problem
+from icf.data.shard_format import ARRAYS, CLIP, FRAME, SEGMENT, decode_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EMBEDDING_KEYS = ("clip", "clap")  # per-frame (T, D), padded along T
-CLIP_KEYS = ("vclip", "clap_clip")  # per-clip (D,)
 
 
 @dataclass(frozen=True)
@@ -112,48 +108,6 @@ class ShardSet:
         return sum(int(e["nsamples"]) for e in self.shard_list(split))
 
 
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _rgb(data: bytes) -> torch.Tensor:
-    """JPEG/PNG bytes → ``(3, h, w)`` uint8."""
-    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
-
-
-def _index_map(data: bytes) -> torch.Tensor:
-    """Single-channel PNG bytes (class ids or 0/1, mode ``L``/``P``) → ``(h, w)`` int64, values as stored."""
-    img = Image.open(io.BytesIO(data))
-    if img.mode not in ("L", "P"):
-        raise ValueError(f"mask PNG must be single-channel (mode L or P), found mode {img.mode}")
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.int64))
-
-
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """One raw tar sample (member suffix → bytes) → tensors of one clip (T = its own frame count).
-
-    Returns ``frames (T, 3, h, w) uint8``, ``masks (T, h, w) int64`` (zeros where no GT), ``gt (T,) bool``,
-    ``mel (T, 96, 64)``, ``clip (T, Dc)``, ``clap (T, Da)``, ``vclip (Dv,)``, ``clap_clip (Da,)``,
-    ``vclip_seg (S, Dv)`` float32, ``meta`` dict.
-    """
-    key = raw.get("__key__", "?")
-    try:
-        meta = json.loads(raw["meta.json"])
-        t = int(meta["n_frames"])
-        gt = torch.from_numpy(_npy(raw["gt.npy"]).astype(bool))
-        frames = torch.stack([_rgb(raw[f"f{i}.jpg"]) for i in range(t)])
-        masks = torch.zeros(t, *frames.shape[-2:], dtype=torch.int64)
-        for i in range(t):
-            if gt[i]:
-                masks[i] = _index_map(raw[f"m{i}.png"])
-        out = {"frames": frames, "masks": masks, "gt": gt, "meta": meta}
-        for name in ("mel", "clip", "clap", "vclip", "clap_clip", "vclip_seg"):
-            out[name] = torch.from_numpy(_npy(raw[f"{name}.npy"]).astype(np.float32))
-        return out
-    except KeyError as err:
-        raise ValueError(f"shard sample {key} ({raw.get('__url__', '?')}): missing member {err}") from None
-
-
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad dim 0 of ``x`` to ``length``."""
     if x.shape[0] == length:
@@ -181,8 +135,10 @@ def collate(clips: list[dict[str, Any]], t_max: int, image_size: int, num_classe
     """Decoded clips → the Batch of ARCHITECTURE.md, every clip padded to ``t_max`` frames."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    s_max = max(c["vclip_seg"].shape[0] for c in clips)
-    batch: dict[str, list] = {k: [] for k in ("frames", "masks", "gt", "valid", "mel", "clip", "clap", "vclip_seg")}
+    per_frame = [k for k, kind in ARRAYS.items() if kind == FRAME]
+    per_segment = [k for k, kind in ARRAYS.items() if kind == SEGMENT]
+    s_max = {k: max(c[k].shape[0] for c in clips) for k in per_segment}
+    batch: dict[str, list] = {k: [] for k in ("frames", "masks", "gt", "valid", *per_frame, *per_segment)}
     for c in clips:
         t = c["frames"].shape[0]
         frames = (resize_square(c["frames"], image_size, nearest=False) / 255.0 - mean) / std
@@ -191,23 +147,17 @@ def collate(clips: list[dict[str, Any]], t_max: int, image_size: int, num_classe
         batch["masks"].append(_pad(masks, t_max))
         batch["gt"].append(_pad(c["gt"], t_max))
         batch["valid"].append(_pad(torch.ones(t, dtype=torch.bool), t_max))
-        for k in ("mel", *EMBEDDING_KEYS):
+        for k in per_frame:
             batch[k].append(_pad(c[k], t_max))
-        batch["vclip_seg"].append(_pad(c["vclip_seg"], s_max))
+        for k in per_segment:
+            batch[k].append(_pad(c[k], s_max[k]))
     out: dict[str, Any] = {k: torch.stack(v) for k, v in batch.items()}
-    for k in CLIP_KEYS:
+    for k in (k for k, kind in ARRAYS.items() if kind == CLIP):
         out[k] = torch.stack([c[k] for c in clips])
     out["labels"] = torch.stack([label_vector(c["meta"], num_classes) for c in clips])
     out["uid"] = [c["meta"]["uid"] for c in clips]
-    # CSV position (shard stage v2+; None in older shards): the official S4/MS3 F batches clips in CSV order
-    out["order"] = [_order(c["meta"]) for c in clips]
+    out["order"] = [int(c["meta"]["order"]) for c in clips]  # CSV position: the official S4/MS3 F batches in CSV order
     return out
-
-
-def _order(meta: dict[str, Any]) -> int | None:
-    """The clip's CSV position from ``meta.json``, or None when the shard predates it."""
-    order = meta.get("order")
-    return None if order is None else int(order)
 
 
 class ShardStream(IterableDataset):

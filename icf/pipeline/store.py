@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from icf.clitools import UserError
+from icf.data.io import npy_bytes, npy_load
 
 TMP_INFIX = ".tmp-"
 Output = np.ndarray | bytes
@@ -133,17 +134,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 def atomic_write_parquet(path: Path, table: pa.Table) -> None:
     atomic_write(path, parquet_bytes(table))
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``array`` as ``.npy`` file bytes."""
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def npy_load(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:

@@ -1,12 +1,11 @@
 """Stage ``shard``: everything the trainer reads, as deterministic WebDataset tars + ``shards.json``.
 
-Per unit (parallel, cached like any stage) each ok clip becomes its tar members, kept as bytes:
-``f{t}.jpg`` (frames resized as the official loaders do — AVSS train: short side to S then centre crop;
-otherwise S×S — bilinear, fixed JPEG quality), ``m{t}.png`` (uint8 class-index or 0/1 mask, nearest, only
-frames with GT), ``gt.npy``, ``mel.npy``, ``clip.npy``, ``vclip.npy``, ``vclip_seg.npy``, ``clap.npy``,
-``clap_clip.npy`` and ``meta.json`` (uid, dataset, split, subset, n_frames, classes, label ids; ``finish``
-adds ``order``, the clip's row in the manifest, i.e. its CSV position — the shards hold clips in id order,
-but the official S4/MS3 F groups the test clips into batches of 4 in CSV order, so evaluation needs it).
+Per unit (parallel, cached like any stage) each ok clip becomes its tar members (`icf.data.shard_format`),
+kept as bytes: frames resized as the official loaders do (the descriptor's ``train_crop``: AVSS train short
+side to S then centre crop; otherwise S×S; bilinear, fixed JPEG quality), masks nearest, only frames with GT,
+the cached arrays of the mel and extract stages, and ``meta.json`` (``finish`` adds ``order``, the clip's row
+in the manifest, i.e. its CSV position — the shards hold clips in id order, but the official S4/MS3 F groups
+the test clips into batches of 4 in CSV order, so evaluation needs it).
 
 ``finish`` packs those members into ``WORK/<dataset>/shards/<split>/{dataset}-{split}-{NNNNNN}.tar``
 (units in id order, clips by uid inside a unit, members sorted, mtime 0, uid/gid 0, mode 0644, GNU tar;
@@ -27,23 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
 from icf.clitools import UserError
-from icf.data.shard_format import sample_key
-from icf.data.io import read_mask, read_rgb
 from icf.data.datasets import load_info
+from icf.data.io import read_mask, read_rgb
+from icf.data.shard_format import ARRAYS, encode_clip, image_bytes, sample_key
 from icf.data.sample import Sample
 from icf.pipeline.plan import SPLIT_ORDER
 from icf.pipeline.stage import FinishContext, Stage, option
 from icf.pipeline.store import (
-    Output, atomic_write, atomic_write_json, npy_bytes, read_json, read_outputs, sweep_temp_files, temp_path,
+    Output, atomic_write, atomic_write_json, read_json, read_outputs, sweep_temp_files, temp_path,
 )
-
-EMBEDDINGS = ("clip", "vclip", "vclip_seg", "clap", "clap_clip")
-
 
 def fit(img: Image.Image, size: int, crop: bool, resample: Image.Resampling) -> Image.Image:
     """Resize to ``size``×``size``; with ``crop`` scale the short side to ``size`` and centre-crop instead."""
@@ -146,39 +141,31 @@ class ShardStage(Stage):
                 raise ValueError(f"--shard-mb must be at least 1, got {self.shard_mb}")
 
     def process_one(self, s: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
-        """The tar members of one clip (raises ``ValueError`` naming the file on bad media)."""
+        """The tar members of one clip (`icf.data.shard_format.encode_clip`; ``ValueError`` naming the file on
+        bad media)."""
         info = load_info(s.dataset)
-        crop = info.crops(s.split)
-        size = self.cfg.image_size
-        out: dict[str, bytes] = {}
+        crop, size = info.crops(s.split), self.cfg.image_size
+        frames: list[bytes] = []
+        masks: dict[int, bytes] = {}
         for t, (frame_path, mask_path) in enumerate(zip(s.frame_paths, s.mask_paths)):
             frame = read_rgb(frame_path)
-            buf = io.BytesIO()
-            fit(Image.fromarray(frame), size, crop, Image.Resampling.BILINEAR).save(buf, "JPEG", quality=self.cfg.jpeg_quality)
-            out[f"f{t}.jpg"] = buf.getvalue()
+            frames.append(image_bytes(fit(Image.fromarray(frame), size, crop, Image.Resampling.BILINEAR), "JPEG",
+                                      self.cfg.jpeg_quality))
             if not s.gt_frames[t]:
                 continue
             mask = read_mask(mask_path, s.dataset)
             if mask.shape != frame.shape[:2]:
                 raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but frame "
                                  f"{frame_path} is {frame.shape[1]}x{frame.shape[0]}")
-            buf = io.BytesIO()
-            fit(Image.fromarray(mask, "L"), size, crop, Image.Resampling.NEAREST).save(buf, "PNG")
-            out[f"m{t}.png"] = buf.getvalue()
-        arrays = {"mel": upstream["mel"]["mel"], **{k: upstream["extract"][k] for k in EMBEDDINGS}}
-        for name in ("mel", "clip", "clap"):
-            if arrays[name].shape[0] != s.n_frames:
-                raise ValueError(f"{s.uid}: {name} has {arrays[name].shape[0]} rows for {s.n_frames} frames")
-        out["gt.npy"] = npy_bytes(np.array(s.gt_frames, dtype=bool))
-        out.update({f"{k}.npy": npy_bytes(v) for k, v in arrays.items()})
+            masks[t] = image_bytes(fit(Image.fromarray(mask, "L"), size, crop, Image.Resampling.NEAREST), "PNG")
+        arrays = {name: upstream["mel"][name] if name in upstream["mel"] else upstream["extract"][name] for name in ARRAYS}
         try:
             labels = [info.class_id(c) for c in s.classes]
         except KeyError as err:
             raise ValueError(f"{s.uid}: {err.args[0]}") from None
         meta = {"uid": s.uid, "dataset": s.dataset, "split": s.split, "subset": s.subset, "n_frames": s.n_frames,
                 "classes": list(s.classes), "labels": labels}
-        out["meta.json"] = json.dumps(meta, sort_keys=True).encode()
-        return out
+        return encode_clip(frames, masks, arrays, meta)
 
     def _write_split(
         self, ctx: FinishContext, split: str, units: Iterable[int], order: Mapping[str, int]

@@ -40,8 +40,11 @@ from icf.data.shard_check import ShardError, read_checked, rebuild_hint, size_pr
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EMBEDDING_KEYS = ("clip", "clap")  # per-frame (T, D), padded along T
+EMBEDDING_KEYS = ("clip", "clap", "clap_latent")  # per-frame (T, D), padded along T
 CLIP_KEYS = ("vclip", "clap_clip")  # per-clip (D,)
+ARRAY_MEMBERS = ("mel", "clip", "clap", "vclip", "clap_clip", "vclip_seg", "clap_latent")  # optional .npy members
+# what a shards.json without "members" (shard stage v2 and older) provides
+LEGACY_MEMBERS = ("clap", "clap_clip", "clip", "frames", "gt", "labels", "masks", "mel", "valid", "vclip", "vclip_seg")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class ShardSet:
     text_bank: Path
     splits: dict[str, list[dict[str, Any]]]
     cache_key: str = ""
+    audio_bank: Path | None = None  # DDESeg's semantic memory (`icf.stages.bank`), when the shards ship one
+    members: tuple[str, ...] = LEGACY_MEMBERS  # Batch keys every sample provides
 
     @classmethod
     def load(cls, path: str | Path) -> ShardSet:
@@ -92,6 +97,8 @@ class ShardSet:
                 text_bank=base / raw["text_bank"],
                 splits={s: [dict(e, url=str(base / e["url"])) for e in entries] for s, entries in raw["splits"].items()},
                 cache_key=str(raw.get("cache_key", "")),
+                audio_bank=base / raw["audio_bank"] if raw.get("audio_bank") else None,
+                members=tuple(raw.get("members", LEGACY_MEMBERS)),
             )
             problems = [p for entries in shards.splits.values() for p in map(size_problem, entries) if p]
         except (ValueError, KeyError, TypeError) as err:
@@ -100,6 +107,11 @@ class ShardSet:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ShardError(f"{problems[0]}{more}; {rebuild_hint(path.parent)}")
         return shards
+
+    def missing(self, requires: frozenset[str]) -> list[str]:
+        """The keys of ``requires`` these shards do not provide (``audio_bank`` counts when they ship one)."""
+        provided = set(self.members) | ({"audio_bank"} if self.audio_bank is not None else set())
+        return sorted(requires - provided)
 
     def shard_list(self, split: str) -> list[dict[str, Any]]:
         """The shard entries of ``split``; ``UserError`` when the split has none."""
@@ -134,7 +146,8 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``frames (T, 3, h, w) uint8``, ``masks (T, h, w) int64`` (zeros where no GT), ``gt (T,) bool``,
     ``mel (T, 96, 64)``, ``clip (T, Dc)``, ``clap (T, Da)``, ``vclip (Dv,)``, ``clap_clip (Da,)``,
-    ``vclip_seg (S, Dv)`` float32, ``meta`` dict.
+    ``vclip_seg (S, Dv)``, ``clap_latent (T, D_h)`` float32 (each of these only when the sample has that
+    member: shards of older stage versions lack ``clap_latent``), ``meta`` dict.
     """
     key = raw.get("__key__", "?")
     try:
@@ -147,8 +160,9 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
             if gt[i]:
                 masks[i] = _index_map(raw[f"m{i}.png"])
         out = {"frames": frames, "masks": masks, "gt": gt, "meta": meta}
-        for name in ("mel", "clip", "clap", "vclip", "clap_clip", "vclip_seg"):
-            out[name] = torch.from_numpy(_npy(raw[f"{name}.npy"]).astype(np.float32))
+        for name in ARRAY_MEMBERS:
+            if f"{name}.npy" in raw:
+                out[name] = torch.from_numpy(_npy(raw[f"{name}.npy"]).astype(np.float32))
         return out
     except KeyError as err:
         raise ValueError(f"shard sample {key} ({raw.get('__url__', '?')}): missing member {err}") from None
@@ -178,11 +192,13 @@ def label_vector(meta: dict[str, Any], num_classes: int) -> torch.Tensor:
 
 
 def collate(clips: list[dict[str, Any]], t_max: int, image_size: int, num_classes: int) -> dict[str, Any]:
-    """Decoded clips → the Batch of ARCHITECTURE.md, every clip padded to ``t_max`` frames."""
+    """Decoded clips → the Batch of ARCHITECTURE.md, every clip padded to ``t_max`` frames. An array member is
+    in the batch when every clip has it."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    s_max = max(c["vclip_seg"].shape[0] for c in clips)
-    batch: dict[str, list] = {k: [] for k in ("frames", "masks", "gt", "valid", "mel", "clip", "clap", "vclip_seg")}
+    arrays = [k for k in ARRAY_MEMBERS if all(k in c for c in clips)]
+    per_frame = [k for k in arrays if k == "mel" or k in EMBEDDING_KEYS]
+    batch: dict[str, list] = {k: [] for k in ("frames", "masks", "gt", "valid", *per_frame)}
     for c in clips:
         t = c["frames"].shape[0]
         frames = (resize_square(c["frames"], image_size, nearest=False) / 255.0 - mean) / std
@@ -191,12 +207,15 @@ def collate(clips: list[dict[str, Any]], t_max: int, image_size: int, num_classe
         batch["masks"].append(_pad(masks, t_max))
         batch["gt"].append(_pad(c["gt"], t_max))
         batch["valid"].append(_pad(torch.ones(t, dtype=torch.bool), t_max))
-        for k in ("mel", *EMBEDDING_KEYS):
+        for k in per_frame:
             batch[k].append(_pad(c[k], t_max))
-        batch["vclip_seg"].append(_pad(c["vclip_seg"], s_max))
     out: dict[str, Any] = {k: torch.stack(v) for k, v in batch.items()}
+    if "vclip_seg" in arrays:
+        s_max = max(c["vclip_seg"].shape[0] for c in clips)
+        out["vclip_seg"] = torch.stack([_pad(c["vclip_seg"], s_max) for c in clips])
     for k in CLIP_KEYS:
-        out[k] = torch.stack([c[k] for c in clips])
+        if k in arrays:
+            out[k] = torch.stack([c[k] for c in clips])
     out["labels"] = torch.stack([label_vector(c["meta"], num_classes) for c in clips])
     out["uid"] = [c["meta"]["uid"] for c in clips]
     # CSV position (shard stage v2+; None in older shards): the official S4/MS3 F batches clips in CSV order

@@ -35,6 +35,16 @@ SAMPLE_RATE = 16000
 N_FFT = 512  # VGGish: next power of two above the 400-sample window
 MEL_LOW_HZ, MEL_HIGH_HZ = 125.0, 7500.0
 AUDIO_KEYS = ("mel", "clap", "clap_clip", "clap_latent")
+NOISABLE_KEYS = ("mel",)  # the audio keys `noisy_batch` can reach; the CLAP embeddings are cached
+
+
+def snr_refusal(method: str, audio_keys: tuple[str, ...]) -> str | None:
+    """Why ``--snr-db`` cannot test ``method`` (none of its ``audio_keys`` is re-noisable here), naming the fix; or None."""
+    if set(audio_keys) & set(NOISABLE_KEYS):
+        return None
+    return (f"--snr-db: method {method} hears only cached embeddings ({', '.join(audio_keys)}), which the log-Mel noise "
+            "cannot reach; the fix is shards re-extracted from noisy waveforms (white noise at the SNR mixed into the "
+            "wave before the CLAP tower, its own extract cache key and shard tag), which icf does not build yet")
 FRAME_KEYS = ("frames", "masks", "gt", "clip")
 
 

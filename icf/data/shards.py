@@ -42,7 +42,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBEDDING_KEYS = ("clip", "clap", "clap_latent")  # per-frame (T, D), padded along T
 CLIP_KEYS = ("vclip", "clap_clip")  # per-clip (D,)
-ARRAY_MEMBERS = ("mel", "clip", "clap", "vclip", "clap_clip", "vclip_seg", "clap_latent")  # optional .npy members
+REQUIRED_ARRAYS = ("mel", "clip", "clap", "vclip", "clap_clip", "vclip_seg")  # .npy members every shard has
+OPTIONAL_ARRAYS = ("clap_latent",)  # added by later stage versions; in the Batch when every clip has them
+ARRAY_MEMBERS = REQUIRED_ARRAYS + OPTIONAL_ARRAYS
 # what a shards.json without "members" (shard stage v2 and older) provides
 LEGACY_MEMBERS = ("clap", "clap_clip", "clip", "frames", "gt", "labels", "masks", "mel", "valid", "vclip", "vclip_seg")
 
@@ -146,8 +148,8 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``frames (T, 3, h, w) uint8``, ``masks (T, h, w) int64`` (zeros where no GT), ``gt (T,) bool``,
     ``mel (T, 96, 64)``, ``clip (T, Dc)``, ``clap (T, Da)``, ``vclip (Dv,)``, ``clap_clip (Da,)``,
-    ``vclip_seg (S, Dv)``, ``clap_latent (T, D_h)`` float32 (each of these only when the sample has that
-    member: shards of older stage versions lack ``clap_latent``), ``meta`` dict.
+    ``vclip_seg (S, Dv)``, ``clap_latent (T, D_h)`` float32 (only when the sample has it: shards of older
+    stage versions lack it), ``meta`` dict.
     """
     key = raw.get("__key__", "?")
     try:
@@ -161,7 +163,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
                 masks[i] = _index_map(raw[f"m{i}.png"])
         out = {"frames": frames, "masks": masks, "gt": gt, "meta": meta}
         for name in ARRAY_MEMBERS:
-            if f"{name}.npy" in raw:
+            if name in REQUIRED_ARRAYS or f"{name}.npy" in raw:
                 out[name] = torch.from_numpy(_npy(raw[f"{name}.npy"]).astype(np.float32))
         return out
     except KeyError as err:

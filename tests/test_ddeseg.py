@@ -23,7 +23,7 @@ from icf.methods.base import Resources
 from icf.methods.ddeseg import DDESegOptions
 from icf.model.backbone import Backbone
 from icf.model.ddeseg import DDESeg, Derivation, Discrimination, Elimination, Fusion, ddeseg_loss, retrieve
-from icf.model.memory import SemanticMemory
+from icf.model.memory import BankMismatch, SemanticMemory
 from icf.model.staged import StagedBackbone
 from icf.train.trainer import RunSpec, build_configs, train
 
@@ -230,6 +230,16 @@ def test_paper_pvt_fuses_before_every_block_and_code_once_per_stage() -> None:
     assert [len(f) for f in DDESeg(cfg, code, memory()).fuse] == [1, 1, 1, 1]
     out = DDESeg(cfg, methods.validate(cfg), memory()).eval()(batch())["logits"]
     assert out.shape == (2, 3, 1, 32, 32)
+
+
+def test_a_checkpoint_of_another_bank_is_refused() -> None:
+    trained = SemanticMemory(torch.zeros(2, 4), torch.zeros(2, 3, 4), torch.arange(2), "clap_latent", digest="a" * 64)
+    same = SemanticMemory(torch.ones(2, 4), torch.ones(2, 3, 4), torch.arange(2), "clap_latent", digest="a" * 64)
+    same.load_state_dict(trained.state_dict())
+    assert torch.equal(same.centers, trained.centers)  # the buffers travel with the checkpoint
+    other = SemanticMemory(torch.ones(2, 4), torch.ones(2, 3, 4), torch.arange(2), "clap_latent", digest="b" * 64)
+    with pytest.raises(BankMismatch, match="another audio bank|trained with audio bank"):
+        other.load_state_dict(trained.state_dict())
 
 
 # ----------------------------------------------------------------------------- Eq. 18

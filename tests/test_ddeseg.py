@@ -325,6 +325,8 @@ def test_trains_two_steps_and_evaluates_with_both_protocols(shards: tuple[str, P
     assert {"J", "F", "JF", "FDR", "J_dh", "F_dh", "JF_dh", "n_frames"} <= set(result)
     res = CliRunner().invoke(app, ["eval", "--run", str(run), "--split", "val", "--snr-db", "10"])
     assert res.exit_code != 0 and "noisy waveforms" in res.output and "ddeseg" in res.output
+    res = CliRunner().invoke(app, ["compare", str(run), "--split", "val", "--snr-db", "10"])
+    assert res.exit_code != 0 and "noisy waveforms" in res.output
 
 
 def test_shards_without_an_audio_bank_are_refused_naming_the_stage(shards: tuple[str, Path], tmp_path: Path) -> None:

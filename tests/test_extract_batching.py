@@ -54,8 +54,9 @@ def per_clip_reference(s, enc) -> dict[str, np.ndarray]:
     sr = enc.clap.sample_rate
     wave = read_wav(s.audio_path, sr=sr)
     seconds = min(len(wave) // sr, s.n_frames)
-    per_second = enc.clap.encode_audio(wave[: seconds * sr].reshape(seconds, sr)).numpy()
-    per_second = np.concatenate([per_second, np.repeat(per_second[-1:], s.n_frames - seconds, axis=0)])
+    both = enc.clap.encode_prepared_latent(enc.clap.prepare_audio(wave[: seconds * sr].reshape(seconds, sr))).numpy()
+    both = np.concatenate([both, np.repeat(both[-1:], s.n_frames - seconds, axis=0)])
+    per_second, latent = both[:, : enc.clap.dim], both[:, enc.clap.dim :]
     whole = enc.clap.encode_audio(wave[None, : s.n_frames * sr])[0]
     window = segment_window(s.n_frames, load_info(s.dataset).segment_divisor)
     return {
@@ -64,6 +65,7 @@ def per_clip_reference(s, enc) -> dict[str, np.ndarray]:
         "vclip_seg": _unit(enc.videoclip.encode_segments(clip, window).numpy()),
         "clap": _unit(per_second),
         "clap_clip": _unit(whole.numpy()),
+        "clap_latent": latent.astype(np.float16),
     }
 
 

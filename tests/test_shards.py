@@ -126,17 +126,18 @@ def test_errors(tmp_path: Path, shards: ShardSet) -> None:
 
 def test_encode_clip_round_trips_through_decode_sample_and_refuses_a_short_array() -> None:
     """The two directions of the shard format agree; a frame array with another length names the clip."""
-    from icf.data.shard_format import ARRAYS, decode_sample
+    from icf.data.shard_format import ARRAYS, OPTIONAL, decode_sample
 
     members = _clip(3, 5, 8, [True, False, True, False, False], 2)
     assert {m for m in members} == {*(f"f{t}.jpg" for t in range(5)), "m0.png", "m2.png", "gt.npy", "meta.json",
-                                    *(f"{name}.npy" for name in ARRAYS)}
+                                    *(f"{name}.npy" for name in ARRAYS if name not in OPTIONAL)}
     clip = decode_sample(members)
     assert clip["gt"].tolist() == [True, False, True, False, False] and clip["meta"]["uid"] == "clip.003"
     assert int((clip["masks"][0] == 2).sum()) == 16 and int(clip["masks"][1].sum()) == 0
     assert clip["mel"].shape == (5, 96, 64) and float(clip["mel"][0, 0, 0]) == 3.0 and clip["vclip"].shape == (DV,)
+    assert not OPTIONAL & set(clip)  # an optional array the clip lacks is absent, not zeros
     meta = json.loads(members["meta.json"])
-    arrays = {name: npy_load(members[f"{name}.npy"]) for name in ARRAYS}
+    arrays = {name: npy_load(members[f"{name}.npy"]) for name in ARRAYS if name not in OPTIONAL}
     arrays["clap"] = arrays["clap"][:4]
     with pytest.raises(ValueError, match="clip.003: clap has 4 rows for 5 frames"):
         encode_clip([members[f"f{t}.jpg"] for t in range(5)], {}, arrays, meta)

@@ -158,8 +158,9 @@ def test_mel_resamples_and_downmixes_instead_of_failing(tmp_path):
 
 def test_shards_hold_every_member_the_trainer_reads(avss):
     root, ws, summaries, _ = avss
-    assert {n: s.counts.get("ok", 0) for n, s in summaries.items() if n != "index"} == {"mel": 9, "extract": 9, "shard": 9}
+    assert {n: s.counts.get("ok", 0) for n, s in summaries.items() if n != "index"} == {"mel": 9, "extract": 9, "bank": 9, "shard": 9}
     shards = ShardSet.load(ws.root / "shards.json")
+    assert shards.audio_bank is not None and shards.audio_bank.is_file() and "clap_latent" in shards.members
     assert shards.image_size == 224 and shards.num_classes == 71 and shards.classes[0] == "background"
     assert shards.encoders["clip_model"] == "icf-tiny-clip"
     with np.load(shards.text_bank) as bank:
@@ -182,7 +183,7 @@ def test_shards_hold_every_member_the_trainer_reads(avss):
                 meta, t = clip["meta"], clip["meta"]["n_frames"]
                 assert meta["split"] == split and key == meta["uid"].replace(".", "_")
                 assert clip["frames"].shape == (t, 3, 224, 224) and clip["mel"].shape == (t, 96, 64)
-                assert clip["clip"].shape[0] == t and clip["clap"].shape[0] == t
+                assert clip["clip"].shape[0] == t and clip["clap"].shape[0] == t and clip["clap_latent"].shape[0] == t
                 assert clip["vclip_seg"].shape[0] == {5: 3, 10: 4}[t]  # AVSS window ⌈T/4⌉: 2 or 3 frames
                 gt = clip["gt"].numpy()
                 assert sorted(n for n in names if n.endswith(".png")) == [f"m{i}.png" for i in np.flatnonzero(gt)]
@@ -274,6 +275,8 @@ def test_broken_samples_are_recorded_and_left_out(tmp_path):
     fixed = run_stage(ws, ExtractStage(TINY), RunOptions(executor="local", progress=False, retry_failed=True),
                       QUIET, {"mel": mel.cache_key})
     assert fixed.computed == 4 and set(dict(fixed.failures)) == {a, b, g}  # a, b, g still broken; e repaired
+    bank = run_stage(ws, stage_classes()["bank"](), RunOptions(executor="local", progress=False), QUIET)
+    assert bank.computed == 1 and bank.units_run == 1  # e, now embedded, gets its labels
     again = run_stage(ws, stage_classes()["shard"](), RunOptions(executor="local", progress=False), QUIET)
     assert again.counts["ok"] == 3 and again.units_run == 1
 
@@ -348,7 +351,7 @@ def test_cli_strict_and_status(tmp_path):
     assert entries["mel"]["units_pending"] == 0 and entries["extract"]["cache_key"] is None
     assert [entries[n]["state"] for n in ("index", "mel", "extract", "shard")] == ["done", "done", "not run", "not run"]
     res = runner.invoke(app, ["status", "--dataset", "s4", "--work", work])
-    assert "not done: extract, shard" in res.stdout and "1 failures recorded; --failed lists them" in res.stdout
+    assert "not done: extract, bank, shard" in res.stdout and "1 failures recorded; --failed lists them" in res.stdout
     res = runner.invoke(app, ["status", "--dataset", "s4", "--work", work, "--failed"])
     assert res.exit_code == 0 and "truncated WAV" in res.stdout
     runner.invoke(app, ["stage", "index", "--dataset", "s4", "--root", str(root), "--work", work, "--unit-size", "1"])
@@ -367,7 +370,7 @@ def test_cli_stage_all_on_embedded_ray_matches_the_local_run(avss, tmp_path):
     assert shard_hashes(work, "avss") == ref_hashes
     again = subprocess.run(cmd + ["--executor", "local"], env=env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [s.get("computed", 0) for s in json.loads(again.stdout)["stages"]] == [0, 0, 0, 0]
+    assert [s.get("computed", 0) for s in json.loads(again.stdout)["stages"]] == [0, 0, 0, 0, 0]
     assert shard_hashes(work, "avss") == ref_hashes
 
 

@@ -73,7 +73,7 @@ TRAIN_KINDS = ("silence", "noise")
 NOISE_DBFS = -30.0
 NOISE_BANK = 16
 Batch = dict[str, Any]
-Audio = dict[str, torch.Tensor]  # one clip: mel (T, 96, 64), clap (T, Da), clap_clip (Da,)
+Audio = dict[str, torch.Tensor]  # one clip: mel (T, 96, 64), clap (T, Da), clap_clip (Da,), clap_latent (T, D_h)
 
 
 # ----------------------------------------------------------------------------- waveforms
@@ -127,7 +127,8 @@ class AudioFrontEnd:
     _mel: Any = field(default=None, init=False, repr=False)
 
     def __call__(self, wave: np.ndarray, n_frames: int) -> Audio:
-        """``wave (n_frames · sample_rate,)`` → ``mel (T, 96, 64)``; with a tower ``clap (T, Da)``, ``clap_clip (Da,)``."""
+        """``wave (n_frames · sample_rate,)`` → ``mel (T, 96, 64)``; with a tower ``clap (T, Da)``, ``clap_clip (Da,)``,
+        ``clap_latent (T, D_h)``."""
         import torchaudio.functional as AF
 
         if self._mel is None:
@@ -141,9 +142,12 @@ class AudioFrontEnd:
         if self.clap is not None:
             sr = self.clap.sample_rate
             x = AF.resample(torch.from_numpy(wave), self.sample_rate, sr).numpy() if sr != self.sample_rate else wave
-            per_second = self.clap.encode_audio(x[: n_frames * sr].reshape(n_frames, sr)).cpu().numpy()
+            rows = self.clap.prepare_audio(x[: n_frames * sr].reshape(n_frames, sr))
+            both = self.clap.encode_prepared_latent(rows).cpu().numpy()
             whole = self.clap.encode_audio(x[None, : n_frames * sr])[0].cpu().numpy()
-            out["clap"], out["clap_clip"] = _float16(_unit(per_second)), _float16(_unit(whole))
+            da = self.clap.dim
+            out["clap"], out["clap_clip"] = _float16(_unit(both[:, :da])), _float16(_unit(whole))
+            out["clap_latent"] = _float16(both[:, da:])
         return out
 
 

@@ -33,8 +33,10 @@ ARRAYS: dict[str, str] = {  # shard member name → kind
     "vclip": CLIP,  # (Dv,) VideoCLIP clip embedding
     "clap_clip": CLIP,  # (Da,) CLAP whole-clip embedding
     "vclip_seg": SEGMENT,  # (S, Dv) VideoCLIP segment embeddings
+    "clap_latent": FRAME,  # (T, D_h) CLAP's HTSAT embedding before its projection (DDESeg's audio feature)
 }
-AUDIO_KEYS = ("mel", "clap", "clap_clip")  # batch keys that carry audio: a robustness setting changes all of them
+OPTIONAL = frozenset({"clap_latent"})  # arrays that shards of older stage versions lack (in a Batch when all clips have them)
+AUDIO_KEYS = ("mel", "clap", "clap_clip", "clap_latent")  # batch keys that carry audio: a robustness setting changes all of them
 FRAME_KEYS = ("frames", "masks", "gt", "clip")  # per-frame batch keys that frame mixing swaps between clips
 
 
@@ -60,15 +62,15 @@ def encode_clip(frames: Sequence[bytes], masks: Mapping[int, bytes], arrays: Map
     t, uid = len(frames), meta.get("uid", "?")
     if meta.get("n_frames") != t:
         raise ValueError(f"{uid}: meta says {meta.get('n_frames')} frames, {t} given")
-    if set(arrays) != set(ARRAYS):
-        raise ValueError(f"{uid}: arrays {sorted(arrays)}, the shard format has {sorted(ARRAYS)}")
+    if not set(ARRAYS) - OPTIONAL <= set(arrays) <= set(ARRAYS):
+        raise ValueError(f"{uid}: arrays {sorted(arrays)}, the shard format has {sorted(ARRAYS)} ({sorted(OPTIONAL)} optional)")
     for name, kind in ARRAYS.items():
-        if kind == FRAME and arrays[name].shape[0] != t:
+        if kind == FRAME and name in arrays and arrays[name].shape[0] != t:
             raise ValueError(f"{uid}: {name} has {arrays[name].shape[0]} rows for {t} frames")
     out = {f"f{i}.jpg": data for i, data in enumerate(frames)}
     out.update({f"m{i}.png": data for i, data in masks.items()})
     out["gt.npy"] = npy_bytes(np.array([i in masks for i in range(t)], dtype=bool))
-    out.update({f"{name}.npy": npy_bytes(arrays[name]) for name in ARRAYS})
+    out.update({f"{name}.npy": npy_bytes(arrays[name]) for name in ARRAYS if name in arrays})
     out["meta.json"] = json.dumps(dict(meta), sort_keys=True).encode()
     return out
 
@@ -91,7 +93,8 @@ def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
 
     Returns ``frames (T, 3, h, w) uint8``, ``masks (T, h, w) int64`` (zeros where no GT), ``gt (T,) bool``,
     every `ARRAYS` entry as float32 (``mel (T, 96, 64)``, ``clip (T, Dc)``, ``clap (T, Da)``, ``vclip (Dv,)``,
-    ``clap_clip (Da,)``, ``vclip_seg (S, Dv)``) and ``meta``; ``ValueError`` naming the sample and member.
+    ``clap_clip (Da,)``, ``vclip_seg (S, Dv)``, ``clap_latent (T, D_h)`` when the sample has it) and ``meta``;
+    ``ValueError`` naming the sample and member.
     """
     key = raw.get("__key__", "?")
     try:
@@ -105,7 +108,8 @@ def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
                 masks[i] = _index_map(raw[f"m{i}.png"])
         out = {"frames": frames, "masks": masks, "gt": gt, "meta": meta}
         for name in ARRAYS:
-            out[name] = torch.from_numpy(npy_load(raw[f"{name}.npy"]).astype(np.float32))
+            if name not in OPTIONAL or f"{name}.npy" in raw:
+                out[name] = torch.from_numpy(npy_load(raw[f"{name}.npy"]).astype(np.float32))
         return out
     except KeyError as err:
         raise ValueError(f"shard sample {key} ({raw.get('__url__', '?')}): missing member {err}") from None

@@ -38,6 +38,8 @@ from icf.data.shard_format import ARRAYS, CLIP, FRAME, SEGMENT, decode_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# what a shards.json without "members" (shard stage v2 and older) provides
+LEGACY_MEMBERS = ("clap", "clap_clip", "clip", "frames", "gt", "labels", "masks", "mel", "valid", "vclip", "vclip_seg")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class ShardSet:
     text_bank: Path
     splits: dict[str, list[dict[str, Any]]]
     cache_key: str = ""
+    audio_bank: Path | None = None  # DDESeg's semantic memory (`icf.stages.bank`), when the shards ship one
+    members: tuple[str, ...] = LEGACY_MEMBERS  # Batch keys every sample provides
 
     @classmethod
     def load(cls, path: str | Path) -> ShardSet:
@@ -88,6 +92,8 @@ class ShardSet:
                 text_bank=base / raw["text_bank"],
                 splits={s: [dict(e, url=str(base / e["url"])) for e in entries] for s, entries in raw["splits"].items()},
                 cache_key=str(raw.get("cache_key", "")),
+                audio_bank=base / raw["audio_bank"] if raw.get("audio_bank") else None,
+                members=tuple(raw.get("members", LEGACY_MEMBERS)),
             )
             problems = [p for entries in shards.splits.values() for p in map(size_problem, entries) if p]
         except (ValueError, KeyError, TypeError) as err:
@@ -96,6 +102,11 @@ class ShardSet:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ShardError(f"{problems[0]}{more}; {rebuild_hint(path.parent)}")
         return shards
+
+    def missing(self, requires: frozenset[str]) -> list[str]:
+        """The keys of ``requires`` these shards do not provide (``audio_bank`` counts when they ship one)."""
+        provided = set(self.members) | ({"audio_bank"} if self.audio_bank is not None else set())
+        return sorted(requires - provided)
 
     def shard_list(self, split: str) -> list[dict[str, Any]]:
         """The shard entries of ``split``; ``UserError`` when the split has none."""
@@ -132,11 +143,13 @@ def label_vector(meta: dict[str, Any], num_classes: int) -> torch.Tensor:
 
 
 def collate(clips: list[dict[str, Any]], t_max: int, image_size: int, num_classes: int) -> dict[str, Any]:
-    """Decoded clips → the Batch of ARCHITECTURE.md, every clip padded to ``t_max`` frames."""
+    """Decoded clips → the Batch of ARCHITECTURE.md, every clip padded to ``t_max`` frames. An array member is
+    in the batch when every clip has it."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    per_frame = [k for k, kind in ARRAYS.items() if kind == FRAME]
-    per_segment = [k for k, kind in ARRAYS.items() if kind == SEGMENT]
+    present = {k: kind for k, kind in ARRAYS.items() if all(k in c for c in clips)}  # optional arrays: all or none
+    per_frame = [k for k, kind in present.items() if kind == FRAME]
+    per_segment = [k for k, kind in present.items() if kind == SEGMENT]
     s_max = {k: max(c[k].shape[0] for c in clips) for k in per_segment}
     batch: dict[str, list] = {k: [] for k in ("frames", "masks", "gt", "valid", *per_frame, *per_segment)}
     for c in clips:
@@ -152,7 +165,7 @@ def collate(clips: list[dict[str, Any]], t_max: int, image_size: int, num_classe
         for k in per_segment:
             batch[k].append(_pad(c[k], s_max[k]))
     out: dict[str, Any] = {k: torch.stack(v) for k, v in batch.items()}
-    for k in (k for k, kind in ARRAYS.items() if kind == CLIP):
+    for k in (k for k, kind in present.items() if kind == CLIP):
         out[k] = torch.stack([c[k] for c in clips])
     out["labels"] = torch.stack([label_vector(c["meta"], num_classes) for c in clips])
     out["uid"] = [c["meta"]["uid"] for c in clips]

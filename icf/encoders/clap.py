@@ -204,6 +204,7 @@ class ClapEncoder:
         self._tensor_input = audio["model_type"] == "PANN" and audio["model_name"] in _TENSOR_INPUT_PANNS
         self.context_length: int = int(cfg["text_cfg"]["context_length"])
         self.dim: int = int(self.model.joint_embed_shape)
+        self.latent_dim: int = int(self.model.audio_projection[0].in_features)
         self._roberta_tokenizer = None
         if roberta_dir is not None:
             from transformers import RobertaTokenizer
@@ -233,10 +234,18 @@ class ClapEncoder:
         The batched entry point: windows of many clips are stacked and embedded together; the caller
         picks N (the extract stage's ``--batch-windows``).
         """
+        return self.encode_prepared_latent(x)[:, : self.dim]
+
+    @torch.no_grad()
+    def encode_prepared_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """`prepare_audio` output ``(N, clip_samples)`` → ``(N, D + D_h)`` in ONE forward pass: the L2-normalised
+        projected embedding (first D columns, `encode_prepared`) and, after it, the audio tower's ``embedding``
+        *before* ``audio_projection`` (D_h = `latent_dim`, not normalised; for HTS-AT the average-pooled last
+        Swin tokens, DDESeg's ``latent_output``)."""
         x = x.to(self.device)
         inputs = x if self._tensor_input else {"waveform": x}
         features = self.model.encode_audio(inputs, device=self.device)["embedding"]
-        return F.normalize(self.model.audio_projection(features), dim=-1)
+        return torch.cat([F.normalize(self.model.audio_projection(features), dim=-1), features.float()], dim=1)
 
     def encode_audio(self, wave: np.ndarray | torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Mono audio ``(N, samples)`` float32 at `sample_rate` → L2-normalised ``(N, D)`` (see `prepare_audio`)."""

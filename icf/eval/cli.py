@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from icf.clitools import UserError, WorkOption, dataset_option, user_errors
-from icf.eval.compare import compare_command
+from icf.eval.compare import check_noisable, compare_command
 
 FModeOption = typer.Option("official", "--f-mode", help="F aggregation: official (batches of 4 clips) or dataset.")
 JsonOption = typer.Option(False, "--json", help="Print one JSON object instead of a table.")
@@ -83,6 +83,8 @@ def eval_command(
         raise UserError("--negative cannot be combined with --snr-db, --frame-mix or --shuffle-audio")
     for kind in negative or []:
         _check_choice("--negative", kind, NEGATIVE_KINDS)
+    if snr_db is not None:
+        check_noisable([run])
     model, shards, _, model_cfg, _ = load_trained(run)
     device = next(model.parameters()).device
     title = f"{run} ({shards.dataset} {split})"

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # the CLI imports this module at start-up: torch loads only w
     from icf.data.shards import ShardSet
     from icf.eval.evaluate import Perturbation, Predictor
 
-METRICS = ("J", "F", "J_present", "F_present", "FDR")
+METRICS = ("J", "F", "J_present", "F_present", "FDR", "J_dh", "F_dh")  # J_dh, F_dh: DDESeg's protocol
 NEGATIVE_METRICS = ("FPR_frame", "FPR_pixel", "HM")  # shown when a negative-audio setting is compared
 # run.json keys that do not make two runs different methods/configurations
 SEED_KEYS = (("train", "seed"),)
@@ -315,6 +315,20 @@ def write_outputs(doc: dict[str, Any], out: Path) -> list[Path]:
     return [out / "compare.json", out / "compare.csv", out / "compare.png"]
 
 
+def check_noisable(runs: list[Path]) -> None:
+    """``UserError`` for a run whose method's audio the SNR setting cannot reach (`robustness.snr_refusal`)."""
+    from icf import methods
+    from icf.eval.robustness import snr_refusal
+    from icf.train.trainer import read_run_file
+
+    for run in runs:
+        name = read_run_file(run)[1].method
+        problem = snr_refusal(name, methods.get(name).audio_keys)
+        if problem:
+            raise UserError(f"{run}: {problem}")
+
+
+
 # ---------------------------------------------------------------------------------------------- command
 
 
@@ -340,6 +354,8 @@ def compare_command(
     if split not in ("val", "test"):
         raise UserError(f"--split must be val or test, got {split!r}")
     chosen = settings_from_options(snr_db, frame_mix, [*split_values(negative), *setting])
+    if any(s.label.startswith("snr ") for s in chosen):
+        check_noisable(list(runs))
     bar = Progress(TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                    TimeRemainingColumn(), console=console, disable=as_json)
     with bar:

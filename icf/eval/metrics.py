@@ -31,6 +31,13 @@ FDR (both tasks; CAVP ``ForegroundDetect``, Decisions D4): a dataset-level pixel
 scored frames (rows GT, columns prediction; binary tasks use the two classes background/foreground at the
 0.5 threshold), FDR_c = FP_c / (FP_c + TP_c), NaN-mean over classes (classes never predicted drop out).
 
+DDESeg's protocol (``J_dh`` / ``F_dh`` / ``JF_dh``, :class:`DatasetHardMetrics`; "following CAVP" [DDESeg
+``train.py:compute_metrics_ddp``, ``util_tools/metrics.py``; CAVP ``utils/eval_utils.py``]), reported beside the
+official numbers under its own names: **hard** predictions (the 0.5 threshold / argmax), pixel TP, FP, FN
+accumulated over the whole split per class (the FDR confusion matrix above), IoU_c = TP/(TP + FP + FN) and
+F_c = (1 + β²)TP / ((1 + β²)TP + β²FN + FP) with β² = 0.3, each averaged over the classes whose union is
+non-empty, **background included** (binary tasks count two classes); ``JF_dh`` is their mean.
+
 Negative audio (:mod:`icf.augment.negatives`; :class:`FalsePositiveMetrics`): on a negative clip nothing
 sounds, so every pixel predicted sounding is a false positive. A pixel is predicted sounding when its
 foreground probability is > 0.5 (S4/MS3, the J threshold) or its class is not background (AVSS). Over the
@@ -139,6 +146,46 @@ def false_discovery_rate(cm: torch.Tensor) -> float:
     return float(torch.nanmean(rates)) if torch.isfinite(rates).any() else float("nan")
 
 
+def dataset_hard_scores(cm: torch.Tensor) -> dict[str, float]:
+    """DDESeg/CAVP dataset-level scores of a pixel confusion matrix ``(K, K)`` (rows GT, columns prediction):
+    ``J_dh``, ``F_dh`` (means over the classes with a non-empty union, background included), ``JF_dh``."""
+    cm = cm.double()
+    tp = cm.diag()
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    union = tp + fp + fn
+    keep = union > 0
+    if not bool(keep.any()):
+        return {"J_dh": float("nan"), "F_dh": float("nan"), "JF_dh": float("nan")}
+    iou = tp[keep] / union[keep]
+    f = (1 + F_BETA2) * tp[keep] / ((1 + F_BETA2) * tp[keep] + F_BETA2 * fn[keep] + fp[keep])
+    j, fs = float(iou.mean()), float(f.mean())
+    return {"J_dh": j, "F_dh": fs, "JF_dh": (j + fs) / 2}
+
+
+@dataclass
+class DatasetHardMetrics:
+    """Streaming DDESeg-protocol J/F (module docstring) over ``num_classes`` classes (2 for S4/MS3)."""
+
+    num_classes: int = 2
+    cm: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor) -> None:
+        """Add a batch: ``pred (B, T, H, W)`` foreground probabilities (2 classes, hard at 0.5) or class ids,
+        ``masks`` GT class ids / 0-1, ``gt (B, T)`` the frames to score."""
+        _check(pred, masks, gt)
+        gt = gt.detach().cpu().bool()
+        pred, masks = pred.detach().cpu()[gt], masks.detach().cpu()[gt]
+        hard = (pred.float() > 0.5).long() if self.num_classes == 2 and pred.is_floating_point() else pred.long()
+        self.cm += confusion_matrix(hard, masks.long(), self.num_classes)
+
+    def compute(self) -> dict[str, float]:
+        return dataset_hard_scores(self.cm)
+
+
 def semantic_frame_areas(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
     """Per-frame, per-class pixel areas (the official ``histc`` counts).
 
@@ -194,7 +241,7 @@ class BinaryMetrics:
     f_mode: str = "official"
     clips_per_batch: int = OFFICIAL_CLIPS_PER_BATCH
     clips: list[_ClipStats] = field(default_factory=list)
-    cm: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, dtype=torch.int64))
+    hard: DatasetHardMetrics = field(default_factory=lambda: DatasetHardMetrics(2))  # FDR's and DDESeg's matrix
     _arrived: int = field(default=0, init=False, repr=False)  # clips fed so far (scored or not)
 
     def __post_init__(self) -> None:
@@ -233,7 +280,7 @@ class BinaryMetrics:
                     n_nonempty=int(nonempty.sum()),
                 )
             )
-            self.cm += confusion_matrix((p.float() > 0.5).long(), m.long(), 2)
+            self.hard.cm += confusion_matrix((p.float() > 0.5).long(), m.long(), 2)
         self._arrived += probs.shape[0]
 
     def ordered(self) -> list[_ClipStats]:
@@ -247,7 +294,7 @@ class BinaryMetrics:
         return [clips[i : i + n] for i in range(0, len(clips), n)]
 
     def compute(self) -> dict[str, float | int | str]:
-        """``J``, ``F``, ``JF`` = (J + F) / 2, ``FDR``, ``n_frames``, ``f_mode``."""
+        """``J``, ``F``, ``JF`` = (J + F) / 2, ``FDR``, ``J_dh``, ``F_dh``, ``JF_dh``, ``n_frames``, ``f_mode``."""
         if not self.clips:
             raise ValueError("no frame with ground truth was scored")
         if self.f_mode == "official":
@@ -265,7 +312,8 @@ class BinaryMetrics:
             "J": j,
             "F": f,
             "JF": (j + f) / 2,
-            "FDR": false_discovery_rate(self.cm),
+            "FDR": false_discovery_rate(self.hard.cm),
+            **self.hard.compute(),
             "n_frames": sum(c.n_frames for c in self.clips),
             "f_mode": self.f_mode,
         }
@@ -280,7 +328,7 @@ class SemanticMetrics:
     f_sum: torch.Tensor = field(init=False)
     count: torch.Tensor = field(init=False)
     gt_area: torch.Tensor = field(init=False)
-    cm: torch.Tensor = field(init=False)
+    hard: DatasetHardMetrics = field(init=False)  # FDR's and DDESeg's confusion matrix
     n_frames: int = 0
 
     def __post_init__(self) -> None:
@@ -289,7 +337,7 @@ class SemanticMetrics:
         self.f_sum = torch.zeros(k, dtype=torch.float64)
         self.count = torch.zeros(k, dtype=torch.int64)
         self.gt_area = torch.zeros(k, dtype=torch.int64)
-        self.cm = torch.zeros(k, k, dtype=torch.int64)
+        self.hard = DatasetHardMetrics(k)
 
     @torch.no_grad()
     def update(
@@ -321,7 +369,7 @@ class SemanticMetrics:
         f = (1 + F_BETA2) * precision * recall / (F_BETA2 * precision + recall)
         self.f_sum += torch.nan_to_num(f, nan=0.0).sum(0)
         self.gt_area += area_lab.sum(0).long()
-        self.cm += confusion_matrix(pred, masks, k)
+        self.hard.cm += confusion_matrix(pred, masks, k)
         self.n_frames += int(pred.shape[0])
 
     def per_class(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +379,8 @@ class SemanticMetrics:
         return iou, f
 
     def compute(self) -> dict[str, float | int | list[int]]:
-        """``J`` (mIoU over all classes), ``F``, ``JF``, ``J_present``, ``F_present``, ``FDR``, ``n_frames``,
+        """``J`` (mIoU over all classes), ``F``, ``JF``, ``J_present``, ``F_present``, ``FDR``, ``J_dh``, ``F_dh``,
+        ``JF_dh``, ``n_frames``,
         ``present_classes`` (ids occurring in the GT)."""
         if self.n_frames == 0:
             raise ValueError("no frame with ground truth was scored")
@@ -344,7 +393,8 @@ class SemanticMetrics:
             "JF": (j + fs) / 2,
             "J_present": float(iou[present].mean()),
             "F_present": float(f[present].mean()),
-            "FDR": false_discovery_rate(self.cm),
+            "FDR": false_discovery_rate(self.hard.cm),
+            **self.hard.compute(),
             "n_frames": self.n_frames,
             "present_classes": present.nonzero().flatten().tolist(),
         }

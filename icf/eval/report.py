@@ -9,7 +9,8 @@ from rich.table import Table
 from icf.clitools import out, print_json
 
 COUNTS = ("n_frames", "skipped")
-COLUMNS = ("J", "F", "JF", "J_present", "F_present", "FDR", "FPR_frame", "FPR_pixel", "HM", "n_frames", "skipped")
+COLUMNS = ("J", "F", "JF", "J_present", "F_present", "FDR", "J_dh", "F_dh", "JF_dh", "FPR_frame", "FPR_pixel", "HM",
+           "n_frames", "skipped")
 
 
 def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:

@@ -18,7 +18,7 @@ control used to show that a model uses its audio.
   real frames replaced by the same-position frames of another clip of the batch. The frame's mask, GT
   flag and CLIP embedding travel with it (the GT describes the pixels shown); the audio stays.
 * :class:`AudioRotation` — the clip-shuffled audio control: every clip gets the audio (``mel``,
-  ``clap``, ``clap_clip``) of the clip before it in evaluation order, a derangement of the stream that
+  ``clap``, ``clap_clip``, ``clap_latent``) of the clip before it in evaluation order, a derangement of the stream that
   does not depend on the batch size.
 """
 
@@ -36,6 +36,16 @@ LOG_OFFSET = 0.01  # VGGish log(mel + 0.01)
 SAMPLE_RATE = 16000
 N_FFT = 512  # VGGish: next power of two above the 400-sample window
 MEL_LOW_HZ, MEL_HIGH_HZ = 125.0, 7500.0
+NOISABLE_KEYS = ("mel",)  # the audio keys `noisy_batch` can reach; the CLAP embeddings are cached
+
+
+def snr_refusal(method: str, audio_keys: tuple[str, ...]) -> str | None:
+    """Why ``--snr-db`` cannot test ``method`` (none of its ``audio_keys`` is re-noisable here), naming the fix; or None."""
+    if set(audio_keys) & set(NOISABLE_KEYS):
+        return None
+    return (f"--snr-db: method {method} hears only cached embeddings ({', '.join(audio_keys)}), which the log-Mel noise "
+            "cannot reach; the fix is shards re-extracted from noisy waveforms (white noise at the SNR mixed into the "
+            "wave before the CLAP tower, its own extract cache key and shard tag), which icf does not build yet")
 
 
 def white_noise_logmel(shape: tuple[int, ...], generator: torch.Generator, power: float = 1.0) -> torch.Tensor:
@@ -135,7 +145,7 @@ class AudioRotation:
     carry: dict[str, torch.Tensor] | None = field(default=None)
 
     def __call__(self, batch: dict) -> dict:
-        """A copy of ``batch`` with ``mel``, ``clap``, ``clap_clip`` rotated by one clip across the stream."""
+        """A copy of ``batch`` with its :data:`AUDIO_KEYS` rotated by one clip across the stream."""
         keys = [k for k in AUDIO_KEYS if k in batch]
         b = batch[keys[0]].shape[0]
         if self.carry is None and b < 2:

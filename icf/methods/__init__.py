@@ -12,6 +12,10 @@ from functools import cache
 from icf.config import ModelConfig
 from icf.methods.base import MethodSpec
 
+# the stage that makes each shard member a method may require (the shard stage then ships it)
+MADE_BY = {"mel": "mel", "clip": "extract", "vclip": "extract", "vclip_seg": "extract", "clap": "extract",
+           "clap_clip": "extract", "clap_latent": "extract", "audio_bank": "bank"}
+
 
 @cache
 def registry() -> dict[str, MethodSpec]:
@@ -42,4 +46,18 @@ def validate(cfg: ModelConfig) -> object:
     return spec.parse_options(cfg.options)
 
 
-__all__ = ["MethodSpec", "get", "registry", "validate"]
+def requirements_problem(spec: MethodSpec, shards_path: str, dataset: str, missing: list[str]) -> str | None:
+    """One line naming what ``spec.requires`` misses in the shards and the stage that makes it, or None."""
+    if not missing:
+        return None
+    stages = sorted({MADE_BY.get(m, "shard") for m in missing})
+    line = (f"{shards_path}: method {spec.name} needs {', '.join(missing)}, which these shards lack; run "
+            f"`icf stage {' / '.join(stages)} --dataset {dataset}` then `icf stage shard` (or `icf stage all`)")
+    if "audio_bank" in missing and dataset == "ms3":
+        from icf.model.memory import MS3_REFUSAL
+
+        line += f"; {MS3_REFUSAL}"
+    return line
+
+
+__all__ = ["MethodSpec", "get", "registry", "requirements_problem", "validate"]

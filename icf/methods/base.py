@@ -19,10 +19,12 @@ from icf.model.segmenter import Segmenter, SegModel
 
 @dataclass(frozen=True)
 class Resources:
-    """What a method may load besides its config: the frozen-tower spec and text bank named by ``shards.json``."""
+    """What a method may load besides its config: the frozen-tower spec, text bank and audio bank named by
+    ``shards.json``."""
 
     encoders: Mapping[str, Any] | None = None  # EncoderSpec as a dict
     text_bank: Mapping[str, Any] | None = None  # level → (K, D) prompt embeddings
+    audio_bank: Any = None  # path of the shards' audio_bank.npz (DDESeg's semantic memory), or None
     device: torch.device = torch.device("cpu")
 
 

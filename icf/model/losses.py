@@ -21,6 +21,13 @@ def dice_loss(prob: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     return 1 - (2 * inter + smooth) / (total + smooth)
 
 
+def iou_loss(prob: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """Soft IoU (UnitBox): 1 − (Σ p·y + s)/(Σ p + Σ y − Σ p·y + s) over the pixels of each map ``(N, …, H, W)`` → ``(N, …)``."""
+    inter = (prob * target).flatten(-2).sum(-1)
+    union = prob.flatten(-2).sum(-1) + target.flatten(-2).sum(-1) - inter
+    return 1 - (inter + smooth) / (union + smooth)
+
+
 def binary_losses(logits: Tensor, target: Tensor, gamma: float, alpha: float) -> dict[str, Tensor]:
     """logits, target ``(N, H, W)`` (target 0/1) → mean BCE, Dice and sigmoid focal loss."""
     target = target.to(logits.dtype)

@@ -7,7 +7,10 @@ Per clip (float16, L2-normalised; T = the clip's frames):
   the clip and over each segment window of ⌈T/2⌉ frames (S4/MS3) or ⌈T/4⌉ (AVSS) (ICF §3.2),
 * ``clap`` ``(T, Da)``: CLAP embedding of each one-second audio window k ↔ frame k (windows past the end of
   the audio repeat the last full second, as the mel stage repeats its last patch),
-* ``clap_clip`` ``(Da,)``: CLAP embedding of the clip's first T seconds.
+* ``clap_clip`` ``(Da,)``: CLAP embedding of the clip's first T seconds,
+* ``clap_latent`` ``(T, D_h)``: the CLAP audio tower's embedding of each one-second window *before*
+  ``audio_projection``, not normalised (HTS-AT: average-pooled last Swin tokens; DDESeg's audio feature F_a and
+  the source of its semantic memory, `icf.stages.bank`).
 
 ``finish`` writes ``text_bank.npz``: the prompt embeddings of ICF §3.2 ("A video/segment/frame of [X]",
 "An audio of [X]") for the dataset's object vocabulary, plus the class names (``names``).
@@ -204,7 +207,7 @@ class ExtractStage(Stage):
     """CLIP / VideoCLIP / CLAP embeddings per clip and the prompt text banks."""
 
     name = "extract"
-    version = "1"
+    version = "2"  # 2: clap_latent
     uses_model = True
     clips_per_call = 256  # a whole unit per process() call, so forward passes span clips
 
@@ -272,7 +275,7 @@ class ExtractStage(Stage):
     def process(self, samples: Sequence[Sample], inputs: Inputs) -> list[Result]:
         """All embeddings of every clip of ``samples``: decoded ahead, embedded in cross-clip batches."""
         images = RowBatcher(self.enc.clip.encode_preprocessed, self.cfg.batch_frames)
-        audio = RowBatcher(self.enc.clap.encode_prepared, self.cfg.batch_windows)
+        audio = RowBatcher(self.enc.clap.encode_prepared_latent, self.cfg.batch_windows)
         rows: dict[str, tuple[int, int, int]] = {}  # uid → first frame row, first window row, window rows
         failed: dict[str, str] = {}
         for s, item in prefetch(self.decode, samples, self.cfg.readers):
@@ -291,8 +294,10 @@ class ExtractStage(Stage):
         return results
 
     def outputs(self, s: Sample, clip: np.ndarray, windows: np.ndarray) -> dict[str, np.ndarray]:
-        """A clip's stored outputs from its CLIP frame rows ``(T, Dc)`` and CLAP rows ``(seconds + 1, Da)``."""
-        per_second, whole = windows[:-1], windows[-1]
+        """A clip's stored outputs from its CLIP frame rows ``(T, Dc)`` and CLAP rows ``(seconds + 1, Da + D_h)``
+        (`ClapEncoder.encode_prepared_latent`: projected embedding, then the latent)."""
+        da = self.enc.clap.dim
+        per_second, whole = windows[:-1], windows[-1, :da]
         per_second = np.concatenate([per_second, np.repeat(per_second[-1:], s.n_frames - len(per_second), axis=0)])
         frames = torch.from_numpy(clip)
         window = segment_window(s.n_frames, load_info(s.dataset).segment_divisor)
@@ -300,8 +305,9 @@ class ExtractStage(Stage):
             "clip": _unit(clip),
             "vclip": _unit(self.enc.videoclip.encode_video(frames).numpy()),
             "vclip_seg": _unit(self.enc.videoclip.encode_segments(frames, window).numpy()),
-            "clap": _unit(per_second),
+            "clap": _unit(per_second[:, :da]),
             "clap_clip": _unit(whole),
+            "clap_latent": per_second[:, da:].astype(np.float16),
         }
 
     @classmethod

@@ -10,7 +10,10 @@ the test clips into batches of 4 in CSV order, so evaluation needs it).
 ``finish`` packs those members into ``WORK/<dataset>/shards/<split>/{dataset}-{split}-{NNNNNN}.tar``
 (units in id order, clips by uid inside a unit, members sorted, mtime 0, uid/gid 0, mode 0644, GNU tar;
 a new shard starts when the next clip would pass the target size), copies the extract stage's text bank
-beside them and writes ``WORK/<dataset>/shards.json`` last, atomically. Same inputs → same bytes.
+beside them, and the bank stage's ``audio_bank.npz`` when it wrote one (DDESeg's semantic memory), and writes
+``WORK/<dataset>/shards.json`` last, atomically: it names the text bank, the audio bank (``"audio_bank"``, or
+null) and the Batch keys every sample provides (``"members"``, checked against a method's ``requires`` before
+training). Same inputs → same bytes.
 Clips that failed here or upstream are left out (they are in the ledger with their reasons).
 """
 
@@ -39,6 +42,10 @@ from icf.pipeline.stage import FinishContext, Stage, option
 from icf.pipeline.store import (
     Output, atomic_write, atomic_write_json, read_json, read_outputs, sweep_temp_files, temp_path,
 )
+
+MEMBERS = ("frames", "masks", "gt", "valid", "labels", *ARRAYS)  # the Batch keys a sample of these shards provides
+AUDIO_BANK = "shards/audio_bank.npz"
+
 
 def fit(img: Image.Image, size: int, crop: bool, resample: Image.Resampling) -> Image.Image:
     """Resize to ``size``×``size``; with ``crop`` scale the short side to ``size`` and centre-crop instead."""
@@ -122,8 +129,8 @@ class ShardStage(Stage):
     """WebDataset tar shards per split and the shards.json index the trainer reads."""
 
     name = "shard"
-    version = "2"  # 2: meta.json carries ``order`` (CSV position)
-    needs = ("mel", "extract")
+    version = "3"  # 2: meta.json carries ``order`` (CSV position); 3: clap_latent, audio bank, members
+    needs = ("mel", "extract", "bank")
 
     @dataclass(frozen=True)
     class Config:
@@ -197,6 +204,7 @@ class ShardStage(Stage):
             return f"{index_path}: written by shard key {index.get('cache_key')}, not {cache_key}"
         try:
             files = [(dataset_dir / index["text_bank"], None)]
+            files += [(dataset_dir / index["audio_bank"], None)] if index.get("audio_bank") else []
             files += [(dataset_dir / e["url"], int(e["filesize"])) for v in index["splits"].values() for e in v]
         except (KeyError, TypeError, ValueError) as err:
             return f"{index_path}: malformed ({type(err).__name__}: {err})"
@@ -219,6 +227,7 @@ class ShardStage(Stage):
         extract = read_json(ctx.upstream_dirs["extract"] / "finish.json")["result"]
         bank = "shards/text_bank.npz"
         atomic_write(ctx.dataset_dir / bank, (ctx.upstream_dirs["extract"] / extract["text_bank"]).read_bytes())
+        audio_bank = self._copy_audio_bank(ctx)
         index = {
             "dataset": ctx.dataset,
             "cache_key": ctx.cache_key,
@@ -227,7 +236,21 @@ class ShardStage(Stage):
             "classes": list(info.classes),
             "encoders": extract["encoders"],
             "text_bank": bank,
+            "audio_bank": audio_bank,
+            "members": sorted(MEMBERS),
             "splits": splits,
         }
         atomic_write_json(ctx.dataset_dir / "shards.json", index)
         return {"shards": sum(len(v) for v in splits.values()), "samples": sum(e["nsamples"] for v in splits.values() for e in v)}
+
+    @staticmethod
+    def _copy_audio_bank(ctx: FinishContext) -> str | None:
+        """Copy the bank stage's ``audio_bank.npz`` to ``shards/`` → its path in ``shards.json``, or None when the
+        bank stage wrote none (MS3 without ``--bank-from``); a stale copy from an earlier run is removed."""
+        result = read_json(ctx.upstream_dirs["bank"] / "finish.json")["result"]
+        target = ctx.dataset_dir / AUDIO_BANK
+        if not result.get("audio_bank"):
+            target.unlink(missing_ok=True)
+            return None
+        atomic_write(target, (ctx.upstream_dirs["bank"] / result["audio_bank"]).read_bytes())
+        return AUDIO_BANK

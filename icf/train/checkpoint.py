@@ -74,4 +74,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
     missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
     if missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); wrong config?")
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except ValueError as err:  # a module refusing its saved state, e.g. DDESeg's memory trained with another bank
+        raise UserError(f"{path}: {err}") from None

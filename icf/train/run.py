@@ -107,6 +107,9 @@ def build_model(model_cfg: ModelConfig, shards: ShardSet, device: torch.device) 
     if model_cfg.dataset != shards.dataset:
         raise UserError(f"{shards.path}: shards hold {shards.dataset}, the config is for {model_cfg.dataset}")
     method = methods.get(model_cfg.method)
+    problem = methods.requirements_problem(method, str(shards.path), shards.dataset, shards.missing(method.requires))
+    if problem:
+        raise UserError(problem)
     bank = None
     if shards.text_bank.is_file():
         with np.load(shards.text_bank) as npz:
@@ -114,7 +117,8 @@ def build_model(model_cfg: ModelConfig, shards: ShardSet, device: torch.device) 
     elif "clip" in method.requires:
         raise UserError(f"{shards.text_bank}: text bank not found (named by {shards.path})")
     try:
-        model = method.build(model_cfg, methods.validate(model_cfg), Resources(shards.encoders, bank, device))
+        model = method.build(model_cfg, methods.validate(model_cfg),
+                             Resources(shards.encoders, bank, audio_bank=shards.audio_bank, device=device))
     except ValueError as err:
         raise UserError(f"{shards.path}: {err}") from None
     return model.to(device)

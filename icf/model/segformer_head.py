@@ -1,0 +1,29 @@
+"""SegFormer's all-MLP decoder (Xie et al. 2021), DDESeg's mask decoder 𝒟 of Eq. 1 [code: models/seg_head.py].
+
+Each of the four maps V^l ``(N, C_l, H/s_l, W/s_l)`` → a linear map to E channels (a 1×1 convolution), upsampled
+(bilinear) to stride 4; the four are concatenated (4E) → 1×1 conv + BN + ReLU → E → Dropout2d(0.1) → 1×1 conv →
+``(N, K_out, H/4, W/4)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SegFormerHead(nn.Module):
+    """Four maps → mask logits at stride 4 ``(N, K_out, H/4, W/4)``."""
+
+    def __init__(self, channels: list[int], embed: int, out_channels: int, dropout: float = 0.1):
+        super().__init__()
+        self.linear = nn.ModuleList(nn.Conv2d(c, embed, 1) for c in channels)
+        self.fuse = nn.Sequential(nn.Conv2d(embed * len(channels), embed, 1, bias=False), nn.BatchNorm2d(embed),
+                                  nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout2d(dropout)
+        self.classify = nn.Conv2d(embed, out_channels, 1)
+
+    def forward(self, maps: list[Tensor]) -> Tensor:
+        size = maps[0].shape[-2:]
+        up = [F.interpolate(lin(m), size=size, mode="bilinear", align_corners=False) for lin, m in zip(self.linear, maps)]
+        return self.classify(self.dropout(self.fuse(torch.cat(up[::-1], dim=1))))

@@ -25,6 +25,7 @@ from typing import Any
 
 DATASETS = ("s4", "ms3", "avss")
 PRESETS = ("tiny", "paper-r50", "paper-pvt")
+SCHEDULES = ("poly", "cosine", "constant", "step")
 AVSS_NUM_CLASSES = 71  # 70 sounding classes + background (manifests/avss.toml)
 
 
@@ -148,8 +149,12 @@ class TrainConfig:
     batch_size: int = 8
     epochs: int = 60
     weight_decay: float = 1e-4
-    schedule: str = "poly"  # "poly" | "cosine" | "constant"
+    schedule: str = "poly"  # "poly" | "cosine" | "constant" | "step"
     warmup_steps: int = 0
+    milestones: tuple[int, ...] = ()  # schedule "step": epochs at which the learning rate is multiplied by gamma
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0  # poly / cosine decay to lr · min_lr_ratio instead of 0
+    decay_norms: bool = True  # False: 1-D parameters (norms, biases) get no weight decay
     backbone_lr_mult: float = 0.1
     grad_clip: float = 1.0
     amp: bool = True  # used only on CUDA
@@ -168,8 +173,18 @@ class TrainConfig:
                 raise ValueError(f"train.{key} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
             if not (value >= low if inclusive else value > low) or value != value or value == float("inf"):
                 raise ValueError(f"train.{key} must be {'at least' if inclusive else 'above'} {low}, got {value!r}")
-        if self.schedule not in ("poly", "cosine", "constant"):
-            raise ValueError(f"train.schedule must be poly, cosine or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        self.milestones = tuple(self.milestones)  # a run file stores a list
+        if not all(isinstance(m, int) and not isinstance(m, bool) and 0 < m for m in self.milestones) \
+                or list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError(f"train.milestones must be increasing positive epochs, got {self.milestones!r}")
+        if self.schedule == "step" and not self.milestones:
+            raise ValueError("train.schedule=step needs train.milestones (epochs at which the lr drops)")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"train.gamma must lie in (0, 1], got {self.gamma!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < 0):
             raise ValueError(f"train.max_steps must be an integer >= 0, got {self.max_steps!r}")

@@ -443,3 +443,21 @@ def test_prompt_slots_splice_into_the_template(level, clip, clap, roberta_dir):
         embeds = tower.token_embedding(one_ids)
         embeds[:, one_slot] = tower.token_embedding(z_ids[:, one_slot])
         assert torch.allclose(tower.encode_text_embeddings(embeds, one_ids), tower.encode_text([z_prompt]), atol=1e-5)
+
+
+def test_register_config_leaves_no_temp_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering a model config writes its JSON to a temporary folder that is gone afterwards (one per process
+    used to pile up in /tmp), while the library keeps the config across later rescans."""
+    import tempfile
+
+    import open_clip
+
+    from icf.encoders.clip import TINY_CLIP_CONFIG
+    from icf.encoders.spec import register_config
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    register_config("icf-test-registered", TINY_CLIP_CONFIG, open_clip.list_models, open_clip.add_model_config)
+    register_config("icf-test-registered-2", TINY_CLIP_CONFIG, open_clip.list_models, open_clip.add_model_config)
+    assert list(tmp_path.iterdir()) == []
+    assert {"icf-test-registered", "icf-test-registered-2"} <= set(open_clip.list_models())
+    assert open_clip.get_model_config("icf-test-registered") == TINY_CLIP_CONFIG

@@ -47,7 +47,7 @@ def cases(tmp, text):
         (["predict", "--run", run, "--out", str(tmp / "p"), "--limit", "0"], "--limit must be at least 1"),
         (["train", "--dataset", "avss", *w, "--out", run, "--set", "train.lr=abc"], "train.lr must be a number"),
         (["train", "--dataset", "avss", *w, "--out", run, "--set", "train.batch_size=0"], "train.batch_size must be at least 1"),
-        (["train", "--dataset", "avss", *w, "--out", run, "--set", "train.schedule=step"], "train.schedule must be"),
+        (["train", "--dataset", "avss", *w, "--out", run, "--set", "train.schedule=linear"], "train.schedule must be"),
         (["train", "--dataset", "avss", *w, "--out", run, "--max-steps", "-1"], "--max-steps must be at least 0"),
         (["train", "--dataset", "avss", *w, "--out", run, "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
         (["train", "--dataset", "avss", *w, "--out", str(text / "run")], "cannot write there"),
@@ -74,6 +74,6 @@ def test_train_config_rejects_wrong_types_and_ranges():
 
     assert TrainConfig(lr=1, max_steps=0).max_steps == 0  # an int learning rate and zero steps are fine
     for bad in ({"lr": "abc"}, {"lr": 0.0}, {"batch_size": 0}, {"batch_size": 2.5}, {"epochs": 0},
-                {"warmup_steps": -1}, {"grad_clip": float("nan")}, {"max_steps": -1}, {"schedule": "step"}):
+                {"warmup_steps": -1}, {"grad_clip": float("nan")}, {"max_steps": -1}, {"schedule": "linear"}):
         with pytest.raises(ValueError, match=f"train.{next(iter(bad))}"):
             TrainConfig(**bad)

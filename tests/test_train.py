@@ -155,6 +155,74 @@ def test_schedule_shape() -> None:
     assert lr_factor(10, 10, TrainConfig(schedule="cosine")) == pytest.approx(0.0)
 
 
+def test_step_schedule_and_lr_floor() -> None:
+    """``step`` drops by gamma at each milestone epoch (epoch = total / epochs steps); ``min_lr_ratio`` floors
+    poly and cosine, whose shape is otherwise kept (DDESeg: cosine 1e-4 → 4e-5)."""
+    from icf.config import TrainConfig
+
+    cfg = TrainConfig(schedule="step", epochs=4, milestones=(2, 3), gamma=0.5)
+    assert [lr_factor(s, 40, cfg) for s in (0, 19, 20, 29, 30, 39)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    for schedule in ("poly", "cosine"):
+        plain, floored = TrainConfig(schedule=schedule), TrainConfig(schedule=schedule, min_lr_ratio=0.4)
+        for s in (0, 3, 7, 10):
+            assert lr_factor(s, 10, floored) == pytest.approx(0.4 + 0.6 * lr_factor(s, 10, plain))
+    assert lr_factor(10, 10, TrainConfig(schedule="cosine", min_lr_ratio=0.4)) == pytest.approx(0.4)
+    for bad in (dict(schedule="step"), dict(milestones=(3, 2)), dict(milestones=(0,)), dict(gamma=0.0),
+                dict(min_lr_ratio=1.5)):
+        with pytest.raises(ValueError, match="train\\.(schedule|milestones|gamma|min_lr_ratio)"):
+            TrainConfig(**bad)
+    assert TrainConfig(schedule="step", milestones=[11]).milestones == (11,)  # as read back from run.json
+
+
+def test_decay_norms_false_exempts_1d_parameters() -> None:
+    from icf.config import TrainConfig
+    from icf.train.trainer import make_optimizer
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.norm = torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)
+
+        def parameter_groups(self, cfg: TrainConfig) -> list[dict]:
+            return [{"params": list(self.parameters()), "lr": cfg.lr}]
+
+    model = Tiny()
+    decay = {id(p): g["weight_decay"] for g in make_optimizer(model, TrainConfig(weight_decay=0.05, decay_norms=False)).param_groups
+             for p in g["params"]}
+    assert decay == {id(model.lin.weight): 0.05, id(model.lin.bias): 0.0, id(model.norm.weight): 0.0, id(model.norm.bias): 0.0}
+    default = make_optimizer(model, TrainConfig(weight_decay=0.05))
+    assert {g["weight_decay"] for g in default.param_groups} == {0.05}
+
+
+def test_method_preset_sits_between_project_preset_and_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import dataclasses
+
+    from icf import methods
+    from icf.methods.base import MethodSpec
+    from icf.train.trainer import build_configs
+
+    @dataclasses.dataclass(frozen=True)
+    class Opts:
+        width: int = 1
+        depth: int = 1
+
+    def presets(name, model, train):
+        return (dataclasses.replace(model, d_model=32), dataclasses.replace(train, schedule="step", milestones=(2,)),
+                {"width": 7 if name == "tiny" else 9, "depth": 3})
+
+    base = methods.get("bidir")
+    fake = dataclasses.replace(base, name="fake", options=Opts, segmenter=None, presets=presets)
+    monkeypatch.setattr(methods, "registry", lambda: {**{"bidir": base}, "fake": fake})
+    spec = RunSpec(dataset="s4", preset="tiny", method="fake", work=tmp_path, out=tmp_path / "r",
+                   overrides=["method.depth=5", "train.gamma=0.5"])
+    model_cfg, train_cfg = build_configs(spec)
+    assert model_cfg.d_model == 32 and model_cfg.image_size == 64  # method preset over the project's tiny preset
+    assert model_cfg.options == {"width": 7, "depth": 5}  # --set wins over the method's default options
+    assert (train_cfg.schedule, train_cfg.milestones, train_cfg.gamma) == ("step", (2,), 0.5)
+    plain, _ = build_configs(dataclasses.replace(spec, method="bidir", overrides=[]))
+    assert plain.d_model == 48 and plain.options == {}
+
+
 def test_eval_and_predict_commands(work: Path, tmp_path: Path) -> None:
     run = work / "runs" / "full"
     if not (run / checkpoint.CHECKPOINT).exists():

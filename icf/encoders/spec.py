@@ -185,12 +185,12 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str 
 def register_config(name: str, config: dict, known: Callable[[], list[str]], add: Callable[[Path], None]) -> None:
     """Register ``config`` under ``name`` in a library's model-config registry (once per process).
 
-    open_clip and laion-clap only register configs from JSON files (``add_model_config(path)``),
-    so the config is written to a private temporary folder first.
+    open_clip and laion-clap only register configs from JSON files (``add_model_config(path)``, read at once
+    into their in-memory registry), so the config is written to a temporary folder that is removed afterwards.
     """
     if name in known():
         return
-    folder = Path(tempfile.mkdtemp(prefix="icf-model-configs-"))
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(config))
-    add(path)
+    with tempfile.TemporaryDirectory(prefix="icf-model-configs-") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(config))
+        add(path)

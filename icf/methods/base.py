@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from icf.config import ModelConfig
+from icf.config import ModelConfig, TrainConfig
 from icf.model.segmenter import Segmenter, SegModel
 
 
@@ -40,6 +40,9 @@ class MethodSpec:
         build: ``(model_cfg, options, resources) -> SegModel``.
         segmenter: ``(model_cfg, options) -> Segmenter`` when the model is a segmenter ICF can attach to.
         parse: raw options dict → options (default: the dataclass, unknown keys refused).
+        presets: ``(preset, model_cfg, train_cfg) -> (model_cfg, train_cfg, options)``: the method's own settings
+            for a project preset (applied after the project preset, before ``--set`` overrides); None keeps the
+            project preset and no default options.
     """
 
     name: str
@@ -51,6 +54,15 @@ class MethodSpec:
     build: Callable[[ModelConfig, Any, Resources], SegModel]
     segmenter: Callable[[ModelConfig, Any], Segmenter] | None = None
     parse: Callable[[Mapping[str, Any]], Any] | None = None
+    presets: Callable[[str, ModelConfig, TrainConfig], tuple[ModelConfig, TrainConfig, dict[str, Any]]] | None = None
+
+    def preset(self, name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+        """The configs of project preset ``name`` with this method's preset applied (its default options under
+        any already set)."""
+        if self.presets is None:
+            return model, train
+        model, train, options = self.presets(name, model, train)
+        return dataclasses.replace(model, options={**options, **model.options}), train
 
     def parse_options(self, raw: Mapping[str, Any]) -> Any:
         """Raw ``options`` → the options object; ``ValueError`` naming unknown keys and the valid ones."""

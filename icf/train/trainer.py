@@ -1,7 +1,7 @@
 """The training loop: shards in, checkpoints + ``metrics.jsonl`` + ``loss.png`` out.
 
 Read top to bottom: a run folder and its config, seeds, the shard stream, the model (trainable parts +
-frozen text towers rebuilt from the encoder spec of ``shards.json``), AdamW with a warm-up + poly/cosine
+frozen text towers rebuilt from the encoder spec of ``shards.json``), AdamW with a warm-up + poly/cosine/step
 schedule over ``epochs × batches per epoch`` steps, then the loop. ``max_steps`` only stops early; it never
 changes the schedule, so a run stopped at step 3 and resumed to step 6 takes the same 6 steps as one
 uninterrupted run (same batches, same learning rates, same random draws).
@@ -63,16 +63,18 @@ class RunSpec:
 
 
 def build_configs(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
-    """Preset + method + ``key=value`` overrides + the command-line switches (ablate, epochs, max steps, seed),
-    validated against the method (`icf.methods.validate`)."""
+    """Project preset → the method's preset (`MethodSpec.presets`) → ``key=value`` overrides → the command-line
+    switches (ablate, epochs, max steps, seed), validated against the method (`icf.methods.validate`)."""
     try:
         model_cfg, train_cfg = preset(spec.preset, spec.dataset)
-        extra = [f'model.method="{spec.method}"', f"model.ablate={json.dumps(sorted(spec.ablate))}", f"train.seed={spec.seed}"]
+        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, [f'model.method="{spec.method}"'])
+        model_cfg, train_cfg = methods.get(model_cfg.method).preset(spec.preset, model_cfg, train_cfg)
+        extra = [f"model.ablate={json.dumps(sorted(spec.ablate))}", f"train.seed={spec.seed}"]
         if spec.epochs is not None:
             extra.append(f"train.epochs={spec.epochs}")
         if spec.max_steps is not None:
             extra.append(f"train.max_steps={spec.max_steps}")
-        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, extra[:1] + list(spec.overrides) + extra[1:])
+        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, list(spec.overrides) + extra)
         methods.validate(model_cfg)
         return model_cfg, train_cfg
     except ValueError as err:
@@ -147,23 +149,37 @@ def build_model(model_cfg: ModelConfig, shards: ShardSet, device: torch.device) 
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over ``model.parameter_groups`` (the backbone at ``lr · backbone_lr_mult``)."""
+    """AdamW over ``model.parameter_groups`` (the backbone at ``lr · backbone_lr_mult``); with
+    ``decay_norms=False`` each group is split so that 1-D parameters (norm scales, biases) get no weight decay."""
     groups = [g for g in model.parameter_groups(cfg) if g["params"]]
+    if not cfg.decay_norms:
+        split = []
+        for g in groups:
+            flat = [p for p in g["params"] if p.ndim <= 1]
+            split += [{**g, "params": [p for p in g["params"] if p.ndim > 1]}, {**g, "params": flat, "weight_decay": 0.0}]
+        groups = [g for g in split if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base learning rate at ``step``: linear warm-up, then poly (power 0.9), cosine or constant."""
+    """Multiplier of the base learning rate at ``step`` of ``total``: linear warm-up, then poly (power 0.9) or
+    cosine from 1 to ``min_lr_ratio``, constant, or step (× ``gamma`` at each epoch of ``milestones``, an epoch
+    being ``total / epochs`` steps)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    if cfg.schedule == "poly":
-        return (1.0 - progress) ** 0.9
-    if cfg.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "step":
+        per_epoch = total / cfg.epochs
+        return cfg.gamma ** sum(step >= m * per_epoch for m in cfg.milestones)
     if cfg.schedule == "constant":
         return 1.0
-    raise UserError(f"unknown schedule {cfg.schedule!r}; expected poly, cosine or constant")
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if cfg.schedule == "poly":
+        decay = (1.0 - progress) ** 0.9
+    elif cfg.schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise UserError(f"unknown schedule {cfg.schedule!r}; expected poly, cosine, constant or step")
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

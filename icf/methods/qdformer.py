@@ -99,4 +99,5 @@ METHOD = MethodSpec(
     requires=frozenset({"frames", "masks", "gt", "valid", "mel"}),
     audio_keys=("mel",),
     build=build,
+    presets=presets,
 )

@@ -29,6 +29,7 @@ Ablations (paper Table 2): ``quant`` (identity instead of VQ, no L_quant, no cod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -146,6 +147,25 @@ class Semantics:
     losses: dict[str, Tensor]
 
 
+def set_logits(pred: Prediction, valid: Tensor, binary: bool, bg_threshold: float = 0.5) -> Tensor:
+    """Set outputs → ``logits (B, T, K, H, W)`` (module docstring, "Inference"); valid ``(B, T)`` marks real frames."""
+    scores = pred.classes.sigmoid()  # (B, T, N, K_c)
+    if binary:
+        real = valid[:, :, None].to(scores.dtype)
+        mean = (scores[..., 0] * real).sum(1) / real.sum(1).clamp_min(1.0)  # (B, N): mean over the real frames
+        best = mean.argmax(-1)
+        idx = best[:, None, None, None, None].expand(-1, pred.masks.shape[1], 1, *pred.masks.shape[-2:])
+        return pred.masks.gather(2, idx)  # (B, T, 1, H, W)
+    prob = pred.masks.sigmoid()
+    s = None
+    for i in range(prob.shape[2]):  # S_k = max_i σ(class_{i,t,k})·σ(M_{i,t}); a running max keeps memory at K·H·W
+        si = scores[:, :, i, :, None, None] * prob[:, :, i, None]
+        s = si if s is None else torch.maximum(s, si)
+    s = s.clamp(LOGIT_CLAMP, 1 - LOGIT_CLAMP)
+    bg = torch.full_like(s[:, :, :1], math.log(bg_threshold / (1 - bg_threshold)))
+    return torch.cat([bg, torch.logit(s)], dim=2)
+
+
 class QDFormer(SegModel):
     """The QDFormer model (module docstring). ``options``: `icf.methods.qdformer.QDFormerOptions`."""
 
@@ -233,24 +253,6 @@ class QDFormer(SegModel):
         masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
         return Prediction(classes.unflatten(0, (b, -1)), boxes.unflatten(0, (b, -1)), masks.unflatten(0, (b, -1)))
 
-    def inference_logits(self, pred: Prediction, valid: Tensor) -> Tensor:
-        """Set outputs → ``logits (B, T, K, H, W)`` (module docstring, "Inference")."""
-        scores = pred.classes.sigmoid()  # (B, T, N, K_c)
-        if self.cfg.binary:
-            real = valid[:, :, None].to(scores.dtype)
-            mean = (scores[..., 0] * real).sum(1) / real.sum(1).clamp_min(1.0)  # (B, N)
-            best = mean.argmax(-1)
-            idx = best[:, None, None, None, None].expand(-1, pred.masks.shape[1], 1, *pred.masks.shape[-2:])
-            return pred.masks.gather(2, idx)  # (B, T, 1, H, W)
-        prob = pred.masks.sigmoid()
-        s = None
-        for i in range(prob.shape[2]):  # S_k = max_i σ(class_{i,t,k})·σ(M_{i,t}); a running max keeps memory at K·H·W
-            si = scores[:, :, i, :, None, None] * prob[:, :, i, None]
-            s = si if s is None else torch.maximum(s, si)
-        s = s.clamp(LOGIT_CLAMP, 1 - LOGIT_CLAMP)
-        bg = torch.full_like(s[:, :, :1], float(torch.logit(torch.tensor(self.opts.bg_threshold))))
-        return torch.cat([bg, torch.logit(s)], dim=2)
-
     # ---- forward and loss ------------------------------------------------------------------------------
 
     def outputs(self, batch: Batch) -> tuple[list[Prediction], Semantics]:
@@ -280,7 +282,7 @@ class QDFormer(SegModel):
         """``logits`` ``(B, T, K, H, W)``; in training also ``preds`` (per decoder layer) and ``quant_parts``."""
         preds, sem = self.outputs(batch)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.training):
-            logits = self.inference_logits(preds[-1], batch["valid"])
+            logits = set_logits(preds[-1], batch["valid"], self.cfg.binary, self.opts.bg_threshold)
         if not self.training:
             return {"logits": logits}
         return {"logits": logits, "preds": preds, "quant_parts": sem.losses, "codes": sem.g_idx}

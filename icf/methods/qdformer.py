@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from icf.config import ModelConfig, TrainConfig
 from icf.methods.base import MethodSpec
 from icf.model.qdformer import COMPONENTS, QDFormer
+from icf.model.vq import INITS
 
 AVSR_ACTS = ("none", "sigmoid")
 
@@ -36,6 +37,7 @@ class QDFormerOptions:
         cls_weight, l1_weight, giou_weight, mask_weight, dice_weight: λ of Eq. 10 (R2VOS: 2, 5, 2, 2, 5).
         bg_threshold: AVSS inference: background unless max_k S_k exceeds it.
         avsr_act: ``"none"`` (Eq. 5 as written) or ``"sigmoid"`` on the filters w_i.
+        vq_init: ``"normal"`` (N(0, 1) codebook, R2VOS) or ``"first_batch"`` (codes start at the first batch's tokens).
     """
 
     codebook_size: int = 128
@@ -54,6 +56,7 @@ class QDFormerOptions:
     dice_weight: float = 5.0
     bg_threshold: float = 0.5
     avsr_act: str = "none"
+    vq_init: str = "normal"
 
     def __post_init__(self) -> None:
         for key in ("codebook_size", "num_tokens", "asd_layers", "mask_dim", "dyn_channels", "dyn_layers"):
@@ -62,6 +65,8 @@ class QDFormerOptions:
                 raise ValueError(f"method qdformer: {key} must be an integer >= 1, got {value!r}")
         if self.avsr_act not in AVSR_ACTS:
             raise ValueError(f"method qdformer: avsr_act must be one of {AVSR_ACTS}, got {self.avsr_act!r}")
+        if self.vq_init not in INITS:
+            raise ValueError(f"method qdformer: vq_init must be one of {INITS}, got {self.vq_init!r}")
         if not 0.0 < self.bg_threshold < 1.0:
             raise ValueError(f"method qdformer: bg_threshold must lie in (0, 1), got {self.bg_threshold}")
 

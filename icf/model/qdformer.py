@@ -185,12 +185,12 @@ class QDFormer(SegModel):
             self.av_fuse = AVFuse(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
             self.global_asd = ASD(d, cfg.num_heads, cfg.ffn_dim, options.asd_layers, cfg.dropout)
         if self.quant:
-            self.vq = VectorQuantizer(options.codebook_size, d, options.lambda_com)
+            self.vq = VectorQuantizer(options.codebook_size, d, options.lambda_com, options.vq_init)
         if self.use_avsr:
             self.avsr = AVSR(d, n, levels=3, act=options.avsr_act)
         if self.local:
             self.local_asd = ASD(d, cfg.num_heads, cfg.ffn_dim, options.asd_layers, cfg.dropout)
-        self.query_pos = nn.Parameter(torch.randn(n, d) * 0.02)
+        self.query_pos = nn.Parameter(torch.randn(n, d))  # N(0, 1) as nn.Embedding in DETR / ReferFormer
         self.segm = nn.ModuleList(DecoderLayer(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, temporal=False, reverse=False)
                                   for _ in range(cfg.dec_layers))
         self.segm_norm = nn.LayerNorm(d)

@@ -49,6 +49,9 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     return dist.argmin(-1)
 
 
+INITS = ("normal", "first_batch")
+
+
 class VectorQuantizer(nn.Module):
     """One K × d codebook shared by every token that is quantised with it (Eq. 2, module docstring).
 
@@ -56,13 +59,28 @@ class VectorQuantizer(nn.Module):
         size: K, the number of codewords.
         dim: d.
         commitment: λ_com of Eq. 9.
-    The codebook starts N(0, 1) (R2VOS), matching LayerNorm-scaled tokens.
+        init: ``"normal"``: the codebook starts N(0, 1) (R2VOS), matching LayerNorm-scaled tokens;
+            ``"first_batch"``: it starts as K tokens of the first training batch quantised with the codebook update.
     """
 
-    def __init__(self, size: int, dim: int, commitment: float = 0.25):
+    def __init__(self, size: int, dim: int, commitment: float = 0.25, init: str = "normal"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"codebook init must be one of {INITS}, got {init!r}")
         self.commitment = commitment
         self.codebook = nn.Parameter(torch.randn(size, dim))
+        # "first_batch": the codebook is overwritten by the first training batch's tokens (saved, so a resumed run
+        # does not redo it)
+        self.register_buffer("pending", torch.tensor(init == "first_batch"))
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> None:
+        """Set the codebook to K of the tokens x ``(M, d)`` drawn by torch's global RNG (with replacement when
+        M < K), so that every code starts where tokens are (against codes that are never selected)."""
+        m = x.shape[0]
+        pick = torch.randperm(m, device=x.device)[: self.size] if m >= self.size else torch.randint(0, m, (self.size,), device=x.device)
+        self.codebook.copy_(x[pick])
+        self.pending.fill_(False)
 
     @property
     def size(self) -> int:
@@ -71,6 +89,8 @@ class VectorQuantizer(nn.Module):
     def quantize(self, x: Tensor, update_codebook: bool = True, mask: Tensor | None = None) -> Quantized:
         """Quantise x ``(…, d)`` (Eq. 2) with the Eq. 9 loss parts; ``update_codebook=False`` uses ``C.detach()``.
         ``mask`` ``(…)`` bool: the tokens the losses average over (default all; e.g. the real frames)."""
+        if self.training and bool(self.pending):
+            self.init_from(x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask])
         book = self.codebook if update_codebook else self.codebook.detach()
         idx = nearest_code(x, book)
         codes = F.embedding(idx, book)

@@ -69,7 +69,7 @@ def avss_clips(split: str, n: int, size: int, dims: Mapping[str, int], seed: int
             y, x = rng.integers(0, size // 2, 2)
             img[y : y + size // 3, x : x + size // 3] = info.palette[label]
             m[y : y + size // 3, x : x + size // 3] = label
-            frames.append(image_bytes(img, "JPEG"))
+            frames.append(image_bytes(img, "JPEG", quality=75))
             masks[f] = image_bytes(m, "PNG")
         n_seg = len(segment_windows(t, segment_window(t, info.segment_divisor)))
         arrays = {"mel": rng.standard_normal((t, 96, 64)).astype(np.float16) + label,

@@ -1,5 +1,6 @@
 """No import runs against the layering of ARCHITECTURE.md: a package imports only the packages before it
-(function-level imports included, so no cycle hides behind a lazy import)."""
+(function-level imports included, so no cycle hides behind a lazy import; imports under ``if TYPE_CHECKING:``
+are annotations only, never executed, and are not counted)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,13 @@ def floor(module: str) -> int:
 
 
 def imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING" for n in ast.walk(block)}
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("icf."):
             found.append((node.lineno, node.module))
         elif isinstance(node, ast.ImportFrom) and node.module == "icf":

@@ -319,7 +319,7 @@ def check_noisable(runs: list[Path]) -> None:
     """``UserError`` for a run whose method's audio the SNR setting cannot reach (`robustness.snr_refusal`)."""
     from icf import methods
     from icf.eval.robustness import snr_refusal
-    from icf.train.trainer import read_run_file
+    from icf.train.run import read_run_file
 
     for run in runs:
         name = read_run_file(run)[1].method

@@ -33,28 +33,45 @@ from torch import Tensor, nn
 
 
 class DecoderLayer(nn.Module):
-    """One bidirectional layer (module docstring); pre-norm residual blocks."""
+    """One bidirectional layer (module docstring); pre-norm residual blocks.
 
-    def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
+    Args:
+        temporal: self-attention over all queries of the clip's real frames (default); False: only among the
+            frame's own queries (``clips`` and ``pad`` are then ignored).
+        reverse: the pixel ← query step 4 (default); False: the layer leaves the pixels unchanged (not built).
+    Other decoders (QDFormer's audio-semantic and mask decoders, `icf.model.qdformer`) are stacks of such layers.
+    """
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float, temporal: bool = True, reverse: bool = True):
         super().__init__()
+        self.temporal, self.reverse = temporal, reverse
         self.q_norm1, self.q_norm2, self.q_norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.p_norm = nn.LayerNorm(dim)
+        if reverse:  # registration order as before the flags (parameter order, so ICF runs stay bit-identical)
+            self.p_norm = nn.LayerNorm(dim)
         self.query_to_pixel = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.pixel_to_query = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        if reverse:
+            self.pixel_to_query = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, dim))
 
-    def forward(self, queries: Tensor, query_pos: Tensor, pixels: Tensor, pixel_pos: Tensor, clips: int, pad: Tensor) -> tuple[Tensor, Tensor]:
-        """queries ``(B·T, N, d)``, pixels ``(B·T, S, d)``, pad ``(B, T·N)`` True = padded frame → updated both."""
+    def forward(self, queries: Tensor, query_pos: Tensor, pixels: Tensor, pixel_pos: Tensor, clips: int, pad: Tensor | None,
+                pixel_pad: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """queries ``(B·T, N, d)``, pixels ``(B·T, S, d)``, pad ``(B, T·N)`` True = padded frame (temporal only),
+        pixel_pad ``(B·T, S)`` True = a pixel token no query may attend to → updated both."""
         q = self.q_norm1(queries)
-        queries = queries + self.query_to_pixel(q + query_pos, pixels + pixel_pos, pixels, need_weights=False)[0]
+        queries = queries + self.query_to_pixel(q + query_pos, pixels + pixel_pos, pixels, key_padding_mask=pixel_pad,
+                                                need_weights=False)[0]
         bt, n, d = queries.shape
-        q = self.q_norm2(queries).reshape(clips, -1, d)
-        qp = query_pos.reshape(clips, -1, d)
-        queries = queries + self.self_attn(q + qp, q + qp, q, key_padding_mask=pad, need_weights=False)[0].reshape(bt, n, d)
+        q = self.q_norm2(queries)
+        if self.temporal:
+            q, qp = q.reshape(clips, -1, d), query_pos.reshape(clips, -1, d)
+            queries = queries + self.self_attn(q + qp, q + qp, q, key_padding_mask=pad, need_weights=False)[0].reshape(bt, n, d)
+        else:
+            queries = queries + self.self_attn(q + query_pos, q + query_pos, q, need_weights=False)[0]
         queries = queries + self.ffn(self.q_norm3(queries))
-        p = self.p_norm(pixels)
-        pixels = pixels + self.pixel_to_query(p + pixel_pos, queries + query_pos, queries, need_weights=False)[0]
+        if self.reverse:
+            p = self.p_norm(pixels)
+            pixels = pixels + self.pixel_to_query(p + pixel_pos, queries + query_pos, queries, need_weights=False)[0]
         return queries, pixels
 
 

@@ -1,0 +1,112 @@
+"""Vector quantisation with one shared codebook (QDFormer Eq. 2 and Eq. 9; VQ-VAE's straight-through estimator).
+
+VQ(x) = argmin_{e^k ∈ C} ‖x − e^k‖₂ with C = {e^k}, k = 1..K a ``(K, d)`` parameter (ties → the lowest k). The
+forward value of the quantised token is the code e; its gradient is the identity onto x (straight-through:
+x̂ = x + sg[e − x]). The loss has two parts (Eq. 9, each a mean over elements, as R2VOS's ``F.mse_loss``):
+
+* codebook term ‖VQ(x) − sg[x]‖²: updates C only;
+* commitment term λ_com·‖sg[VQ(x)] − x‖²: updates x only.
+
+``quantize(x, update_codebook=False)`` looks x up in ``C.detach()`` (QDFormer's local tokens: "they do not update
+C but are committed to being close to the vectors in C"), so neither its commitment term nor its straight-through
+path reaches C.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Quantized:
+    """Result of `VectorQuantizer.quantize` for tokens x ``(…, d)``.
+
+    Attributes:
+        st: the straight-through value x + sg[e − x] ``(…, d)`` (forward = e, gradient → x).
+        codes: the selected codewords e ``(…, d)`` (carry C's gradient when the codebook is updated).
+        idx: code indices ``(…)`` int64.
+        codebook_loss: mean ‖e − sg[x]‖² (zero tensor when the codebook is not updated).
+        commit_loss: λ_com · mean ‖sg[e] − x‖².
+    """
+
+    st: Tensor
+    codes: Tensor
+    idx: Tensor
+    codebook_loss: Tensor
+    commit_loss: Tensor
+
+
+def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
+    """Eq. 2: argmin_k ‖x − e^k‖₂ for x ``(…, d)``, codebook ``(K, d)`` → ``(…)`` int64; ties → lowest k.
+
+    Squared distances are formed from the differences (not ‖x‖² − 2x·e + ‖e‖²), so equal distances compare equal
+    and ``argmin`` (first minimum) breaks ties towards the lowest index."""
+    dist = (x.detach()[..., None, :] - codebook.detach()).pow(2).sum(-1)  # (…, K)
+    return dist.argmin(-1)
+
+
+INITS = ("normal", "first_batch")
+
+
+class VectorQuantizer(nn.Module):
+    """One K × d codebook shared by every token that is quantised with it (Eq. 2, module docstring).
+
+    Args:
+        size: K, the number of codewords.
+        dim: d.
+        commitment: λ_com of Eq. 9.
+        init: ``"normal"``: the codebook starts N(0, 1) (R2VOS), matching LayerNorm-scaled tokens;
+            ``"first_batch"``: it starts as K tokens of the first training batch quantised with the codebook update.
+    """
+
+    def __init__(self, size: int, dim: int, commitment: float = 0.25, init: str = "normal"):
+        super().__init__()
+        if init not in INITS:
+            raise ValueError(f"codebook init must be one of {INITS}, got {init!r}")
+        self.commitment = commitment
+        self.codebook = nn.Parameter(torch.randn(size, dim))
+        # "first_batch": the codebook is overwritten by the first training batch's tokens (saved, so a resumed run
+        # does not redo it)
+        self.register_buffer("pending", torch.tensor(init == "first_batch"))
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> None:
+        """Set the codebook to K of the tokens x ``(M, d)`` drawn by torch's global RNG (with replacement when
+        M < K), so that every code starts where tokens are (against codes that are never selected)."""
+        m = x.shape[0]
+        pick = torch.randperm(m, device=x.device)[: self.size] if m >= self.size else torch.randint(0, m, (self.size,), device=x.device)
+        self.codebook.copy_(x[pick])
+        self.pending.fill_(False)
+
+    @property
+    def size(self) -> int:
+        return self.codebook.shape[0]
+
+    def quantize(self, x: Tensor, update_codebook: bool = True, mask: Tensor | None = None) -> Quantized:
+        """Quantise x ``(…, d)`` (Eq. 2) with the Eq. 9 loss parts; ``update_codebook=False`` uses ``C.detach()``.
+        ``mask`` ``(…)`` bool: the tokens the losses average over (default all; e.g. the real frames)."""
+        if self.training and bool(self.pending):
+            self.init_from(x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask])
+        book = self.codebook if update_codebook else self.codebook.detach()
+        idx = nearest_code(x, book)
+        codes = F.embedding(idx, book)
+        st = x + (codes - x).detach()  # straight-through: forward e, gradient identity onto x
+        xs, cs = (x, codes) if mask is None else (x[mask], codes[mask])
+        codebook_loss = F.mse_loss(cs, xs.detach()) if update_codebook else x.new_zeros(())  # Eq. 9, term 1
+        commit_loss = self.commitment * F.mse_loss(cs.detach(), xs)  # Eq. 9, terms 2 and 3
+        return Quantized(st, codes, idx, codebook_loss, commit_loss)
+
+    def forward(self, x: Tensor, update_codebook: bool = True, mask: Tensor | None = None) -> Quantized:
+        return self.quantize(x, update_codebook, mask)
+
+
+def perplexity(idx: Tensor, size: int) -> Tensor:
+    """Codebook usage perplexity exp(H(p)) of the code histogram p over ``size`` codes (a diagnostic: 1 = one
+    code used, ``size`` = uniform use)."""
+    counts = torch.bincount(idx.flatten(), minlength=size).to(torch.float32)
+    p = counts / counts.sum().clamp_min(1.0)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())

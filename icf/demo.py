@@ -111,7 +111,7 @@ def demo(
     executor: str = typer.Option("ray", "--executor", help="Pipeline executor: ray (embedded local Ray) or local."),
 ) -> None:
     """synth → towers → stage all → train tiny → eval (with two controls) → predict."""
-    from icf.eval.report import metrics_table
+    from icf.eval.report import COLUMNS, DATASET_HARD, metrics_table
     from icf.eval.visualize import write_panels
     from icf.train.run import RunSpec, load_trained
     from icf.train.trainer import train
@@ -127,7 +127,7 @@ def demo(
     panels = write_panels(model, shards, "val", cfg, run / "viz", limit=8)
     kind = "semantic" if towers else "random"
     title = f"AVSS synthetic, val split ({rows['ICF tiny']['n_frames']} frames), {kind} towers, {steps_note(run, steps)}"
-    out.print(metrics_table(rows, title=title))
+    out.print(metrics_table(rows, title=title, columns=tuple(c for c in COLUMNS if c not in DATASET_HARD)))
     out.print(f"run: {run}\nloss curve: {run / 'loss.png'}\npictures: {run / 'viz'} ({len(panels)} panels)")
     out.print(f"total time {time.time() - t0:.0f} s")
 

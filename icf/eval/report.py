@@ -13,9 +13,13 @@ COLUMNS = ("J", "F", "JF", "J_present", "F_present", "FDR", "J_dh", "F_dh", "JF_
            "n_frames", "skipped")
 
 
-def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> Table:
-    """A table with one row per named result; fractions are printed ×100 like the papers."""
-    present = [c for c in COLUMNS if any(c in r for r in rows.values())]
+DATASET_HARD = ("J_dh", "F_dh", "JF_dh")  # DDESeg's protocol (icf.eval.metrics.DatasetHardMetrics)
+
+
+def metrics_table(rows: dict[str, dict[str, Any]], title: str = "", columns: tuple[str, ...] = COLUMNS) -> Table:
+    """A table with one row per named result and a column per key of ``columns`` present; fractions are printed
+    ×100 like the papers."""
+    present = [c for c in columns if any(c in r for r in rows.values())]
     table = Table(title=title or None)
     table.add_column("setting")
     for col in present:

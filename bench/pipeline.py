@@ -36,11 +36,12 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from icf.data.synth import synthesize  # noqa: E402
-from icf.pipeline.engine import RunOptions, manifest_units, plan_jobs, run_stage, stage_key  # noqa: E402
+from icf.pipeline.engine import RunOptions, manifest_units, plan_jobs, stage_key  # noqa: E402
 from icf.pipeline.ledger import Workspace  # noqa: E402
 from icf.pipeline.runners import make_runner  # noqa: E402
 from icf.stages.extract import ExtractStage  # noqa: E402
 from icf.stages.index import run_index  # noqa: E402
+from icf.workflow.run import run_pipeline  # noqa: E402
 from icf.stages.mel import MelStage  # noqa: E402
 
 QUIET = Console(file=open(os.devnull, "w"))
@@ -51,8 +52,8 @@ CLAP_BATCHES = (4, 16, 64)
 def staged(tmp: Path, name: str, layout: str, root: Path, unit_size: int) -> Workspace:
     """A fresh workspace with index and mel done (extract's upstream)."""
     ws = Workspace(tmp / name, layout)
-    run_index(ws, root, None, unit_size)
-    run_stage(ws, MelStage(), RunOptions(executor="local", progress=False), QUIET)
+    run_pipeline(ws, [MelStage()], RunOptions(executor="local", progress=False), QUIET,
+                 index=lambda: run_index(ws, root, None, unit_size))
     return ws
 
 

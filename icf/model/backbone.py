@@ -19,6 +19,20 @@ class BackboneWeightsError(ValueError):
     """The backbone weights file is missing or does not fit the architecture."""
 
 
+def create_timm(name: str, weights: str | None, kwargs: dict[str, Any] | None, **create: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs, **create)`` with its weights read only from the local file ``weights``
+    (None: random init); `BackboneWeightsError` naming the file when it is missing or does not fit."""
+    if weights is not None and not Path(weights).expanduser().is_file():
+        raise BackboneWeightsError(f"backbone weights {weights}: file does not exist")
+    extra: dict[str, Any] = dict(kwargs or {})
+    if weights is not None:
+        extra["pretrained_cfg_overlay"] = {"file": str(Path(weights).expanduser())}
+    try:
+        return timm.create_model(name, pretrained=weights is not None, **create, **extra)
+    except RuntimeError as err:  # state-dict mismatch
+        raise BackboneWeightsError(f"backbone weights {weights}: do not fit {name} ({str(err).splitlines()[0]})") from err
+
+
 class Backbone(nn.Module):
     """Frames ``(N, 3, H, W)`` → four maps ``(N, C_i, H/s_i, W/s_i)`` with s = 4, 8, 16, 32.
 
@@ -28,17 +42,7 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, weights: str | None = None, kwargs: dict[str, Any] | None = None):
         super().__init__()
-        if weights is not None and not Path(weights).expanduser().is_file():
-            raise BackboneWeightsError(f"backbone weights {weights}: file does not exist")
-        extra: dict[str, Any] = dict(kwargs or {})
-        if weights is not None:
-            extra["pretrained_cfg_overlay"] = {"file": str(Path(weights).expanduser())}
-        try:
-            self.body = timm.create_model(
-                name, features_only=True, out_indices=(-4, -3, -2, -1), pretrained=weights is not None, **extra
-            )
-        except RuntimeError as err:  # state-dict mismatch
-            raise BackboneWeightsError(f"backbone weights {weights}: do not fit {name} ({str(err).splitlines()[0]})") from err
+        self.body = create_timm(name, weights, kwargs, features_only=True, out_indices=(-4, -3, -2, -1))
         reductions = self.body.feature_info.reduction()
         if list(reductions) != [4, 8, 16, 32]:
             raise ValueError(f"backbone {name} gives feature strides {reductions}, expected [4, 8, 16, 32]")

@@ -16,13 +16,11 @@ the same timm model (same names, same weights file) without ``features_only`` an
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import timm
 from torch import Tensor, nn
 
-from icf.model.backbone import BackboneWeightsError
+from icf.model.backbone import create_timm
 
 Hook = Callable[[int, int, Tensor], Tensor]  # (stage l, point j, map (N, C_l, h, w)) → map
 
@@ -43,15 +41,7 @@ class StagedBackbone(nn.Module):
             self.kind = "resnet"
         else:
             raise ValueError(f"staged backbone: {name!r} is neither a pvt_v2 nor a resnet timm model")
-        if weights is not None and not Path(weights).expanduser().is_file():
-            raise BackboneWeightsError(f"backbone weights {weights}: file does not exist")
-        extra: dict[str, Any] = dict(kwargs or {})
-        if weights is not None:
-            extra["pretrained_cfg_overlay"] = {"file": str(Path(weights).expanduser())}
-        try:
-            self.body = timm.create_model(name, pretrained=weights is not None, num_classes=0, **extra)
-        except RuntimeError as err:
-            raise BackboneWeightsError(f"backbone weights {weights}: do not fit {name} ({str(err).splitlines()[0]})") from err
+        self.body = create_timm(name, weights, kwargs, num_classes=0)
         info = self.body.feature_info[-4:]
         if [i["reduction"] for i in info] != [4, 8, 16, 32]:
             raise ValueError(f"backbone {name} gives feature strides {[i['reduction'] for i in info]}, expected [4, 8, 16, 32]")

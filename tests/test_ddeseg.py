@@ -218,6 +218,10 @@ def test_variants_and_ablations_train(variant: str, ablate: frozenset[str]) -> N
     assert all(g is None for g in grads) if "deri" in ablate else any(g is not None and g.abs().sum() > 0 for g in grads)
     disc_used = any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.discrimination.parameters())
     assert disc_used == (not ablate & {"deri", "disc"})
+    # the DEM diagnostic is logged (a score in (0, 1), S ≡ 1 when DEM is ablated) and carries no gradient
+    score = float(parts["dem_score"])
+    assert score == 1.0 if "dem" in ablate else 0.0 < score < 1.0
+    assert not parts["dem_score"].requires_grad
 
 
 def test_paper_pvt_fuses_before_every_block_and_code_once_per_stage() -> None:

@@ -289,10 +289,14 @@ class DDESeg(SegModel):
         return s[..., None] * tokens
 
     def loss(self, out: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
-        """Eq. 18 (`ddeseg_loss`), weights from the options."""
+        """Eq. 18 (`ddeseg_loss`), weights from the options; plus the diagnostic ``dem_score`` (mean DEM score S over
+        stages and tokens, Eq. 16; it stays near 1 or 0 when elimination keeps or drops every token)."""
         o = self.opts
-        return ddeseg_loss(out["logits"], batch["masks"], batch["gt"], batch["valid"], self.cfg.binary,
-                           (o.w_ce, o.w_dice, o.w_iou))
+        parts = ddeseg_loss(out["logits"], batch["masks"], batch["gt"], batch["valid"], self.cfg.binary,
+                            (o.w_ce, o.w_dice, o.w_iou))
+        if out.get("dem_scores") is not None and out["dem_scores"].numel():
+            parts["dem_score"] = out["dem_scores"].mean().detach()
+        return parts
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())

@@ -105,6 +105,62 @@ def test_the_local_path_never_updates_the_codebook() -> None:
     assert float(vq.codebook.grad.abs().sum()) > 0  # the global terms do update C
 
 
+def test_dead_codes_move_onto_tokens_after_their_idle_batches_and_only_in_training() -> None:
+    vq = _vq()
+    vq.restart_after = 2
+    g = torch.tensor(G)  # selects codes 1, 2, 0, 0: code 3 is never used
+    for step in range(2):  # two batches in which code 3 goes unused
+        q = vq(g)
+        assert q.restarted == 0 and vq.idle.tolist() == [0, 0, 0, step + 1]
+    torch.manual_seed(0)
+    q = vq(g)  # code 3 is dead: it moves onto one of this batch's tokens before the lookup
+    assert q.restarted == 1
+    assert any(torch.equal(vq.codebook[3].detach(), t) for t in g)
+    assert torch.equal(vq.codebook[:3].detach(), _vq().codebook[:3].detach())  # live codes are untouched
+    assert q.idx.tolist() == [3, 2, 0, 3]  # on a token, it is the nearest code to it (and takes [0.5, 0] from code 0)
+    assert vq.idle.tolist() == [0, 1, 0, 0]  # code 1 lost its token: idle for one batch
+    vq.idle.fill_(5)
+    before = vq.codebook.detach().clone()
+    local = vq(g, update_codebook=False)  # local lookups neither restart nor count as use
+    assert local.restarted == 0 and vq.idle.tolist() == [5] * 4
+    vq.eval()
+    assert vq(g).restarted == 0 and vq.idle.tolist() == [5] * 4  # nor does evaluation
+    assert torch.equal(vq.codebook.detach(), before)
+
+
+def test_a_masked_token_neither_seeds_a_code_nor_keeps_one_alive() -> None:
+    vq = _vq()
+    vq.restart_after = 1
+    g = torch.tensor([[1.0, 1.0], [0.9, 0.1], [5.0, 5.0]])  # selects codes 3, 1, 3
+    mask = torch.tensor([False, True, False])
+    vq(g, mask=mask)
+    assert vq.idle.tolist() == [1, 0, 1, 1]  # only the real token's code counts
+    q = vq(g, mask=mask)
+    assert q.restarted == 3
+    torch.testing.assert_close(vq.codebook.detach()[[0, 2, 3]], g[1].expand(3, 2))  # the dead move onto the real token
+    torch.testing.assert_close(vq.codebook.detach()[1], torch.tensor([1.0, 0.0]))  # the live one stays
+
+
+def test_without_restarts_the_tiny_codebook_collapses_and_with_them_it_stays_in_use() -> None:
+    """The property the restarts exist for, on the real model: a few optimiser steps on random batches leave
+    plain VQ using fewer codes than with restarts (its tokens sit near one code)."""
+    used = {}
+    for restart in (0, 2):
+        torch.manual_seed(0)
+        model = tiny_qd("avss", vq_restart=restart).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        codes = set()
+        for step in range(8):
+            out = model(make_batch(model.cfg, b=4, seed=step))
+            model.loss(out, make_batch(model.cfg, b=4, seed=step))["total"].backward()
+            opt.step()
+            opt.zero_grad()
+            if step >= 4:
+                codes |= set(out["codes"].flatten().tolist())
+        used[restart] = len(codes)
+    assert used[2] > used[0], used
+
+
 def test_one_codebook_serves_global_and_local_tokens() -> None:
     torch.manual_seed(0)
     model = tiny_qd("avss")

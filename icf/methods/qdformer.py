@@ -38,6 +38,8 @@ class QDFormerOptions:
         bg_threshold: AVSS inference: background unless max_k S_k exceeds it.
         avsr_act: ``"none"`` (Eq. 5 as written) or ``"sigmoid"`` on the filters w_i.
         vq_init: ``"normal"`` (N(0, 1) codebook, R2VOS) or ``"first_batch"`` (codes start at the first batch's tokens).
+        vq_restart: move a code no global token selected for this many training batches onto one of the next
+            batch's tokens (`icf.model.vq`; against codebook collapse); 0 = never (the paper, silent on it).
     """
 
     codebook_size: int = 128
@@ -57,8 +59,11 @@ class QDFormerOptions:
     bg_threshold: float = 0.5
     avsr_act: str = "none"
     vq_init: str = "normal"
+    vq_restart: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.vq_restart, bool) or not isinstance(self.vq_restart, int) or self.vq_restart < 0:
+            raise ValueError(f"method qdformer: vq_restart must be an integer >= 0, got {self.vq_restart!r}")
         for key in ("codebook_size", "num_tokens", "asd_layers", "mask_dim", "dyn_channels", "dyn_layers"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -136,7 +136,7 @@ class MLP(nn.Module):
 @dataclass
 class Semantics:
     """The audio side of one forward pass: g ``(B, N, d)`` and its quantisation ĝ, l ``(B, T, N, d)`` and l̂, the
-    code indices (None where not quantised) and the L_quant parts."""
+    code indices (None where not quantised), the L_quant parts and how many dead codes were restarted."""
 
     g: Tensor | None
     g_hat: Tensor | None
@@ -145,6 +145,7 @@ class Semantics:
     g_idx: Tensor | None
     l_idx: Tensor | None
     losses: dict[str, Tensor]
+    restarted: int = 0
 
 
 def set_logits(pred: Prediction, valid: Tensor, binary: bool, bg_threshold: float = 0.5) -> Tensor:
@@ -185,7 +186,8 @@ class QDFormer(SegModel):
             self.av_fuse = AVFuse(d, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
             self.global_asd = ASD(d, cfg.num_heads, cfg.ffn_dim, options.asd_layers, cfg.dropout)
         if self.quant:
-            self.vq = VectorQuantizer(options.codebook_size, d, options.lambda_com, options.vq_init)
+            self.vq = VectorQuantizer(options.codebook_size, d, options.lambda_com, options.vq_init,
+                                      options.vq_restart)
         if self.use_avsr:
             self.avsr = AVSR(d, n, levels=3, act=options.avsr_act)
         if self.local:
@@ -212,11 +214,12 @@ class QDFormer(SegModel):
         fused = self.av_fuse(audio, coarse, coarse_pos, valid)  # Eq. 3
         g = self.global_asd(self.prototypes, fused, pad=~valid)  # Eq. 4: (B, N, d)
         losses: dict[str, Tensor] = {}
-        g_hat, g_idx = g, None
+        g_hat, g_idx, restarted = g, None, 0
         if self.quant:
             q = self.vq(g)  # Eq. 2, the shared codebook
             g_hat, g_idx = q.st, q.idx
             losses.update(vq_codebook=q.codebook_loss, vq_commit=q.commit_loss)
+            restarted = q.restarted
         l = l_hat = l_idx = None
         if self.local:
             b, t, d = audio.shape
@@ -229,7 +232,7 @@ class QDFormer(SegModel):
                 losses["vq_local"] = ql.commit_loss
         if losses:
             losses["quant"] = sum(losses.values())  # Eq. 9
-        return Semantics(g, g_hat, l, l_hat, g_idx, l_idx, losses)
+        return Semantics(g, g_hat, l, l_hat, g_idx, l_idx, losses, restarted)
 
     def decoder_queries(self, sem: Semantics, audio: Tensor) -> Tensor:
         """The content queries of TrD_segm ``(B·T, N, d)``: l̂ (full model), ĝ for every frame (``local``
@@ -285,11 +288,12 @@ class QDFormer(SegModel):
             logits = set_logits(preds[-1], batch["valid"], self.cfg.binary, self.opts.bg_threshold)
         if not self.training:
             return {"logits": logits}
-        return {"logits": logits, "preds": preds, "quant_parts": sem.losses, "codes": sem.g_idx}
+        return {"logits": logits, "preds": preds, "quant_parts": sem.losses, "codes": sem.g_idx, "restarted": sem.restarted}
 
     def loss(self, out: Mapping[str, object], batch: Batch) -> dict[str, Tensor]:
         """Eq. 8: ``total`` = λ_quant·``quant`` + ``segm`` (+ the aux layers' set losses, ``aux``); also the
-        Eq. 10 parts of the last layer, the Eq. 9 parts and the codebook ``perplexity`` (a diagnostic)."""
+        Eq. 10 parts of the last layer, the Eq. 9 parts, the codebook ``perplexity`` and ``codes_restarted``
+        (diagnostics)."""
         scored = batch["gt"] & batch["valid"]
         preds = out["preds"]
         parts = self.criterion(preds[-1], batch["masks"], scored)
@@ -301,6 +305,7 @@ class QDFormer(SegModel):
         if "quant" in quant:
             parts.update(quant)
             parts["perplexity"] = perplexity(out["codes"], self.vq.size).detach()
+            parts["codes_restarted"] = torch.tensor(float(out["restarted"]))
             total = total + self.opts.lambda_quant * quant["quant"]
         parts["total"] = total
         return parts

@@ -62,7 +62,8 @@ def prepare_data(work: Path, clips: int, size: int, seed: int, executor: str = "
 
 
 def evaluate_run(run: Path, clips: int, seed: int, size: int, split: str = "val") -> dict[str, dict[str, Any]]:
-    """The trained model, the model with shuffled audio, and the visible-objects oracle on ``split``."""
+    """The trained model, the model with shuffled audio, and the visible-objects oracle on ``split``, in this order;
+    the model rows are named by the run's method (``"icf tiny"``, ``"icf tiny, shuffled audio"``)."""
     from icf.eval.baselines import visible_objects
     from icf.eval.evaluate import Perturbation, evaluate, model_predictor
     from icf.train.run import load_trained
@@ -70,9 +71,10 @@ def evaluate_run(run: Path, clips: int, seed: int, size: int, split: str = "val"
     model, shards, _, cfg, _ = load_trained(run)
     device = next(model.parameters()).device
     oracle = visible_objects(LAYOUT, clips, seed, 8, size, shards.image_size, cfg.image_size)
+    label = f"{cfg.method} tiny"
     return {
-        "ICF tiny": evaluate(model_predictor(model), shards, split, cfg.image_size, device=device),
-        "ICF tiny, shuffled audio": evaluate(model_predictor(model), shards, split, cfg.image_size,
+        label: evaluate(model_predictor(model), shards, split, cfg.image_size, device=device),
+        f"{label}, shuffled audio": evaluate(model_predictor(model), shards, split, cfg.image_size,
                                              perturbation=Perturbation(shuffle_audio=True), device=device),
         "every visible object (oracle)": evaluate(oracle, shards, split, cfg.image_size),
     }
@@ -126,7 +128,7 @@ def demo(
     model, shards, _, cfg, _ = load_trained(run)
     panels = write_panels(model, shards, "val", cfg, run / "viz", limit=8)
     kind = "semantic" if towers else "random"
-    title = f"AVSS synthetic, val split ({rows['ICF tiny']['n_frames']} frames), {kind} towers, {steps_note(run, steps)}"
+    title = f"AVSS synthetic, val split ({next(iter(rows.values()))['n_frames']} frames), {kind} towers, {steps_note(run, steps)}"
     out.print(metrics_table(rows, title=title, columns=tuple(c for c in COLUMNS if c not in DATASET_HARD)))
     out.print(f"run: {run}\nloss curve: {run / 'loss.png'}\npictures: {run / 'viz'} ({len(panels)} panels)")
     out.print(f"total time {time.time() - t0:.0f} s")

@@ -16,7 +16,7 @@ def test_demo_small(tmp_path: Path) -> None:
                                    "--tower-epochs", "1", "--executor", "local"],
                                 env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    for row in ("ICF tiny", "ICF tiny, shuffled audio", "every visible object (oracle)"):
+    for row in ("icf tiny", "icf tiny, shuffled audio", "every visible object (oracle)"):
         assert row in res.output
     assert "semantic towers, 2 steps" in res.output and "towers (trained" in res.output
     run = next((tmp_path / "runs").glob("demo-*"))

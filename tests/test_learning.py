@@ -37,8 +37,8 @@ def test_tiny_icf_beats_visual_oracle_and_shuffled_audio(tmp_path: Path) -> None
 
     run = train(RunSpec(dataset="avss", preset="tiny", work=work, out=tmp_path / "run", max_steps=STEPS, seed=SEED))
     rows = evaluate_run(run, CLIPS, SEED, SIZE, split="train")
-    model = rows["ICF tiny"]["J_present"]
-    shuffled = rows["ICF tiny, shuffled audio"]["J_present"]
+    model = rows["icf tiny"]["J_present"]
+    shuffled = rows["icf tiny, shuffled audio"]["J_present"]
     oracle = rows["every visible object (oracle)"]["J_present"]
     print(f"\n{towers.summary()}\nJ_present: model {model:.3f}, shuffled audio {shuffled:.3f}, visible-objects oracle {oracle:.3f}")
     assert model > oracle + 0.02

@@ -422,7 +422,7 @@ def test_presets_follow_the_paper() -> None:
     model, train = spec.preset("tiny", *preset("tiny", "avss"))
     opts = spec.parse_options(model.options)
     assert (model.d_model, model.dec_layers, opts.num_tokens, opts.codebook_size, opts.asd_layers, opts.aux_loss) == \
-        (48, 2, 3, 16, 1, False)
+        (48, 3, 3, 16, 1, True)
     assert train.lr == 1e-3
 
 

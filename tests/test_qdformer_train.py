@@ -43,7 +43,7 @@ def test_train_eval_predict_compare_on_avss(avss: Path, tmp_path: Path) -> None:
     run = train(_spec(avss, "a", 2))
     doc = json.loads((run / "run.json").read_text())
     assert doc["method"] == doc["model"]["method"] == "qdformer"
-    assert doc["model"]["options"]["num_tokens"] == 3 and doc["model"]["dec_layers"] == 2  # the method's tiny preset
+    assert doc["model"]["options"]["num_tokens"] == 3 and doc["model"]["dec_layers"] == 3  # the method's tiny preset
     records = read_metrics(run)
     assert [r["step"] for r in records] == [1, 2]
     assert {"total", "segm", "quant", "cls", "mask", "dice", "l1", "giou", "perplexity"} <= records[0].keys()

@@ -6,7 +6,7 @@ Presets (`presets`, spec §2.4): the paper's AdamW (lr 1e-4, backbone ×0.5, wei
 step at epoch 11 of 13 (S4/MS3) or 14 of 16 (AVSS); R2VOS's transformer sizes (4 encoder / 4 decoder layers, d 256,
 FFN 2048, 8 heads, dropout 0.1); K = 128 codes, N = 5 tokens, aux losses on. ``paper-pvt`` stands in PVT-v2-b2
 (25 M parameters) for the paper's Swin-T (28 M). ``tiny``: the project's tiny backbone and audio CNN, d 48, N 3,
-K 16, one ASD layer, two decoder layers, no aux loss, lr 1e-3.
+K 16, one ASD layer, three decoder layers (one round over the levels), aux losses on, lr 1e-3.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class QDFormerOptions:
         avsr_act: ``"none"`` (Eq. 5 as written) or ``"sigmoid"`` on the filters w_i.
         vq_init: ``"normal"`` (N(0, 1) codebook, R2VOS) or ``"first_batch"`` (codes start at the first batch's tokens).
         vq_restart: move a code no global token selected for this many training batches onto one of the next
-            batch's tokens (`icf.model.vq`; against codebook collapse); 0 = never (the paper, silent on it).
+            batch's tokens (`icf.model.vq`; against codebook collapse, measured); 0 = never (plain VQ; the paper is
+            silent on dead codes).
     """
 
     codebook_size: int = 128
@@ -59,7 +60,7 @@ class QDFormerOptions:
     bg_threshold: float = 0.5
     avsr_act: str = "none"
     vq_init: str = "normal"
-    vq_restart: int = 0
+    vq_restart: int = 20
 
     def __post_init__(self) -> None:
         if isinstance(self.vq_restart, bool) or not isinstance(self.vq_restart, int) or self.vq_restart < 0:
@@ -84,8 +85,8 @@ PAPER_MODEL = dict(d_model=256, num_heads=8, ffn_dim=2048, enc_layers=4, dec_lay
 def presets(name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig, dict]:
     """The project's preset ``name`` for the dataset (``model``, ``train``) → QDFormer's (module docstring)."""
     if name == "tiny":
-        model = dataclasses.replace(model, dec_layers=2)
-        options = dict(num_tokens=3, codebook_size=16, asd_layers=1, mask_dim=8, aux_loss=False)
+        model = dataclasses.replace(model, dec_layers=3)  # one round over the three levels
+        options = dict(num_tokens=3, codebook_size=16, asd_layers=1, mask_dim=8, aux_loss=True)
         return model, train, options
     if name not in ("paper-r50", "paper-pvt"):
         raise ValueError(f"method qdformer: unknown preset {name!r}")

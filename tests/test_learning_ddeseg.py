@@ -7,8 +7,8 @@
    J_present > 0.5).
 3. Slow (``ICF_SLOW=1``): on 64 clips, train J_present beats the visible-objects oracle by 0.02 and the same model
    fed other clips' audio by 0.1, as the ICF check in ``test_learning.py``. Step count calibrated once (tiny
-   preset, seed 0, train J_present model / shuffled audio, oracle 0.441): 300 steps 0.28 / 0.19, 400 0.39 / 0.18,
-   500 0.47 / 0.19, 600 0.58 / 0.21; the loss is still falling steeply at 300, so the check runs 600 (the spec's
+   preset, seed 0, train J_present model / shuffled audio, oracle 0.441): 300 steps 0.26 / 0.21, 400 0.43 / 0.20,
+   500 0.55 / 0.20, 600 0.70 / 0.25; the loss is still falling steeply at 300, so the check runs 600 (the spec's
    200–400 is too few for Eq. 18's CE-dominated loss, which first sits at "all background" for ~150 steps).
 """
 

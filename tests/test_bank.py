@@ -170,3 +170,51 @@ def test_bank_options_are_checked() -> None:
         BankStage.Config(bank_clusters=0)
     with pytest.raises(ValueError, match="--bank-from"):
         BankStage.Config(bank_from="ms3")
+
+
+# ----------------------------------------------------------------------------- a borrowed bank goes stale
+
+
+def test_a_rebuilt_lender_bank_makes_the_borrowed_copy_stale_and_stage_all_refreshes_it(tmp_path: Path) -> None:
+    """MS3 with ``--bank-from s4``: rebuilding S4's bank with other ``--bank-clusters`` shows MS3's bank and shard
+    stages stale in ``icf status``; ``stage all`` then ships S4's new bank in MS3's shards."""
+    import os
+
+    from rich.console import Console
+
+    from icf.data.synth import synthesize
+    from icf.pipeline.engine import RunOptions
+    from icf.pipeline.ledger import Workspace
+    from icf.stages.extract import ExtractStage
+    from icf.stages.index import run_index
+    from icf.workflow.run import pipeline_stages, run_pipeline
+    from icf.workflow.status import dataset_status
+
+    quiet, opts = Console(file=open(os.devnull, "w")), RunOptions(executor="local", progress=False)
+
+    def stage_all(dataset: str, **bank: object) -> dict[str, str]:
+        ws = Workspace(tmp_path / "work", dataset)
+        root = tmp_path / dataset
+        if not root.exists():
+            synthesize(dataset, root, clips=6, seed=1, size=32)
+        configs = {"extract": ExtractStage.Config(encoders="tiny"), "bank": BankStage.Config(**bank)}
+        run_pipeline(ws, pipeline_stages(configs), opts, quiet, index=lambda: run_index(ws, root, None, 3))
+        return states(dataset)
+
+    def states(dataset: str) -> dict[str, str]:
+        return {e["stage"]: e["state"] for e in dataset_status(Workspace(tmp_path / "work", dataset))}
+
+    def shipped(dataset: str) -> bytes:
+        return (tmp_path / "work" / dataset / "shards" / AUDIO_BANK).read_bytes()
+
+    assert set(stage_all("s4", bank_clusters=2, bank_per_cluster=1).values()) == {"done"}
+    assert set(stage_all("ms3", bank_from="s4").values()) == {"done"}
+    old = shipped("ms3")
+    assert old == shipped("s4")
+    assert set(stage_all("s4", bank_clusters=1, bank_per_cluster=1).values()) == {"done"}  # S4's bank rebuilt
+    assert shipped("s4") != old
+    after = states("ms3")
+    assert after["bank"] == "stale" and after["shard"] == "stale"  # the copy is out of date, and what ships it
+    assert after["extract"] == "done"
+    assert set(stage_all("ms3", bank_from="s4").values()) == {"done"}
+    assert shipped("ms3") == shipped("s4")

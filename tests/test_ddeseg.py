@@ -364,6 +364,22 @@ def test_paper_presets_follow_the_official_recipe() -> None:
         methods.get("ddeseg").build(preset("tiny", "s4")[0], DDESegOptions(source="clap"), _bank_resources())
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"variant": "other"}, "method ddeseg: variant must be one of paper, code, got 'other'"),
+    ({"dem_scheme": "xx"}, "method ddeseg: dem_scheme must be one of none, fc, ca, sk, gs, got 'xx'"),
+    ({"dem_centres": "vo"}, "method ddeseg: dem_centres must be one of oc, oTv, got 'vo'"),
+    ({"tokens": 0}, "method ddeseg: tokens must be at least 1, got 0"),
+    ({"heads": -2}, "method ddeseg: heads must be at least 1, got -2"),
+    ({"embed": 2.5}, "method ddeseg: embed must be an integer, got 2.5"),
+    ({"visual_centres": True}, "method ddeseg: visual_centres must be an integer, got True"),
+    ({"tau": 0.0}, "method ddeseg: tau must be positive, got 0.0"),
+    ({"tau": float("nan")}, "method ddeseg: tau must be positive, got nan"),
+])
+def test_bad_options_give_one_clear_error(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        methods.get("ddeseg").parse_options(options)
+
+
 def _bank_resources() -> Resources:
     import tempfile
 

@@ -6,7 +6,10 @@
 2. Fast CI gate: the tiny model overfits the 4 train clips of an 8-clip tree (loss falls by half, train
    J_present > 0.5).
 3. Slow (``ICF_SLOW=1``): on 64 clips, train J_present beats the visible-objects oracle by 0.02 and the same model
-   fed other clips' audio by 0.1, as the ICF check in ``test_learning.py``.
+   fed other clips' audio by 0.1, as the ICF check in ``test_learning.py``. Step count calibrated once (tiny
+   preset, seed 0, train J_present model / shuffled audio, oracle 0.441): 300 steps 0.26 / 0.21, 400 0.43 / 0.20,
+   500 0.55 / 0.20, 600 0.70 / 0.25; the loss is still falling steeply at 300, so the check runs 600 (the spec's
+   200–400 is too few for Eq. 18's CE-dominated loss, which first sits at "all background" for ~150 steps).
 """
 
 from __future__ import annotations
@@ -84,11 +87,11 @@ def test_tiny_ddeseg_overfits_four_clips(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("ICF_SLOW"), reason="slow (≈ 10 min on 2 busy cores): set ICF_SLOW=1")
+@pytest.mark.skipif(not os.environ.get("ICF_SLOW"), reason="slow (≈ 6 min on 2 busy cores): set ICF_SLOW=1")
 def test_tiny_ddeseg_beats_visual_oracle_and_shuffled_audio(tmp_path: Path) -> None:
     from icf.demo import epochs_for_steps, evaluate_run
 
-    steps = 300
+    steps = 600  # calibrated: module docstring
     work = staged(tmp_path, 64, 64)
     run = train(RunSpec(dataset="avss", preset="tiny", work=work, out=tmp_path / "run", method="ddeseg", max_steps=steps,
                         epochs=epochs_for_steps(work, steps), seed=0))

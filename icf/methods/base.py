@@ -7,7 +7,7 @@ groups); a method whose model is a `Segmenter` also offers ``segmenter`` so that
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,35 @@ def strict_options(cls: type, raw: Mapping[str, Any], method: str) -> Any:
         raise ValueError(f"method {method}: unknown option(s) {unknown}; valid: {names or 'none'}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     return cls(**values)
+
+
+def check_choices(method: str, options: Any, choices: Mapping[str, Sequence[str]]) -> None:
+    """``ValueError`` for the first option ``key`` of ``choices`` whose value is not one of ``choices[key]``:
+    ``method M: KEY must be one of A, B, got 'x'``."""
+    for key, allowed in choices.items():
+        value = getattr(options, key)
+        if value not in allowed:
+            raise ValueError(f"method {method}: {key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_positive_ints(method: str, options: Any, keys: Iterable[str]) -> None:
+    """``ValueError`` for the first option of ``keys`` that is not an integer ≥ 1 (a bool is not an integer):
+    ``method M: KEY must be an integer, got V`` or ``method M: KEY must be at least 1, got V``."""
+    for key in keys:
+        value = getattr(options, key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"method {method}: {key} must be an integer, got {value!r}")
+        if value < 1:
+            raise ValueError(f"method {method}: {key} must be at least 1, got {value}")
+
+
+def check_positive(method: str, options: Any, keys: Iterable[str]) -> None:
+    """``ValueError`` ``method M: KEY must be positive, got V`` for the first option of ``keys`` not > 0
+    (NaN included)."""
+    for key in keys:
+        value = getattr(options, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"method {method}: {key} must be positive, got {value}")
 
 
 def segmenter_method(name: str, summary: str, options: type, make: Callable[[ModelConfig, Any], Segmenter],

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from icf.config import ModelConfig, TrainConfig
-from icf.methods.base import MethodSpec, Resources
+from icf.methods.base import MethodSpec, Resources, check_choices, check_positive, check_positive_ints
 from icf.model.ddeseg import DDESeg, DEM_CENTRES, DEM_SCHEMES, VARIANTS
 from icf.model.memory import SOURCES, SemanticMemory
 
@@ -54,15 +54,10 @@ class DDESegOptions:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        for name, allowed in (("variant", VARIANTS), ("source", SOURCES), ("dem_scheme", DEM_SCHEMES),
-                              ("dem_centres", DEM_CENTRES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"method ddeseg: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("tokens", "visual_centres", "embed", "mlp_ratio", "heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"method ddeseg: {name} must be at least 1, got {getattr(self, name)}")
-        if not self.tau > 0:
-            raise ValueError(f"method ddeseg: tau must be positive, got {self.tau}")
+        check_choices("ddeseg", self, {"variant": VARIANTS, "source": SOURCES, "dem_scheme": DEM_SCHEMES,
+                                       "dem_centres": DEM_CENTRES})
+        check_positive_ints("ddeseg", self, ("tokens", "visual_centres", "embed", "mlp_ratio", "heads"))
+        check_positive("ddeseg", self, ("tau",))
 
 
 def presets(name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig, dict]:

@@ -103,7 +103,9 @@ class CrossAttention(nn.Module):
 
     ``gate="softmax"``: the usual softmax over the keys (DEM's MCA, Eq. 15); ``gate="sigmoid"``: each
     query-key weight is σ(q·k/√d_h) on its own (the fusion of §3.3, [code: av_malign.Cross_modal_interaction]).
-    ``qkv_bias=False`` and no output projection make zero values give a zero output exactly.
+    ``qkv_bias=False`` and no output projection make zero values give a zero output exactly. Linear weights
+    start truncated-normal with std 0.02 and biases at 0, as the official code's, so the fused audio starts
+    small beside the visual map.
     """
 
     def __init__(self, dim: int, heads: int, gate: str, qkv_bias: bool, out_proj: bool):
@@ -115,6 +117,11 @@ class CrossAttention(nn.Module):
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim) if out_proj else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, queries: Tensor, keys: Tensor) -> Tensor:
         n, q_len, c = queries.shape

@@ -2,7 +2,8 @@
 
 Each of the four maps V^l ``(N, C_l, H/s_l, W/s_l)`` → a linear map to E channels (a 1×1 convolution), upsampled
 (bilinear) to stride 4; the four are concatenated (4E) → 1×1 conv + BN + ReLU → E → Dropout2d(0.1) → 1×1 conv →
-``(N, K_out, H/4, W/4)``.
+``(N, K_out, H/4, W/4)``. Initialisation as the official head's: the per-level linear maps truncated-normal
+std 0.02 (they are ``nn.Linear`` there), the other convolutions normal with std √(2 / fan_out), biases 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ class SegFormerHead(nn.Module):
                                   nn.ReLU(inplace=True))
         self.dropout = nn.Dropout2d(dropout)
         self.classify = nn.Conv2d(embed, out_channels, 1)
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d):
+                if any(conv is lin for lin in self.linear):
+                    nn.init.trunc_normal_(conv.weight, std=0.02)
+                else:
+                    nn.init.normal_(conv.weight, 0.0, (2.0 / (conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels)) ** 0.5)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
 
     def forward(self, maps: list[Tensor]) -> Tensor:
         size = maps[0].shape[-2:]

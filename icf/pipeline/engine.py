@@ -121,9 +121,10 @@ def stage_key(ws: Workspace, stage: Stage, upstream_keys: Mapping[str, str] | No
     """This stage's cache key and the upstream keys it was derived from.
 
     Upstream keys come from ``upstream_keys`` (``icf stage all`` passes the keys it just computed) or else
-    from each upstream stage's latest run.
+    from each upstream stage's latest run; the keys of other datasets' outputs the stage copies
+    (`Stage.borrowed_keys`) join them.
     """
-    ups = {"index": ws.index_key()}
+    ups: dict[str, str | None] = {"index": ws.index_key(), **stage.borrowed_keys(ws.work)}
     for name in stage.needs:
         if upstream_keys and name in upstream_keys:
             ups[name] = upstream_keys[name]

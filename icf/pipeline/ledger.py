@@ -78,6 +78,14 @@ class Workspace:
         except CorruptFile:
             return None
 
+    def current_key(self, name: str) -> str | None:
+        """The latest cache key of stage ``name`` of this dataset, or, for ``"<dataset>/<stage>"`` (a borrowed
+        output, `Stage.borrowed_keys`), of that stage of another dataset in the same workspace folder; None
+        when it has not run."""
+        dataset, _, stage = name.rpartition("/")
+        ws = Workspace(self.work, dataset) if dataset else self
+        return (ws.current(stage) or {}).get("cache_key")
+
     def set_current(self, stage: str, info: dict[str, Any]) -> None:
         """Record the stage's latest key and config (unchanged → not rewritten)."""
         if self.current(stage) != info:

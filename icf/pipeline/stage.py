@@ -4,6 +4,9 @@ A stage is a class with
 
 * ``name`` and ``version`` (bump the version whenever the code changes its outputs),
 * ``needs``: upstream stage names whose outputs it reads (the manifest is always available),
+* ``borrowed_keys(work)``: optionally, the latest keys of other datasets' stages whose outputs it copies
+  (``"<dataset>/<stage>"`` → key); they enter its cache key like upstream keys, so a rebuilt source makes
+  it stale (``icf status``) and ``icf stage all`` recompute it (MS3's ``--bank-from``),
 * ``uses_model``: True → the Ray runner keeps one long-lived actor per worker, so ``setup()`` (model
   loading) runs once per worker, with a GPU when the cluster has one; False → one Ray task per unit,
 * ``clips_per_call``: how many clips (of one unit) the worker hands to one ``process`` call unless
@@ -100,6 +103,12 @@ class Stage:
     def config(self) -> dict[str, Any]:
         """Everything that changes the outputs (hashed into the cache key)."""
         return dataclasses.asdict(self.cfg)
+
+    def borrowed_keys(self, work: Path) -> dict[str, str | None]:
+        """``"<dataset>/<stage>"`` → that stage's latest cache key in workspace folder ``work`` (None when it
+        has not run) for every other dataset's output this stage copies; hashed into the cache key and
+        recorded with the upstream keys. Default: none."""
+        return {}
 
     def stats(self) -> dict[str, Any]:
         """Extra facts recorded in every unit's stats file (e.g. ``weights: random``)."""

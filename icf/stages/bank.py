@@ -21,7 +21,9 @@ by class id. The npz holds ``class_ids (C,)``, ``centers (C, D_a)``, ``reps (C, 
 stage ships it as ``shards/audio_bank.npz`` and names it in ``shards.json``.
 
 MS3: ``--bank-from s4|avss`` copies that dataset's latest bank (its bank stage must have run with the same
-source and the same encoder spec); without it no bank is written and ``finish`` records why, so DDESeg on
+source and the same encoder spec). That bank's cache key is part of this stage's key (`borrowed_keys`), so
+rebuilding it (other ``--bank-clusters``, a new extract) makes this stage and ``shard`` stale and ``icf stage
+all`` copy it again; without it no bank is written and ``finish`` records why, so DDESeg on
 MS3 refuses to train with a line naming the flag.
 """
 
@@ -41,6 +43,7 @@ from icf.data.io import read_mask
 from icf.data.datasets import load_info
 from icf.data.sample import Sample
 from icf.model.memory import MS3_REFUSAL, SOURCES
+from icf.pipeline.ledger import Workspace
 from icf.pipeline.stage import FinishContext, Stage, option
 from icf.pipeline.store import Output, atomic_write, npz_bytes, read_json, read_outputs
 
@@ -169,6 +172,13 @@ class BankStage(Stage):
             if self.bank_from not in (None, "s4", "avss"):
                 raise ValueError(f"--bank-from must be s4 or avss, got {self.bank_from!r}")
 
+    def borrowed_keys(self, work: Path) -> dict[str, str | None]:
+        """With ``--bank-from X``: ``{"X/bank": X's latest bank key}`` (None before X's bank ran), so that a
+        rebuilt bank of X changes this stage's key and the copy is refreshed (and ``shard`` after it)."""
+        if self.cfg.bank_from is None:
+            return {}
+        return {f"{self.cfg.bank_from}/{self.name}": Workspace(work, self.cfg.bank_from).current_key(self.name)}
+
     def process_one(self, s: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
         """``feat (T, D_a)`` float32 and ``labels (T,)`` int64 of one clip (raises ``ValueError`` naming the file)."""
         feat = np.asarray(upstream["extract"][self.cfg.bank_source], dtype=np.float32)
@@ -214,11 +224,10 @@ class BankStage(Stage):
     def _borrow(self, ctx: FinishContext, encoders: dict[str, Any]) -> dict[str, Any]:
         """Copy ``--bank-from``'s latest bank after checking its source and encoder spec equal this dataset's."""
         other = ctx.dataset_dir.parent / self.cfg.bank_from
-        try:
-            key = read_json(other / self.name / "current.json")["cache_key"]
-        except (UserError, KeyError, TypeError):
+        key = Workspace(ctx.dataset_dir.parent, self.cfg.bank_from).current_key(self.name)
+        if key is None:
             raise UserError(f"--bank-from {self.cfg.bank_from}: no bank stage has run there; run "
-                            f"`icf stage all --dataset {self.cfg.bank_from}` first") from None
+                            f"`icf stage all --dataset {self.cfg.bank_from}` first")
         path = other / self.name / key / AUDIO_BANK
         if not path.is_file():
             raise UserError(f"--bank-from {self.cfg.bank_from}: {path} is missing; run `icf stage bank --dataset {self.cfg.bank_from}`")

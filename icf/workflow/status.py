@@ -5,8 +5,8 @@ A stage's state is ``done`` (every unit of its latest key finished, for the clip
 dataset-level outputs on disk as it wrote them), ``incomplete`` (some units still pending or computed from
 older versions of the clips' files, e.g. a killed run or ``--only``), ``damaged`` (a unit file or a
 dataset-level output is truncated, corrupt or missing: ``problems`` names each; the next run of the stage
-repairs it), ``stale`` (its latest run was built on upstream keys that have
-changed since: rerun it) or ``not run``.
+repairs it), ``stale`` (its latest run was built on upstream keys, or keys of another dataset's outputs it
+copied, that have changed since, or on a stage that is stale itself: rerun it) or ``not run``.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ def _index_status(ws: Workspace) -> dict[str, Any]:
     }
 
 
-def _is_stale(ws: Workspace, current: dict[str, Any]) -> bool:
-    """Whether the run recorded in ``current`` used an index or upstream key that is no longer the latest."""
+def _is_stale(ws: Workspace, current: dict[str, Any], stale: set[str]) -> bool:
+    """Whether the run recorded in ``current`` used an index, upstream or borrowed key that is no longer the
+    latest, or an upstream stage that is itself stale (in ``stale``)."""
     latest = {"index": ws.index_key()}
     for name in current["upstream"]:
         if name != "index":
-            latest[name] = (ws.current(name) or {}).get("cache_key")
-    return latest != current["upstream"]
+            latest[name] = ws.current_key(name)
+    return latest != current["upstream"] or bool(stale & set(current["upstream"]))
 
 
 def _has_finish(name: str) -> bool:
@@ -66,7 +67,7 @@ def _finish_problem(ws: Workspace, name: str, key: str) -> str | None:
     return cls.finish_problem(ws.root, key)
 
 
-def _stage_status(ws: Workspace, name: str) -> dict[str, Any]:
+def _stage_status(ws: Workspace, name: str, stale: set[str]) -> dict[str, Any]:
     current = ws.current(name)
     entry: dict[str, Any] = {"stage": name, "state": NOT_RUN, "cache_key": None, "units_done": 0,
                              "units_pending": None, "counts": {}, "failures": [], "problems": []}
@@ -87,7 +88,7 @@ def _stage_status(ws: Workspace, name: str) -> dict[str, Any]:
     finish_problem = _finish_problem(ws, name, current["cache_key"])
     if finish_problem and done == len(view.units):
         entry["problems"].append(finish_problem)
-    state = (STALE if _is_stale(ws, current) else DAMAGED if entry["problems"]
+    state = (STALE if _is_stale(ws, current, stale) else DAMAGED if entry["problems"]
              else DONE if done == len(view.units) and not finish_problem else INCOMPLETE)
     entry.update(state=state, cache_key=current["cache_key"], units_done=done, units_pending=len(view.units) - done,
                  counts=counts, failures=[{"uid": uid, "error": error} for uid, error in failures])
@@ -96,7 +97,12 @@ def _stage_status(ws: Workspace, name: str) -> dict[str, Any]:
 
 def dataset_status(ws: Workspace) -> list[dict[str, Any]]:
     """One entry per stage (index first): state, key, units done/pending, sample counts, failures with reasons."""
-    return [_index_status(ws)] + [_stage_status(ws, name) for name in stage_classes()]
+    entries, stale = [_index_status(ws)], set()
+    for name in stage_classes():  # pipeline order: a stage after a stale one is stale too
+        entries.append(_stage_status(ws, name, stale))
+        if entries[-1]["state"] == STALE:
+            stale.add(name)
+    return entries
 
 
 def not_done(entries: list[dict[str, Any]]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -435,3 +436,17 @@ def test_aux_loss_adds_every_layer() -> None:
     parts = model.loss(out, batch)
     assert float(parts["aux"]) > 0
     assert float(parts["total"]) == pytest.approx(float(parts["segm"] + parts["aux"] + 0.5 * parts["quant"]), rel=1e-5)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"codebook_size": 0}, "method qdformer: codebook_size must be at least 1, got 0"),
+    ({"num_tokens": 2.5}, "method qdformer: num_tokens must be an integer, got 2.5"),
+    ({"vq_restart": -1}, "method qdformer: vq_restart must be at least 0, got -1"),
+    ({"vq_restart": True}, "method qdformer: vq_restart must be an integer, got True"),
+    ({"avsr_act": "tanh"}, "method qdformer: avsr_act must be one of none, sigmoid, got 'tanh'"),
+    ({"vq_init": "kmeans"}, "method qdformer: vq_init must be one of normal, first_batch, got 'kmeans'"),
+    ({"bg_threshold": 1.0}, "method qdformer: bg_threshold must lie in (0, 1), got 1.0"),
+])
+def test_bad_options_give_one_clear_error(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        methods.get("qdformer").parse_options(options)

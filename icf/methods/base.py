@@ -92,15 +92,15 @@ def check_choices(method: str, options: Any, choices: Mapping[str, Sequence[str]
             raise ValueError(f"method {method}: {key} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def check_positive_ints(method: str, options: Any, keys: Iterable[str]) -> None:
-    """``ValueError`` for the first option of ``keys`` that is not an integer ≥ 1 (a bool is not an integer):
-    ``method M: KEY must be an integer, got V`` or ``method M: KEY must be at least 1, got V``."""
+def check_positive_ints(method: str, options: Any, keys: Iterable[str], minimum: int = 1) -> None:
+    """``ValueError`` for the first option of ``keys`` that is not an integer ≥ ``minimum`` (a bool is not an
+    integer): ``method M: KEY must be an integer, got V`` or ``method M: KEY must be at least MIN, got V``."""
     for key in keys:
         value = getattr(options, key)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"method {method}: {key} must be an integer, got {value!r}")
-        if value < 1:
-            raise ValueError(f"method {method}: {key} must be at least 1, got {value}")
+        if value < minimum:
+            raise ValueError(f"method {method}: {key} must be at least {minimum}, got {value}")
 
 
 def check_positive(method: str, options: Any, keys: Iterable[str]) -> None:

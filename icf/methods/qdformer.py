@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from icf.config import ModelConfig, TrainConfig
-from icf.methods.base import MethodSpec
+from icf.methods.base import MethodSpec, check_choices, check_positive_ints
 from icf.model.qdformer import COMPONENTS, QDFormer
 from icf.model.vq import INITS
 
@@ -63,16 +63,10 @@ class QDFormerOptions:
     vq_restart: int = 20
 
     def __post_init__(self) -> None:
-        if isinstance(self.vq_restart, bool) or not isinstance(self.vq_restart, int) or self.vq_restart < 0:
-            raise ValueError(f"method qdformer: vq_restart must be an integer >= 0, got {self.vq_restart!r}")
-        for key in ("codebook_size", "num_tokens", "asd_layers", "mask_dim", "dyn_channels", "dyn_layers"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"method qdformer: {key} must be an integer >= 1, got {value!r}")
-        if self.avsr_act not in AVSR_ACTS:
-            raise ValueError(f"method qdformer: avsr_act must be one of {AVSR_ACTS}, got {self.avsr_act!r}")
-        if self.vq_init not in INITS:
-            raise ValueError(f"method qdformer: vq_init must be one of {INITS}, got {self.vq_init!r}")
+        check_positive_ints("qdformer", self, ("codebook_size", "num_tokens", "asd_layers", "mask_dim", "dyn_channels",
+                                               "dyn_layers"))
+        check_positive_ints("qdformer", self, ("vq_restart",), minimum=0)
+        check_choices("qdformer", self, {"avsr_act": AVSR_ACTS, "vq_init": INITS})
         if not 0.0 < self.bg_threshold < 1.0:
             raise ValueError(f"method qdformer: bg_threshold must lie in (0, 1), got {self.bg_threshold}")
 

@@ -1,5 +1,5 @@
 """README's promises: every ``icf`` command line it shows names a real command and only options that command
-has, and the cheap ones run exactly as written."""
+has, and the cheap ones run exactly as written; ARCHITECTURE's method table is the registry."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from icf.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+ARCHITECTURE = README.with_name("ARCHITECTURE.md")
 
 
 def readme_commands() -> list[str]:
@@ -99,3 +100,20 @@ def test_every_command_takes_work_and_one_dataset_option() -> None:
         assert ("--work" in by_flag) == (name != "score"), name
         if "--dataset" in by_flag:
             assert by_flag["--dataset"].metavar == "[s4|ms3|avss]", name
+
+
+def test_architecture_methods_table_is_the_registry() -> None:
+    """"Methods at a glance": one row per registered method, with its requires, audio keys and components."""
+    from icf import methods
+
+    text = ARCHITECTURE.read_text()
+    section = text[text.index("## Methods at a glance"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            split = lambda cell: {w.strip() for w in re.sub(r"\(.*?\)", "", cell).split(",") if w.strip() not in ("", "—")}
+            rows[cells[0].strip("`")] = (split(cells[1]), [w.strip() for w in cells[2].split(",")], split(cells[3]))
+    expected = {name: (set(m.requires), list(m.audio_keys), set(m.components)) for name, m in methods.registry().items()}
+    assert rows == expected

@@ -20,29 +20,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from icf.cli import app
 from icf.pipeline.store import read_json, read_outputs
 from icf.train.logs import read_metrics
 from icf.train.run import RunSpec
 from icf.train.trainer import train
-
-BANK = ["--bank-clusters", "2", "--bank-per-cluster", "2"]
-
-
-def staged(tmp: Path, clips: int, size: int) -> Path:
-    """``icf synth`` AVSS tree of ``clips`` clips + ``icf stage all --encoders tiny`` → WORK."""
-    runner = CliRunner()
-    root, work = tmp / "AVSS", tmp / "work"
-    res = runner.invoke(app, ["synth", "--layout", "avss", "--out", str(root), "--clips", str(clips), "--size", str(size),
-                              "--seed", "0"])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["stage", "all", "--dataset", "avss", "--root", str(root), "--work", str(work), "--encoders",
-                              "tiny", "--image-size", str(size), "--executor", "local", *BANK])
-    assert res.exit_code == 0, res.output
-    return work
-
+from learning import assert_listens, staged
 
 def val_seconds(work: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """The bank stage's val features and single labels, and its bank."""
@@ -89,14 +72,10 @@ def test_tiny_ddeseg_overfits_four_clips(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("ICF_SLOW"), reason="slow (≈ 6 min on 2 busy cores): set ICF_SLOW=1")
 def test_tiny_ddeseg_beats_visual_oracle_and_shuffled_audio(tmp_path: Path) -> None:
-    from icf.demo import epochs_for_steps, evaluate_run
+    from icf.demo import epochs_for_steps
 
     steps = 600  # calibrated: module docstring
-    work = staged(tmp_path, 64, 64)
+    work = staged(tmp_path)
     run = train(RunSpec(dataset="avss", preset="tiny", work=work, out=tmp_path / "run", method="ddeseg", max_steps=steps,
                         epochs=epochs_for_steps(work, steps), seed=0))
-    rows = evaluate_run(run, 64, 0, 64, split="train")
-    model, shuffled, oracle = (r["J_present"] for r in rows.values())
-    print(f"\nJ_present: DDESeg {model:.3f}, shuffled audio {shuffled:.3f}, visible-objects oracle {oracle:.3f}")
-    assert model > oracle + 0.02
-    assert model > shuffled + 0.1
+    assert_listens(run, "DDESeg")

@@ -12,27 +12,18 @@ import math
 from pathlib import Path
 
 import numpy as np
-from typer.testing import CliRunner
-
-from icf.cli import app
 from icf.config import preset
 from icf.train.logs import read_metrics
 from icf.train.run import RunSpec
 from icf.train.trainer import train
+from learning import stage, synth
 
 CLIPS, SIZE, SEED, STEPS = 48, 64, 1, 150
 CF_COS_TOLERANCE = 0.15  # |mean cos(ℓ^cf, z) − √(1 − c)| per step (measured max 0.109 over 141 steps, seed 1)
 
 
 def test_icf_terms_are_alive_during_training(tmp_path: Path) -> None:
-    root, work = tmp_path / "AVSS", tmp_path / "work"
-    runner = CliRunner()
-    res = runner.invoke(app, ["synth", "--layout", "avss", "--out", str(root), "--clips", str(CLIPS), "--size", str(SIZE),
-                              "--seed", str(SEED)])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["stage", "all", "--dataset", "avss", "--root", str(root), "--work", str(work),
-                              "--encoders", "tiny", "--image-size", str(SIZE), "--executor", "local"])
-    assert res.exit_code == 0, res.output
+    work = stage(synth(tmp_path, CLIPS, SIZE, SEED), tmp_path / "work", SIZE, extra=())
     run = train(RunSpec(dataset="avss", preset="tiny", work=work, out=tmp_path / "run", max_steps=STEPS, seed=SEED))
     records = read_metrics(run)
     assert len(records) == STEPS

@@ -60,6 +60,11 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
 INITS = ("normal", "first_batch")
 
 
+def real_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The tokens of x ``(…, d)`` that ``mask`` ``(…)`` keeps (all when None), detached → ``(M, d)``."""
+    return x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask]
+
+
 class VectorQuantizer(nn.Module):
     """One K × d codebook shared by every token that is quantised with it (Eq. 2, module docstring).
 
@@ -123,11 +128,10 @@ class VectorQuantizer(nn.Module):
     def quantize(self, x: Tensor, update_codebook: bool = True, mask: Tensor | None = None) -> Quantized:
         """Quantise x ``(…, d)`` (Eq. 2) with the Eq. 9 loss parts; ``update_codebook=False`` uses ``C.detach()``.
         ``mask`` ``(…)`` bool: the tokens the losses average over (default all; e.g. the real frames)."""
-        tokens = x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask]
         learn = self.training and update_codebook
         if self.training and bool(self.pending):
-            self.init_from(tokens)
-        restarted = self.restart_dead(tokens) if learn and self.restart_after else 0
+            self.init_from(real_tokens(x, mask))
+        restarted = self.restart_dead(real_tokens(x, mask)) if learn and self.restart_after else 0
         book = self.codebook if update_codebook else self.codebook.detach()
         idx = nearest_code(x, book)
         if learn:

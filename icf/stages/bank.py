@@ -223,12 +223,12 @@ class BankStage(Stage):
 
     def _borrow(self, ctx: FinishContext, encoders: dict[str, Any]) -> dict[str, Any]:
         """Copy ``--bank-from``'s latest bank after checking its source and encoder spec equal this dataset's."""
-        other = ctx.dataset_dir.parent / self.cfg.bank_from
-        key = Workspace(ctx.dataset_dir.parent, self.cfg.bank_from).current_key(self.name)
+        lender = Workspace(ctx.dataset_dir.parent, self.cfg.bank_from)
+        key = lender.current_key(self.name)
         if key is None:
             raise UserError(f"--bank-from {self.cfg.bank_from}: no bank stage has run there; run "
                             f"`icf stage all --dataset {self.cfg.bank_from}` first")
-        path = other / self.name / key / AUDIO_BANK
+        path = lender.root / self.name / key / AUDIO_BANK
         if not path.is_file():
             raise UserError(f"--bank-from {self.cfg.bank_from}: {path} is missing; run `icf stage bank --dataset {self.cfg.bank_from}`")
         with np.load(path) as npz:

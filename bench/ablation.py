@@ -3,12 +3,13 @@
 For each kind of towers (``semantic``: ``icf towers`` trained on the synthetic train split; ``random``:
 the tiny random towers) the synthetic tree is staged into its own workspace, then every row
 
-    baseline (no MIT/SC/CDCL), MIT, CDCL, MIT+SC, MIT+CDCL, full
+    baseline (no MIT/SC/CDCL), MIT, CDCL, MIT+SC, MIT+CDCL, full, and ``lambda_mit=0`` (full, Eq. 3's matching
+    objective off: does MIT's text help only through its own loss?)
 
 is trained with each seed for the same number of steps, and ``icf compare`` evaluates them all on one
 split, clean and under background noise (``--snr-db``) and frame mixing (``--frame-mix``). The tables
 (mean ± std over seeds, ×100) are printed and written as ``compare.json/csv/png`` per kind, plus
-``ablation.json`` with both.
+``ablation.json`` with both (``--results`` copies it into the repository, e.g. ``bench/results/``).
 
 Everything is cached: the data, the towers, the stages, and every finished run (a rerun only evaluates).
 
@@ -30,14 +31,15 @@ from icf.train import checkpoint
 from icf.train.run import RunSpec
 from icf.train.trainer import train
 
-# Table 2's rows as the components each one switches off (--ablate); SC needs MIT.
-ROWS: dict[str, frozenset[str]] = {
-    "baseline": frozenset({"mit", "sc", "cdcl"}),
-    "MIT": frozenset({"sc", "cdcl"}),
-    "CDCL": frozenset({"mit", "sc"}),
-    "MIT+SC": frozenset({"cdcl"}),
-    "MIT+CDCL": frozenset({"sc"}),
-    "full": frozenset(),
+# Table 2's rows as the components each one switches off (--ablate; SC needs MIT) and any --set overrides.
+ROWS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
+    "baseline": (frozenset({"mit", "sc", "cdcl"}), ()),
+    "MIT": (frozenset({"sc", "cdcl"}), ()),
+    "CDCL": (frozenset({"mit", "sc"}), ()),
+    "MIT+SC": (frozenset({"cdcl"}), ()),
+    "MIT+CDCL": (frozenset({"sc"}), ()),
+    "full": (frozenset(), ()),
+    "lambda_mit=0": (frozenset(), ("model.lambda_mit=0",)),
 }
 TOWERS = ("semantic", "random")
 
@@ -61,11 +63,12 @@ def train_rows(work: Path, rows: list[str], seeds: list[int], steps: int) -> dic
     runs = {}
     for row in rows:
         for seed in seeds:
-            run = work / "runs" / f"{row.replace('+', '-')}-s{seed}"
+            run = work / "runs" / f"{row.replace('+', '-').replace('=', '')}-s{seed}"
             if not finished(run, steps):
                 out.print(f"[bold]train[/] {row} seed {seed} ({steps} steps)")
+                ablate, overrides = ROWS[row]
                 train(RunSpec(dataset=LAYOUT, preset="tiny", work=work, out=run, epochs=epochs, max_steps=steps,
-                              ablate=ROWS[row], seed=seed))
+                              ablate=ablate, seed=seed, overrides=list(overrides)))
             runs[run] = row
     return runs
 
@@ -84,6 +87,7 @@ def main() -> None:
     p.add_argument("--snr-db", default="10,0,-10")
     p.add_argument("--frame-mix", default="0.25")
     p.add_argument("--executor", default="local")
+    p.add_argument("--results", type=Path, help="Also write ablation.json here (a folder, e.g. bench/results/).")
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     unknown = sorted(set(rows) - set(ROWS)) + sorted(set(args.towers.split(",")) - set(TOWERS))
@@ -108,8 +112,11 @@ def main() -> None:
                                    f"{args.split} split (×100, mean ± std)"))
         summary["tables"][kind] = doc
         out.print(f"{kind}: {time.time() - t0:.0f} s, outputs in {work / 'compare'}")
-    (args.work / "ablation.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-    out.print(f"wrote {args.work / 'ablation.json'}")
+    text = json.dumps(summary, indent=1, sort_keys=True)
+    for folder in filter(None, (args.work, args.results)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "ablation.json").write_text(text)
+        out.print(f"wrote {folder / 'ablation.json'}")
 
 
 if __name__ == "__main__":

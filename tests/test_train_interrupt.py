@@ -79,11 +79,11 @@ def test_max_steps_zero_takes_no_step(work):
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_file(work, monkeypatch):
-    def full_disk(path, *args):
-        path.with_suffix(".tmp").write_bytes(b"half")
+    def full_disk(payload, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
-    monkeypatch.setattr(checkpoint, "save", full_disk)
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     with pytest.raises(UserError, match="cannot write the checkpoint .*disk full"):
         train(_spec(work, "full-disk", 1))
-    assert not (work / "runs" / "full-disk" / "checkpoint.tmp").exists()
+    assert [p.name for p in (work / "runs" / "full-disk").iterdir() if ".tmp" in p.name] == []

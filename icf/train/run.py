@@ -1,7 +1,8 @@
 """A run folder and what reads it: ``run.json`` (dataset, method, preset, shards path, both configs), the
 model of a run's method, and `load_trained` (used by eval, predict, compare and the demo).
 
-A run folder holds ``run.json``, ``checkpoint.pt`` (latest), ``metrics.jsonl`` (one JSON object per step,
+A run folder holds ``run.json``, ``checkpoint.pt`` (latest), ``best.pt`` (best on validation, when the run
+validated; ``run.json``'s ``best`` names its epoch and value), ``metrics.jsonl`` (one JSON object per step,
 `icf.train.logs`) and ``loss.png``.
 """
 
@@ -124,13 +125,34 @@ def build_model(model_cfg: ModelConfig, shards: ShardSet, device: torch.device) 
     return model.to(device)
 
 
-def load_trained(run: Path, device: torch.device | None = None) -> tuple[nn.Module, ShardSet, dict[str, Any], ModelConfig, TrainConfig]:
-    """A trained run's model (eval mode, latest checkpoint), its shards and configs."""
+CHECKPOINT_CHOICES = ("auto", "best", "last")  # `--checkpoint`: auto = best when the run has one, else last
+
+
+def checkpoint_path(run: Path, which: str = "auto") -> Path:
+    """The checkpoint file ``--checkpoint which`` names in ``run``; ``UserError`` when ``best`` is asked of a run
+    that never validated."""
+    if which not in CHECKPOINT_CHOICES:
+        raise UserError(f"--checkpoint must be one of {', '.join(CHECKPOINT_CHOICES)}, not {which!r}")
+    best = run / checkpoint.BEST
+    if which == "best" and not best.is_file():
+        raise UserError(f"{run}: no {checkpoint.BEST} (the run never validated; train with --val-every N, or "
+                        "use --checkpoint last)")
+    return best if which == "best" or (which == "auto" and best.is_file()) else run / checkpoint.CHECKPOINT
+
+
+def load_trained(run: Path, device: torch.device | None = None, which: str = "auto",
+                 ) -> tuple[nn.Module, ShardSet, dict[str, Any], ModelConfig, TrainConfig]:
+    """A trained run's model (eval mode, the checkpoint ``which`` names: `checkpoint_path`), its shards and configs.
+
+    The returned document is ``run.json`` plus ``"loaded": {"checkpoint": file name, "step": its step}``, so every
+    report can say which weights it scored."""
     device = device or pick_device()
     doc, model_cfg, train_cfg = read_run_file(run)
     shards = ShardSet.load(doc["shards"])
     seed_everything(train_cfg.seed)
     model = build_model(model_cfg, shards, device)
-    path = run / checkpoint.CHECKPOINT
-    checkpoint.load_model_state(model, checkpoint.load(path)["model"], path)
+    path = checkpoint_path(run, which)
+    state = checkpoint.load(path)
+    checkpoint.load_model_state(model, state["model"], path)
+    doc = {**doc, "loaded": {"checkpoint": path.name, "step": int(state.get("step", 0))}}
     return model.eval(), shards, doc, model_cfg, train_cfg

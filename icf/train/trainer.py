@@ -184,7 +184,6 @@ def save_checkpoint(path: Path, *args: Any) -> None:
     try:
         checkpoint.save(path, *args)
     except (OSError, RuntimeError) as err:
-        path.with_suffix(".tmp").unlink(missing_ok=True)
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
         raise UserError(f"{path}: cannot write the checkpoint ({reason}; disk full?); the previous "
                         "checkpoint is intact, free space and --resume") from None

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -121,11 +122,13 @@ def stage_key(ws: Workspace, stage: Stage, upstream_keys: Mapping[str, str] | No
     """This stage's cache key and the upstream keys it was derived from.
 
     Upstream keys come from ``upstream_keys`` (``icf stage all`` passes the keys it just computed) or else
-    from each upstream stage's latest run; the keys of other datasets' outputs the stage copies
+    from each upstream stage's latest run; an optional upstream (``Stage.wants``) joins only when it has run
+    (or ``upstream_keys`` has it); the keys of other datasets' outputs the stage copies
     (`Stage.borrowed_keys`) join them.
     """
     ups: dict[str, str | None] = {"index": ws.index_key(), **stage.borrowed_keys(ws.work)}
-    for name in stage.needs:
+    built = lambda name: bool(upstream_keys and name in upstream_keys) or ws.current(name) is not None  # noqa: E731
+    for name in stage.reads(built):
         if upstream_keys and name in upstream_keys:
             ups[name] = upstream_keys[name]
             continue
@@ -145,7 +148,7 @@ def _upstream_skips(ws: Workspace, stage: Stage, ups: Mapping[str, str], view: M
     """uid → reason for every sample an upstream stage did not produce; refuses an upstream that is
     incomplete, corrupt or out of date (computed from other versions of the clips' files)."""
     skips: dict[str, str] = {}
-    for name in stage.needs:
+    for name in read_stages(stage, ups):
         folder = ws.stage_dir(name, ups[name])
         run = f"run `icf stage {name} --dataset {ws.dataset} --work {ws.work}` (with its earlier options) first"
         for unit in view.units:
@@ -161,6 +164,11 @@ def _upstream_skips(ws: Workspace, stage: Stage, ups: Mapping[str, str], view: M
                 if st.status != OK and uid not in skips:
                     skips[uid] = f"{name}: {st.error}" if st.status == FAILED else st.error or name
     return skips
+
+
+def read_stages(stage: Stage, ups: Mapping[str, Any]) -> tuple[str, ...]:
+    """The upstream stages a run with upstream keys ``ups`` reads (`Stage.reads`: needs, and the wants it has)."""
+    return stage.reads(lambda name: name in ups)
 
 
 def input_signatures(unit: Unit, rows: Mapping[str, str], skips: Mapping[str, str]) -> dict[str, str]:
@@ -193,7 +201,7 @@ def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opt
         raise UserError(f"--only: {len(unknown)} clip ids are not in the {ws.dataset} manifest: {', '.join(unknown[:5])}")
     skips = {**_upstream_skips(ws, stage, ups, view), **view.index_failed}
     folder = ws.stage_dir(stage.name, key)
-    upstream_dirs = {name: ws.stage_dir(name, ups[name]) for name in stage.needs}
+    upstream_dirs = {name: ws.stage_dir(name, ups[name]) for name in read_stages(stage, ups)}
     jobs = []
     for unit in view.units:
         if opts.only is not None and not set(unit.uids) & opts.only:
@@ -282,7 +290,7 @@ def _finish(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], ok_un
         dataset_dir=ws.root,
         stage_dir=folder,
         cache_key=key,
-        upstream_dirs={n: ws.stage_dir(n, ups[n]) for n in stage.needs},
+        upstream_dirs={n: ws.stage_dir(n, ups[n]) for n in read_stages(stage, ups)},
         units=ok_units,
     )
     result = stage.finish(ctx)
@@ -302,7 +310,8 @@ def run_stage(
     key, ups = stage_key(ws, stage, upstream_keys)
     folder = ws.stage_dir(stage.name, key)
     sweep_temp_files(folder)
-    ws.set_current(stage.name, {"cache_key": key, "version": stage.version, "config": stage.config(), "upstream": ups})
+    ws.set_current(stage.name, {"cache_key": key, "version": stage.version, "config": stage.config(), "upstream": ups,
+                                "options": dataclasses.asdict(stage.cfg)})
     view, jobs = plan_jobs(ws, stage, key, ups, opts)
     units = view.units
     for notice in stage.notices():

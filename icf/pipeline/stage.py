@@ -4,6 +4,8 @@ A stage is a class with
 
 * ``name`` and ``version`` (bump the version whenever the code changes its outputs),
 * ``needs``: upstream stage names whose outputs it reads (the manifest is always available),
+* ``wants``: optional upstream stages: read when they have run in the workspace, left out (and not run by
+  ``icf stage <name>``) when they have not (the shard stage and DDESeg's bank: only DDESeg needs the bank),
 * ``borrowed_keys(work)``: optionally, the latest keys of other datasets' stages whose outputs it copies
   (``"<dataset>/<stage>"`` → key); they enter its cache key like upstream keys, so a rebuilt source makes
   it stale (``icf status``) and ``icf stage all`` recompute it (MS3's ``--bank-from``),
@@ -25,7 +27,7 @@ Adding a stage means adding one module to ``icf/stages/`` that defines a subclas
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -90,6 +92,7 @@ class Stage:
     name: ClassVar[str]
     version: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
+    wants: ClassVar[tuple[str, ...]] = ()
     uses_model: ClassVar[bool] = False
     clips_per_call: ClassVar[int] = 8
 
@@ -103,6 +106,10 @@ class Stage:
     def config(self) -> dict[str, Any]:
         """Everything that changes the outputs (hashed into the cache key)."""
         return dataclasses.asdict(self.cfg)
+
+    def reads(self, built: Callable[[str], bool]) -> tuple[str, ...]:
+        """The upstream stages this run reads: every ``needs``, and each of ``wants`` for which ``built(name)``."""
+        return self.needs + tuple(name for name in self.wants if built(name))
 
     def borrowed_keys(self, work: Path) -> dict[str, str | None]:
         """``"<dataset>/<stage>"`` → that stage's latest cache key in workspace folder ``work`` (None when it

@@ -130,7 +130,8 @@ class ShardStage(Stage):
 
     name = "shard"
     version = "3"  # 2: meta.json carries ``order`` (CSV position); 3: clap_latent, audio bank, members
-    needs = ("mel", "extract", "bank")
+    needs = ("mel", "extract")
+    wants = ("bank",)  # DDESeg's memory: copied beside the shards when the bank stage has run
 
     @dataclass(frozen=True)
     class Config:
@@ -246,9 +247,9 @@ class ShardStage(Stage):
     @staticmethod
     def _copy_audio_bank(ctx: FinishContext) -> str | None:
         """Copy the bank stage's ``audio_bank.npz`` to ``shards/`` → its path in ``shards.json``, or None when the
-        bank stage wrote none (MS3 without ``--bank-from``); a stale copy from an earlier run is removed."""
-        result = read_json(ctx.upstream_dirs["bank"] / "finish.json")["result"]
+        bank stage did not run or wrote none (MS3 without ``--bank-from``); a stale copy from an earlier run is removed."""
         target = ctx.dataset_dir / AUDIO_BANK
+        result = read_json(ctx.upstream_dirs["bank"] / "finish.json")["result"] if "bank" in ctx.upstream_dirs else {}
         if not result.get("audio_bank"):
             target.unlink(missing_ok=True)
             return None

@@ -46,11 +46,11 @@ def upstream_plan(ws: Workspace, target: str) -> list[tuple[Stage, str]]:
                 visit(up)
 
     visit(target)
-    return [(_latest(ws, cls), states[name]) for name, cls in classes.items()
+    return [(latest_stage(ws, cls), states[name]) for name, cls in classes.items()
             if name in wanted and states[name] != DONE]
 
 
-def _latest(ws: Workspace, cls: type[Stage]) -> Stage:
+def latest_stage(ws: Workspace, cls: type[Stage]) -> Stage:
     """``cls`` with the options its latest run recorded in ``current.json`` (defaults when it never ran)."""
     current = ws.current(cls.name)
     if current is None:

@@ -104,3 +104,30 @@ def test_dataset_may_be_left_out_only_when_the_workspace_holds_one(tmp_path):
         assert res.exit_code == 2 and "--dataset is required" in res.output, res.output
         assert {"s4", "avss"} <= set(res.output.split("holds ")[1].split()[0:2][0].split(",") + res.output.split("holds ")[1].replace(",", " ").split()), res.output
     assert '"dataset": "s4"' in icf("status", "--work", work, "--dataset", "s4", "--json")
+
+
+def test_a_slow_stage_on_a_cpu_says_so_once_with_an_estimate_and_the_fast_flag(indexed, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from icf.pipeline.engine import RunOptions, run_stage
+    from icf.stages.extract import ExtractStage
+    from icf.stages.mel import MelStage
+
+    assert ExtractStage(ExtractStage.Config(encoders="tiny")).cpu_hint() is None
+    assert "--encoders tiny" in ExtractStage(ExtractStage.Config()).cpu_hint()  # the default, full-size towers
+
+    class SlowMel(MelStage):
+        def cpu_hint(self) -> str | None:
+            return "mel is slow here; --fast makes it quick"
+
+    data, _ = indexed
+    work = tmp_path / "work"
+    icf("stage", "index", "--dataset", "avss", "--root", str(data), "--work", str(work), "--unit-size", "2",
+        "--no-progress")
+    said = io.StringIO()
+    run_stage(Workspace(work, "avss"), SlowMel(), RunOptions(executor="local", progress=False),
+              Console(file=said, width=400))
+    notes = [line for line in said.getvalue().splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--fast makes it quick" in notes[0] and "6 clips take about" in notes[0], said.getvalue()

@@ -298,6 +298,22 @@ def _finish(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], ok_un
     return result
 
 
+def gpu_available() -> bool:
+    """Whether the stage's workers have a GPU: this machine's, or the Ray cluster's when one is connected."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``"40 s"``, ``"12 min"`` or ``"3.5 h"``."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def run_stage(
     ws: Workspace,
     stage: Stage,
@@ -318,9 +334,14 @@ def run_stage(
         console.print(f"[bold red]WARNING[/] {notice}", highlight=False)
     summary = StageSummary(stage.name, key, units=len(units), units_run=len(jobs))
     total = sum(job.n_compute for job in jobs)
+    hint, started = stage.cpu_hint(), time.perf_counter()
     with progress_bar(console, opts.progress and total > 0) as progress:
         bar = progress.add_task(f"{ws.dataset} {stage.name}", total=total)
         for report in make_runner(opts.executor, opts.workers, opts.ray_address).run(stage, jobs):
+            if hint and summary.computed == 0 and report.computed and not gpu_available():
+                pace = (time.perf_counter() - started) / report.computed
+                progress.console.print(f"[yellow]note:[/] {hint}; at the first unit's pace ({pace:.1f} s a clip) "
+                                       f"the {total} clips take about {_duration(pace * total)}", highlight=False)
             summary.computed += report.computed
             progress.advance(bar, report.computed)
     ok_units = _tally(folder, units, summary)

@@ -125,6 +125,11 @@ class Stage:
         """Loud messages shown before the stage runs (e.g. that a tower has random weights)."""
         return []
 
+    def cpu_hint(self) -> str | None:
+        """Why this stage is slow without a GPU and the flag that makes a try-out fast, or None (default): shown
+        once, with an estimate of the stage's time from its first unit, when it runs where no GPU is."""
+        return None
+
     def setup(self) -> None:
         """Load models or tables; called once per worker before the first ``process``."""
 

@@ -475,23 +475,25 @@ def test_registry_refuses_foreign_components_and_options() -> None:
         QDFormerOptions(avsr_act="tanh")
 
 
-def test_presets_follow_the_paper() -> None:
-    spec = methods.get("qdformer")
-    for dataset, (epochs, drop) in (("s4", (13, 11)), ("avss", (16, 14))):
-        model, train = spec.preset("paper-r50", *preset("paper-r50", dataset))
-        assert (train.lr, train.backbone_lr_mult, train.weight_decay, train.batch_size) == (1e-4, 0.5, 5e-4, 4)
-        assert (train.epochs, train.schedule, train.milestones, train.gamma) == (epochs, "step", (drop,), 0.1)
-        assert (model.backbone, model.d_model, model.enc_layers, model.dec_layers, model.ffn_dim, model.dropout) == \
-            ("resnet50", 256, 4, 4, 2048, 0.1)
-        opts = spec.parse_options(model.options)
-        assert (opts.codebook_size, opts.num_tokens, opts.aux_loss, opts.lambda_quant, opts.lambda_com) == (128, 5, True, 0.5, 0.25)
-    model, _ = spec.preset("paper-pvt", *preset("paper-pvt", "ms3"))
-    assert model.backbone == "pvt_v2_b2"
-    model, train = spec.preset("tiny", *preset("tiny", "avss"))
-    opts = spec.parse_options(model.options)
-    assert (model.d_model, model.dec_layers, opts.num_tokens, opts.codebook_size, opts.asd_layers, opts.aux_loss) == \
-        (48, 3, 3, 16, 1, True)
-    assert train.lr == 1e-3
+def test_heads_start_from_the_detr_prior_and_a_zeroed_box_layer() -> None:
+    """R2VOS's initialisation: σ(class bias) = 0.01 on every class, and every token's box starts at centre (0.5, 0.5)
+    with size σ(−2) whatever the input (the box MLP's last layer is zero but for the w/h bias)."""
+    torch.manual_seed(8)
+    for dataset in ("s4", "avss"):
+        model = tiny_qd(dataset).train()
+        torch.testing.assert_close(model.class_head.bias.sigmoid(), torch.full_like(model.class_head.bias, 0.01))
+        preds, _ = model.outputs(make_batch(model.cfg, seed=3))
+        expected = torch.tensor([0.5, 0.5, 1 / (1 + np.exp(2.0)), 1 / (1 + np.exp(2.0))], dtype=torch.float32)
+        for pred in preds:
+            torch.testing.assert_close(pred.boxes, expected.expand_as(pred.boxes))
+
+
+def test_paper_mask_dim_gives_r2vos_dynamic_conv_size() -> None:
+    """D_m = 256 (R2VOS ``--mask_dim``): the dynamic conv reads 256 + 2 channels, θ has (258·8 + 8) + (8·8 + 8) +
+    (8 + 1) = 2153 numbers per token."""
+    model = tiny_qd("s4", mask_dim=256)
+    assert model.mask_proj.out_channels == 256
+    assert model.controller.net[-1].out_features == param_count(258, 8, 3) == 2153
 
 
 def test_aux_loss_adds_every_layer() -> None:

@@ -512,6 +512,7 @@ def test_aux_loss_adds_every_layer() -> None:
     ({"num_tokens": 2.5}, "method qdformer: num_tokens must be an integer, got 2.5"),
     ({"vq_restart": -1}, "method qdformer: vq_restart must be at least 0, got -1"),
     ({"vq_restart": True}, "method qdformer: vq_restart must be an integer, got True"),
+    ({"vq_buffer": 0}, "method qdformer: vq_buffer must be at least 1, got 0"),
     ({"avsr_act": "tanh"}, "method qdformer: avsr_act must be one of none, sigmoid, got 'tanh'"),
     ({"vq_init": "kmeans"}, "method qdformer: vq_init must be one of normal, first_batch, got 'kmeans'"),
     ({"bg_threshold": 1.0}, "method qdformer: bg_threshold must lie in (0, 1), got 1.0"),

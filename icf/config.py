@@ -7,6 +7,8 @@ Presets (ARCHITECTURE.md, faithfulness table):
   VGGish audio encoder, d = 256, AdamW lr 1e-4, batch 8, 60 epochs, and every loss weight from the
   supplement's Table 1 (λ_z 0.8, λ_ortho 1, λ_bce = λ_dice = λ_focal = 1, λ_cf 0.2, λ_CDCL 0.2,
   λ_v↔a 0.4, λ_a↔l 0.3, λ_v↔l 0.3, k^t 15, k^c 8, s^d = 200).
+* ``paper-swin-t`` — ``paper-r50`` with timm's Swin-Tiny (``swin_tiny_patch4_window7_224``): QDFormer's headline
+  backbone (its Table 1); not a backbone of the ICF paper.
 * ``tiny`` — the same architecture shrunk so it trains in minutes on 2 CPU cores: 64 px frames, a
   one-block-per-stage ResNet with narrow channels, a small CNN on the log-Mel instead of VGGish, d = 48,
   k^t = 3, k^c = 2, 10 reverse diffusion steps.
@@ -27,7 +29,7 @@ from typing import Any
 from icf.data.datasets import load_info
 from icf.data.sample import DATASETS
 
-PRESETS = ("tiny", "paper-r50", "paper-pvt")
+PRESETS = ("tiny", "paper-r50", "paper-pvt", "paper-swin-t")
 SCHEDULES = ("poly", "cosine", "constant", "step")
 
 
@@ -203,12 +205,15 @@ def _dataset_fields(dataset: str) -> dict[str, Any]:
 
 
 def preset(name: str, dataset: str) -> tuple[ModelConfig, TrainConfig]:
-    """The named preset (``tiny`` | ``paper-r50`` | ``paper-pvt``) for ``dataset`` (``s4`` | ``ms3`` | ``avss``)."""
+    """The named preset (``tiny`` | ``paper-r50`` | ``paper-pvt`` | ``paper-swin-t``) for ``dataset`` (``s4`` |
+    ``ms3`` | ``avss``)."""
     base = _dataset_fields(dataset)
     if name == "paper-r50":
         return ModelConfig(**base, backbone="resnet50"), TrainConfig()
     if name == "paper-pvt":
         return ModelConfig(**base, backbone="pvt_v2_b5"), TrainConfig()
+    if name == "paper-swin-t":
+        return ModelConfig(**base, backbone="swin_tiny_patch4_window7_224"), TrainConfig()
     if name == "tiny":
         model = ModelConfig(
             **base,

@@ -1,6 +1,7 @@
 """Visual backbone: a timm model in ``features_only`` mode giving the four stride-4/8/16/32 feature maps.
 
-``resnet50`` and ``pvt_v2_b0`` … ``b5`` are the paper's choices (§4, ImageNet-pretrained); the tiny preset
+``resnet50`` and ``pvt_v2_b0`` … ``b5`` are the paper's choices (§4, ImageNet-pretrained); ``swin_tiny_patch4_window7_224``
+is QDFormer's Swin-T (timm gives its maps channels-last, NHWC; `Backbone` permutes them to NCHW); the tiny preset
 uses timm's ``resnet18`` builder with one block per stage and narrow channels (``backbone_kwargs``).
 Pretrained weights are read only from a local file (timm's ``pretrained_cfg_overlay={"file": ...}``, the
 state dict of the full classification model); without one the backbone is randomly initialised.
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+from timm.layers import Format
 from torch import Tensor, nn
 
 
@@ -34,7 +36,8 @@ def create_timm(name: str, weights: str | None, kwargs: dict[str, Any] | None, *
 
 
 class Backbone(nn.Module):
-    """Frames ``(N, 3, H, W)`` → four maps ``(N, C_i, H/s_i, W/s_i)`` with s = 4, 8, 16, 32.
+    """Frames ``(N, 3, H, W)`` → four maps ``(N, C_i, H/s_i, W/s_i)`` with s = 4, 8, 16, 32 (NCHW whatever layout
+    the timm model gives: Swin's NHWC maps are permuted).
 
     Attributes:
         channels: C_i of the four maps.
@@ -47,6 +50,8 @@ class Backbone(nn.Module):
         if list(reductions) != [4, 8, 16, 32]:
             raise ValueError(f"backbone {name} gives feature strides {reductions}, expected [4, 8, 16, 32]")
         self.channels: list[int] = list(self.body.feature_info.channels())
+        self.nhwc = Format(getattr(self.body, "output_fmt", Format.NCHW)) == Format.NHWC
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return self.body(x)
+        maps = self.body(x)
+        return [m.permute(0, 3, 1, 2) for m in maps] if self.nhwc else maps

@@ -1,5 +1,5 @@
 """Released checkpoints of a method's authors → icf weights: a readable table of official key → icf key
-(`KeyTable`), and the file-level unwrapping every such checkpoint needs (`official_state`).
+(`KeyTable`) and what a method declares about its released files (`OfficialFormat`).
 
 A row's two sides are key *templates*: literal text with placeholders
 
@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 _PLACEHOLDERS = {"s": r"(?P<s>\d+)", "i": r"(?P<i>\d+)", "rest": r"(?P<rest>.+)"}
@@ -135,18 +134,3 @@ class OfficialFormat:
     name: str
     keys: KeyTable
     options: Callable[[Mapping[str, Tensor]], dict[str, Any]] = lambda _state: {}
-
-
-def official_state(raw: Any) -> dict[str, Tensor]:
-    """A released file's tensors: a raw state dict, ``{"state_dict": …}``, keys with DataParallel's ``module.``
-    prefix; `ValueError` naming the first entry that is not a tensor."""
-    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
-    if not isinstance(raw, Mapping) or not raw:
-        raise ValueError(f"holds a {type(raw).__name__}, not a state dict of tensors")
-    state = {}
-    for key, value in raw.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"key {key!r} holds a {type(value).__name__}, not a tensor")
-        state[str(key).removeprefix("module.")] = value
-    return state

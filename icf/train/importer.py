@@ -7,8 +7,9 @@ the file's options → ``--audio-weights`` → ``--set``), the model is built on
 (``WORK/<dataset>/shards.json``, which ``run.json`` names, so the run evaluates there), the file's tensors are
 mapped onto the model's own state — every key, every shape, or a one-line refusal naming the first that does not
 fit — and written as a weights-only ``checkpoint.pt`` (`icf.train.checkpoint.save_weights`). ``run.json`` records
-where the weights came from: ``imported = {"from": file name, "sha256": …, "format": …}``. The file is read with
-``torch.load(weights_only=True)``: no object in it is ever unpickled.
+where the weights came from: ``imported = {"from": file name, "sha256": …, "format": …}``. The file is read as every weights file is
+(`icf.encoders.spec.read_checkpoint`: ``torch.load(weights_only=True)``, so no object in it is ever unpickled; a raw
+state dict, ``{"state_dict": …}``, DataParallel's ``module.`` prefixes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import typer
 from icf import methods
 from icf.clitools import UserError, WorkOption, check_dataset, console, dataset_option, ensure_writable, user_errors, work_dir
 from icf.data.shards import ShardSet
-from icf.methods.official import official_state
+from icf.encoders.spec import read_checkpoint
 from icf.train import checkpoint
 from icf.train.run import RUN_FILE, RunSpec, build_model, shards_path, write_run_file
 
@@ -72,10 +73,7 @@ def import_official(method: str, dataset: str, source: Path, preset_name: str, w
         raise UserError(f"method {method} cannot import released checkpoints (methods that can: {', '.join(able)})")
     if (out / RUN_FILE).exists():
         raise UserError(f"--out {out}: already a run folder ({RUN_FILE} exists); choose another --out")
-    try:
-        state = official_state(checkpoint.load(source))
-    except ValueError as err:
-        raise UserError(f"{source}: not a {fmt.name}: {err}") from None
+    state = read_checkpoint(source, f"{method} checkpoint")
     sets = [f"method.{k}={toml_value(v)}" for k, v in fmt.options(state).items()]
     if audio_weights is not None:
         if not audio_weights.is_file():

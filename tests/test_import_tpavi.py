@@ -114,6 +114,21 @@ def test_missing_extra_and_misshaped_tensors_are_refused_by_name() -> None:
         OFFICIAL_KEYS.to_icf(official, projected)
 
 
+def test_released_file_layouts_are_read_as_the_official_code_saves_them(tmp_path: Path) -> None:
+    """A raw state dict, ``{"state_dict": …}``, DataParallel's ``module.`` prefixes; anything else named."""
+    from icf.clitools import UserError
+    from icf.encoders.spec import read_checkpoint
+
+    sd = {"tpavi_b1.theta.weight": torch.ones(2, 4, 1, 1, 1), "output_conv.4.bias": torch.zeros(1)}
+    for i, content in enumerate((sd, {"state_dict": sd, "epoch": 3}, {f"module.{k}": v for k, v in sd.items()})):
+        torch.save(content, tmp_path / f"{i}.pth")
+        got = read_checkpoint(tmp_path / f"{i}.pth", "tpavi checkpoint")
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], v) for k, v in sd.items())
+    torch.save({**sd, "best_miou": 0.7}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="key 'best_miou' holds a float, not a tensor"):
+        read_checkpoint(tmp_path / "bad.pth", "tpavi checkpoint")
+
+
 # ---- icf import, end to end ---------------------------------------------------------------------------
 
 

@@ -59,10 +59,13 @@ def test_binary_and_avss_shapes_with_padding(encoders) -> None:
         assert set(model.eval()(batch)) == {"logits"}
 
 
-def test_padded_frames_do_not_change_real_frames(encoders) -> None:
+@pytest.mark.parametrize("window", [5, 10])
+def test_padded_frames_do_not_change_real_frames(encoders, window: int) -> None:
+    """Window 5: the padded frames of a 5-frame clip fill their own window (as in the official code); window 10:
+    they share the real frames' window and are excluded from its sum."""
     torch.manual_seed(1)
     cfg = tiny("avss")
-    model = TPAVISegmenter(cfg)
+    model = TPAVISegmenter(cfg, window=window)
     _open_tpavi(model)
     model.eval()
     batch = make_batch(cfg, encoders, b=2, n_real=[5, 10])

@@ -104,8 +104,10 @@ class KeyTable:
         for target in expected:
             if target not in state:
                 back = self.official_key(target)
-                name = repr(back[0]) if back else f"(no official key writes icf {target})"
-                raise ValueError(f"key {name} is missing (icf {target})")
+                if back is None:
+                    raise ValueError(f"the model's {target} has no official counterpart (an option the official "
+                                     "model does not have?)")
+                raise ValueError(f"key {back[0]!r} is missing (icf {target})")
         return state, dropped
 
     def to_official(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:

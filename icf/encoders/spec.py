@@ -140,8 +140,11 @@ def read_checkpoint(path: str | Path, tower: str) -> dict[str, torch.Tensor]:
         reason = f"cannot be read as a torch checkpoint ({first_line(err)})"
         raise EncoderWeightsError(f"{tower} weights {p}: {reason}") from err
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state:
         raise EncoderWeightsError(f"{tower} weights {p}: holds no state dict of tensors")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise EncoderWeightsError(f"{tower} weights {p}: key {bad!r} holds a {type(state[bad]).__name__}, not a tensor")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from icf.config import ModelConfig, TrainConfig
+from icf.methods.official import OfficialFormat
 from icf.model.segmenter import Segmenter, SegModel
 
 
@@ -45,6 +46,8 @@ class MethodSpec:
         presets: ``(preset, model_cfg, train_cfg) -> (model_cfg, train_cfg, options)``: the method's own settings
             for a project preset (applied after the project preset, before ``--set`` overrides); None keeps the
             project preset and no default options.
+        import_official: how ``icf import`` reads the checkpoints the method's authors release
+            (`icf.methods.official.OfficialFormat`), or None when it cannot.
     """
 
     name: str
@@ -57,6 +60,7 @@ class MethodSpec:
     segmenter: Callable[[ModelConfig, Any], Segmenter] | None = None
     parse: Callable[[Mapping[str, Any]], Any] | None = None
     presets: Callable[[str, ModelConfig, TrainConfig], tuple[ModelConfig, TrainConfig, dict[str, Any]]] | None = None
+    import_official: OfficialFormat | None = None
 
     def preset(self, name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
         """The configs of project preset ``name`` with this method's preset applied (its default options under

@@ -263,10 +263,9 @@ def test_loss_weights_perfect_prediction_and_hand_examples() -> None:
     p = 1 / (1 + np.exp(-logits.numpy()[0, 0, 0].astype(np.float64)))
     y = target.numpy()[0].astype(np.float64)
     bce = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
-    probs, onehot = np.stack([1 - p, p]), np.stack([1 - y, y])
-    inter, tot = (probs * onehot).sum((1, 2)), probs.sum((1, 2)) + onehot.sum((1, 2))
-    dice = np.mean(1 - (2 * inter + 1e-5) / (tot + 1e-5))
-    iou = np.mean(1 - (inter + 1e-5) / (tot - inter + 1e-5))
+    inter, tot = (p * y).sum(), p.sum() + y.sum()  # binary: the foreground channel alone (official -nc 1)
+    dice = 1 - (2 * inter + 1e-5) / (tot + 1e-5)
+    iou = 1 - (inter + 1e-5) / (tot - inter + 1e-5)
     for k, v in (("bce", bce), ("dice", dice), ("iou", iou), ("total", 5 * bce + 5 * dice + 2 * iou)):
         assert abs(float(parts[k]) - v) < 1e-5, k
     # 3 classes, softmax CE, one-hot with background
@@ -280,6 +279,25 @@ def test_loss_weights_perfect_prediction_and_hand_examples() -> None:
     inter, tot = (sm * oh).sum((1, 2)), sm.sum((1, 2)) + oh.sum((1, 2))
     expected = 5 * ce + 5 * np.mean(1 - (2 * inter + 1e-5) / (tot + 1e-5)) + 2 * np.mean(1 - (inter + 1e-5) / (tot - inter + 1e-5))
     assert abs(float(parts["total"]) - expected) < 1e-5
+
+
+def test_binary_dice_and_iou_see_only_the_foreground_channel() -> None:
+    """An all-background target: with a background channel, Dice would be ≈ 0.5 for a confident "all background"
+    prediction's foreground half plus its background half; with the foreground channel alone it is 0 (no foreground
+    on either side, smoothed), and a uniform p gives 1 − s/(Σp + s)."""
+    empty = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    gt = valid = torch.ones(1, 1, dtype=torch.bool)
+    silent = ddeseg_loss(torch.full((1, 1, 1, 4, 4), -30.0), empty, gt, valid, binary=True)
+    assert float(silent["dice"]) < 1e-3 and float(silent["iou"]) < 1e-3
+    logits = torch.full((1, 1, 1, 4, 4), 2.0, requires_grad=True)
+    loud = ddeseg_loss(logits, empty, gt, valid, binary=True)
+    p = 1 / (1 + np.exp(-2.0))
+    assert abs(float(loud["dice"]) - (1 - 1e-5 / (16 * p + 1e-5))) < 1e-6
+    assert abs(float(loud["iou"]) - (1 - 1e-5 / (16 * p + 1e-5))) < 1e-6
+    two_channel = 0.5 * (1 - (2 * 16 * (1 - p) + 1e-5) / (16 * (1 - p) + 16 + 1e-5)) + 0.5 * float(loud["dice"])
+    assert abs(float(loud["dice"]) - two_channel) > 0.1  # the old [bg, fg] mean is a different number
+    (loud["dice"] + loud["iou"]).backward()
+    assert (logits.grad > 0).all()  # pushes the foreground logit down everywhere
 
 
 # ----------------------------------------------------------------------------- DDESeg's metric protocol

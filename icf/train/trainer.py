@@ -80,14 +80,16 @@ DECAYS: dict[str, Callable[[float], float]] = {  # decay over the run's progress
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     """Multiplier of the base learning rate at ``step`` of ``total`` (``cfg.schedule`` is validated by
     TrainConfig): linear warm-up, then constant, step (× ``gamma`` at each epoch of ``milestones``, an epoch
-    being ``total / epochs`` steps), or poly (power 0.9) / cosine from 1 down to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    being ``total / epochs`` steps), or poly (power 0.9) / cosine from 1 down to ``min_lr_ratio``. The warm-up
+    lasts ``warmup_steps``, or ``warmup_epochs`` epochs."""
+    warmup = cfg.warmup(total // cfg.epochs)
+    if step < warmup:
+        return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "step":
         return cfg.gamma ** sum(step >= m * total / cfg.epochs for m in cfg.milestones)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * DECAYS[cfg.schedule](progress)
 
 
@@ -207,6 +209,8 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
             raise UserError(f"{run}: already holds a run (use --resume {run} to continue it, or another --out)")
         model_cfg, train_cfg = build_configs(spec)
         shards = ShardSet.load(shards_path(spec.work, spec.dataset))
+        if problem := methods.preflight(model_cfg, shards):
+            raise UserError(f"{shards.path}: {problem}")
         if dist.main:
             write_run_file(run, spec, model_cfg, train_cfg)
         every = spec.checkpoint_every

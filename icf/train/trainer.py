@@ -26,7 +26,9 @@ from torch import nn
 from icf import methods
 from icf.clitools import UserError, console
 from icf.config import ModelConfig, TrainConfig, apply_overrides, apply_values, preset, read_overrides
+from icf.data.frame_stream import FrameStream
 from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
+from icf.augment.frames import clip_transform
 from icf.augment.negatives import training_negatives
 from icf.train import checkpoint
 from icf.train.logs import METRICS_FILE, append_metrics, plot_losses, progress_bar, trim_metrics
@@ -218,12 +220,14 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
     device = pick_device()
 
     # data: one step consumes `world` consecutive batches of the epoch's stream (one per rank)
-    stream = ShardStream(shards, "train", train_cfg.batch_size, model_cfg.image_size, train=True, seed=train_cfg.seed,
-                         rank=dist.rank, world=dist.world)
+    unit = FrameStream if train_cfg.batch_unit == "gt_frames" else ShardStream  # batches of GT frames or of clips
+    stream = unit(shards, "train", train_cfg.batch_size, model_cfg.image_size, train=True, seed=train_cfg.seed,
+                  rank=dist.rank, world=dist.world, transform=clip_transform(train_cfg.augment))
     loader = make_loader(stream, spec.workers)
     steps_per_epoch = len(stream) // dist.world
     if steps_per_epoch == 0:
-        raise UserError(f"{shards.path}: {stream.num_samples()} train clips, fewer than one batch of {train_cfg.batch_size} per worker")
+        raise UserError(f"{shards.path}: {stream.num_samples()} train {train_cfg.batch_unit.replace('_', ' ')}, fewer than "
+                        f"one batch of {train_cfg.batch_size} per worker")
     total = train_cfg.epochs * steps_per_epoch
     stop = total if train_cfg.max_steps is None else min(total, train_cfg.max_steps)
 

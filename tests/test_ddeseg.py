@@ -143,6 +143,13 @@ def test_dem_assignment_scores_and_zero_scores_leave_the_map_unchanged() -> None
     assert torch.allclose(code(tokens, pixels).sum(-1), torch.ones(2))  # code: softmax over K
 
 
+def test_code_variant_dem_takes_the_official_initial_forms() -> None:
+    torch.manual_seed(0)
+    paper, code = (Elimination(64, 50, 2, 1.0, "gs", "oc", v) for v in ("paper", "code"))
+    assert paper.mca.q.bias is not None and code.mca.q.bias is None and code.mca.k.bias is None  # official qkv_bias=False
+    assert abs(float(code.centres.std()) - 1.0) < 0.05 and abs(float(paper.centres.std()) - 1 / 8) < 0.01  # N(0, 1) vs /√C
+
+
 # ----------------------------------------------------------------------------- staged backbone
 
 

@@ -15,8 +15,9 @@ frames get zero logits. Per frame, with F_a ``(N_f, D_a)`` the cached audio feat
 ``variant="code"`` switches to the official code's forms where they differ from the paper (spec §3.4): row-mean
 class centres, per-channel weights in Eq. 6/10, multiplicative Eq. 8, the per-representative Eq. 11–12 summed over
 M, a softmax DEM that merges the K tokens into one, DEM at every stage on the projected DDM output, no MCA output
-projection, one fusion per stage instead of one before every block, and (PVT) the official backbone's stride-2 first
-patch embedding: four stages at strides 2/4/8/16, the head predicting at stride 2 (``method.first_stride``).
+projection, one fusion per stage instead of one before every block, C_v ~ N(0, 1) and no q/k/v biases in DEM's MCA,
+the final upsample with ``align_corners=True``, and (PVT) the official backbone's stride-2 first patch embedding:
+four stages at strides 2/4/8/16, the head predicting at stride 2 (``method.first_stride``).
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ class Elimination(nn.Module):
     def __init__(self, dim: int, k_v: int, heads: int, tau: float, scheme: str, centres: str, variant: str):
         super().__init__()
         self.tau, self.scheme, self.centres_mode, self.variant = tau, scheme, centres, variant
-        self.centres = nn.Parameter(torch.randn(k_v, dim) / math.sqrt(dim))  # C_v
-        self.mca = CrossAttention(dim, heads, gate="softmax", qkv_bias=True, out_proj=variant == "paper")
+        paper = variant == "paper"  # code: C_v ~ N(0, 1), an MCA without q/k/v biases [code: av_malign.py]
+        self.centres = nn.Parameter(torch.randn(k_v, dim) / (math.sqrt(dim) if paper else 1.0))  # C_v
+        self.mca = CrossAttention(dim, heads, gate="softmax", qkv_bias=paper, out_proj=paper)
         self.score = nn.Linear(dim, 1)
 
     def assignment(self, pixels: Tensor) -> Tensor:
@@ -287,7 +289,8 @@ class DDESeg(SegModel):
 
         maps = self.backbone(frames, hook)
         low = self.head(maps)
-        full = F.interpolate(low, size=frames.shape[-2:], mode="bilinear", align_corners=False)
+        code = self.opts.variant == "code"  # the official final upsample has align_corners=True [code: DDESeg.py]
+        full = F.interpolate(low, size=frames.shape[-2:], mode="bilinear", align_corners=code)
         b, t = valid.shape
         logits = full.new_zeros(b, t, *full.shape[1:])
         logits[valid] = full

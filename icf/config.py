@@ -31,6 +31,8 @@ from icf.data.sample import DATASETS
 
 PRESETS = ("tiny", "paper-r50", "paper-pvt", "paper-swin-t")
 SCHEDULES = ("poly", "cosine", "constant", "step")
+AUGMENTS = ("none", "ddeseg")  # train.augment: icf.augment.frames
+BATCH_UNITS = ("clips", "gt_frames")  # train.batch_unit: icf.data.frame_stream
 
 
 _CHOICES = {
@@ -165,6 +167,10 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None  # stop early (tiny runs, smoke tests); 0 = no step
     negative_fraction: float = 0.0  # share of each batch's clips given negative audio + an empty target (icf.augment.negatives)
+    # --- recipe switches a method preset may turn on (DDESeg's official recipe does)
+    warmup_epochs: int = 0  # linear warm-up over this many epochs (× batches per epoch); exclusive with warmup_steps
+    augment: str = "none"  # training frames/masks: "none" | "ddeseg" (box-constrained crop, colour jitter, flip)
+    batch_unit: str = "clips"  # a batch is batch_size "clips", or batch_size "gt_frames" (frames with GT, one per row)
 
     def __post_init__(self) -> None:
         """``ValueError`` naming the key for a value of the wrong type or range (``train.lr=abc``)."""
@@ -194,6 +200,22 @@ class TrainConfig:
             raise ValueError(f"train.max_steps must be an integer >= 0, got {self.max_steps!r}")
         if not 0.0 <= self.negative_fraction < 1.0:
             raise ValueError(f"train.negative_fraction must lie in [0, 1), got {self.negative_fraction}")
+        self._check_recipe_switches()
+
+    def _check_recipe_switches(self) -> None:
+        """``ValueError`` for a bad ``warmup_epochs``, ``augment`` or ``batch_unit``."""
+        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise ValueError(f"train.warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
+        if self.warmup_epochs and self.warmup_steps:
+            raise ValueError("train.warmup_epochs and train.warmup_steps are both set; give the warm-up one way")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"train.augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        if self.batch_unit not in BATCH_UNITS:
+            raise ValueError(f"train.batch_unit must be one of {', '.join(BATCH_UNITS)}, got {self.batch_unit!r}")
+
+    def warmup(self, steps_per_epoch: int) -> int:
+        """Warm-up steps: ``warmup_steps``, or ``warmup_epochs`` × ``steps_per_epoch``."""
+        return self.warmup_steps or self.warmup_epochs * steps_per_epoch
 
 
 def _dataset_fields(dataset: str) -> dict[str, Any]:

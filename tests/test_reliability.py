@@ -445,3 +445,50 @@ def test_a_full_disk_mid_run_is_one_line_after_the_summaries_of_what_finished(re
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and lines[-1].startswith("error:") and "No space left on device" in lines[-1]
     assert "Traceback" not in res.output and any(line.startswith("extract [") for line in lines)
+
+
+# ------------------------------------------------------------------------------ findings 2, D8: transient failures heal
+
+def test_a_clip_whose_files_were_briefly_missing_is_recomputed_once_they_are_back(tree, tmp_path):
+    """Files moved away after the index and moved back unchanged (same size and mtime, so the same input
+    signature): ``stage all`` recomputes the clip instead of keeping its 'missing file' failure, and
+    ``icf status`` no longer names a missing file that exists."""
+    ws = Workspace(tmp_path / "w", "avss")
+    run_index(ws, tree, None, UNIT)
+    victim = Sample.from_row(ws.read_manifest().to_pylist()[0])
+    moved = {p: tmp_path / f"away{i}" for i, p in enumerate((victim.audio_path, victim.frame_paths[3]))}
+    for path, away in moved.items():
+        os.rename(path, away)
+    stages = pipeline_stages({"extract": TINY, "shard": SMALL})
+    summaries = {s.stage: s for s in run_pipeline(ws, stages, RunOptions(executor="local", progress=False), QUIET)}
+    assert summaries["extract"].failed == 1 and summaries["mel"].failed == 1
+    for path, away in moved.items():
+        os.rename(away, path)
+    entry = next(e for e in dataset_status(ws) if e["stage"] == "extract")
+    assert entry["state"] == "incomplete" and "readable again" in entry["failures"][0]["error"]
+    out = run_all(ws, tree)
+    assert not out["index"].rebuilt  # the clip's files are as they were at index time
+    assert out["extract"].computed == 1 and out["mel"].computed == 1 and out["extract"].failed == 0
+    assert out["shard"].counts["ok"] == 9
+    shards = ShardSet.load(ws.root)
+    assert sum(shards.num_samples(s) for s in shards.splits if shards.splits[s]) == 9
+    assert all(e["state"] == "done" and not e["failures"] for e in dataset_status(ws))
+    again = run_all(ws, tree)
+    assert sum(again[s].computed for s in ("mel", "extract", "shard")) == 0
+
+
+def test_a_clip_that_failed_for_content_is_not_recomputed_on_every_run(tree, tmp_path):
+    """Only failures that blame a missing or unreadable file are re-checked: a clip whose audio is too short
+    (a content failure) stays failed without being recomputed."""
+    ws = Workspace(tmp_path / "w", "avss")
+    victim = Sample.from_row(next(r for r in run_index_rows(ws, tree)))
+    sf.write(victim.audio_path, np.zeros(800, np.float32), 16000, subtype="PCM_16")  # 0.05 s
+    first = run_all(ws, tree)
+    assert first["extract"].failed == 1
+    again = run_all(ws, tree)
+    assert again["extract"].failed == 1 and again["extract"].computed == 0 and again["mel"].computed == 0
+
+
+def run_index_rows(ws: Workspace, root: Path) -> list[dict]:
+    run_index(ws, root, None, UNIT)
+    return ws.read_manifest().to_pylist()

@@ -52,13 +52,18 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+MISSING, UNREADABLE_IMAGE, UNREADABLE_AUDIO = "missing file", "unreadable image", "unreadable audio"
+MISSING_AUDIO, BROKEN_LINK, FOLDER = "missing audio file", "broken or looping symlink", "a folder, not a file"
+UNAVAILABLE = (MISSING, MISSING_AUDIO, BROKEN_LINK, FOLDER, UNREADABLE_IMAGE, UNREADABLE_AUDIO)  # may be transient
+
+
 def missing_reason(path: Path) -> str:
     """Why a path is not a readable file: a broken or looping symlink, a folder, or missing."""
     if path.is_symlink():
-        return "broken or looping symlink"
+        return BROKEN_LINK
     if path.is_dir():
-        return "a folder, not a file"
-    return "missing file"
+        return FOLDER
+    return MISSING
 
 
 def check_wav(path: str | Path) -> int:
@@ -69,11 +74,11 @@ def check_wav(path: str | Path) -> int:
     path = Path(path)
     if not path.is_file():
         reason = missing_reason(path)
-        raise ValueError(f"{path}: {'missing audio file' if reason == 'missing file' else reason}")
+        raise ValueError(f"{path}: {MISSING_AUDIO if reason == MISSING else reason}")
     try:
         frames = sf.info(str(path)).frames
     except Exception as err:  # libsndfile reports many kinds of damage; all mean "unreadable"
-        raise ValueError(f"{path}: unreadable audio ({err})") from None
+        raise ValueError(f"{path}: {UNREADABLE_AUDIO} ({err})") from None
     if frames <= 0:
         raise ValueError(f"{path}: empty audio (0 samples)")
     chunk = _data_chunk(path)
@@ -97,7 +102,7 @@ def read_wav(path: str | Path, sr: int = 16000) -> np.ndarray:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:
-        raise ValueError(f"{path}: unreadable audio ({err})") from None
+        raise ValueError(f"{path}: {UNREADABLE_AUDIO} ({err})") from None
     wav = data.mean(axis=1, dtype=np.float32)
     if rate != sr:  # torch is imported only here: the header checks of the index stay light
         import torch
@@ -114,7 +119,7 @@ def _open_image(path: Path) -> Image.Image:
         img = Image.open(path)
         img.load()
     except Exception as err:
-        raise ValueError(f"{path}: unreadable image ({err})") from None
+        raise ValueError(f"{path}: {UNREADABLE_IMAGE} ({err})") from None
     return img
 
 
@@ -200,7 +205,7 @@ def image_size(path: str) -> tuple[tuple[int, int], str]:
             if fmt == "PNG":
                 img.verify()  # walks every chunk and checks its CRC; no inflate
     except Exception as err:
-        raise ValueError(f"{path}: unreadable image ({err})") from None
+        raise ValueError(f"{path}: {UNREADABLE_IMAGE} ({err})") from None
     if fmt == "JPEG":
         with open(path, "rb") as fh:
             fh.seek(max(0, os.path.getsize(path) - 64))
@@ -238,3 +243,26 @@ def media_errors(sample: Sample) -> list[str]:
     except ValueError as err:
         errors.append(str(err))
     return errors
+
+
+def sample_files(sample: Sample) -> list[str]:
+    """Every file a clip is read from: frames, GT masks, the WAV."""
+    return [*sample.frame_paths, *(m for m in sample.mask_paths if m), sample.audio_path]
+
+
+def unavailable_file(sample: Sample, error: str) -> str | None:
+    """The file of ``sample`` that a failure reason (a reader's ``"<path>: <reason>"``, possibly the first of
+    several joined by ``"; "``) blames for being missing or unreadable, or None (a content problem, or
+    no file named): such a failure may be transient (a file briefly moved, a network filesystem's read
+    error) and is worth re-checking."""
+    for path in sample_files(sample):
+        if error.startswith(f"{path}: ") and error[len(path) + 2 :].startswith(UNAVAILABLE):
+            return path
+    return None
+
+
+def healed(sample: Sample, error: str | None) -> bool:
+    """Whether a clip that failed with ``error`` because a file was missing or unreadable now passes the
+    index's cheap checks for that file (`media_errors`), so recomputing it may succeed."""
+    path = unavailable_file(sample, error or "")
+    return path is not None and not any(e.startswith(f"{path}: ") for e in media_errors(sample))

@@ -170,3 +170,19 @@ def test_write_is_atomic_and_round_trips(pristine, tmp_path):
     back = pq.read_table(path)
     assert back.equals(table)
     assert [Sample.from_row(r) for r in back.to_pylist()] == load_samples("avss", pristine / "avss")
+
+
+def test_an_unterminated_quote_refuses_the_csv_naming_its_line(tree):
+    """Findings 2, D9: ``"abc,…`` on row 4 of 10 made ``csv.reader`` read to the end of the file inside one
+    field, so the six rows after it vanished without a word. Now the CSV is refused, naming the line."""
+    root = tree / "avss"
+    csv_path = root / "metadata.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[4] = '"' + lines[4]
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=f"{csv_path}:5: .*unterminated quote"):
+        build_manifest("avss", root)
+    lines[7] = lines[7] + '"'  # a second stray quote closes it: rows 5-8 would become one field
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=f"{csv_path}:5: a quoted field runs over lines 5-8"):
+        build_manifest("avss", root)

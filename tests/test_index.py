@@ -186,3 +186,19 @@ def test_an_unterminated_quote_refuses_the_csv_naming_its_line(tree):
     csv_path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=f"{csv_path}:5: a quoted field runs over lines 5-8"):
         build_manifest("avss", root)
+
+
+def test_a_label_png_holding_jpeg_bytes_fails_at_index(tree):
+    """Findings 2, D4: JPEG bytes under ``labels_semantic/0.png`` (mode L) passed the index, and their
+    compression noise invented class ids on ~10 % of the pixels. A mask must be a PNG."""
+    from icf.data.io import read_mask
+
+    root = tree / "avss"
+    sample = load_samples("avss", root)[0]
+    path = sample.mask_paths[0]
+    ids = np.asarray(Image.open(path))
+    Image.fromarray(ids).save(path, format="JPEG", quality=90)
+    error = _errors(build_manifest("avss", root))[sample.uid]
+    assert error.startswith(f"{path}: a mask must be a PNG (lossless), found JPEG bytes")
+    with pytest.raises(ValueError, match="a mask must be a PNG"):
+        read_mask(path, "avss")

@@ -151,6 +151,8 @@ def read_mask(path: str | Path, dataset: str) -> np.ndarray:
     path = Path(path)
     info = load_info(dataset)
     img = _open_image(path)
+    if problem := lossy_mask(path, img.format):
+        raise ValueError(problem)
     if info.binary:
         return (np.asarray(img.convert("L")) >= 128).astype(np.uint8)
     if img.mode in COLOUR_MODES:
@@ -192,8 +194,17 @@ def decolorize(rgb: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np
     return ids.astype(np.uint8)
 
 
-def image_size(path: str) -> tuple[tuple[int, int], str]:
-    """``((width, height), mode)`` of an image, checked without decoding pixels.
+def lossy_mask(path: str | Path, fmt: str | None) -> str | None:
+    """Why a GT mask file whose bytes are in format ``fmt`` (PIL's name) cannot be used, or None: masks must be
+    PNG (every AVSBench subset ships PNG). JPEG bytes under a ``.png`` name decode, but their compression
+    noise shifts pixels to class ids that occur nowhere in the clip."""
+    if fmt == "PNG":
+        return None
+    return f"{path}: a mask must be a PNG (lossless), found {fmt or 'unknown'} bytes (lossy compression invents class ids)"
+
+
+def image_size(path: str) -> tuple[tuple[int, int], str, str | None]:
+    """``((width, height), mode, format)`` of an image, checked without decoding pixels.
 
     Raises ``ValueError`` naming the file: missing, unreadable, corrupt PNG chunk, truncated JPEG.
     """
@@ -211,26 +222,29 @@ def image_size(path: str) -> tuple[tuple[int, int], str]:
             fh.seek(max(0, os.path.getsize(path) - 64))
             if b"\xff\xd9" not in fh.read():
                 raise ValueError(f"{path}: truncated JPEG (no end-of-image marker)")
-    return size, mode
+    return size, mode, fmt
 
 
 def media_errors(sample: Sample) -> list[str]:
     """Every problem with a clip's files, read without decoding: each frame and GT mask readable (PNG CRCs, JPEG end
-    marker), a mask the size of its frame and of the dataset's kind, the WAV whole. Each names the file."""
+    marker), a mask a PNG the size of its frame and of the dataset's kind, the WAV whole. Each names the file."""
     info = load_info(sample.dataset)
     errors = []
     for frame, mask in zip(sample.frame_paths, sample.mask_paths):
         try:
-            frame_size, _ = image_size(frame)
+            frame_size, _, _ = image_size(frame)
         except ValueError as err:
             errors.append(str(err))
             frame_size = None
         if not mask:
             continue
         try:
-            mask_size, mode = image_size(mask)
+            mask_size, mode, fmt = image_size(mask)
         except ValueError as err:
             errors.append(str(err))
+            continue
+        if problem := lossy_mask(mask, fmt):
+            errors.append(problem)
             continue
         if not info.binary and mode not in INDEX_MODES + COLOUR_MODES:
             errors.append(f"{mask}: class mask must be a class-index (L, P) or palette-colour (RGB) PNG, found mode {mode}")

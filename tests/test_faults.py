@@ -1,0 +1,41 @@
+"""Findings 2 (`reliability-findings-2.md`): hostile input and faults each end in correct behaviour or one
+``error:`` line (exit 2), never a silent wrong result or a traceback. Each test names its D-item."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from icf.cli import app
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8), mode="L").save(path)
+
+
+def test_d3_score_refuses_s4_predictions_saved_as_0_1_masks(tmp_path):
+    """0/1 uint8 PNGs scored J 0.30 (as near-zero probabilities) instead of 1.0, silently."""
+    root, pred = tmp_path / "Single-source", tmp_path / "pred"
+    rng = np.random.default_rng(0)
+    rows = ["name,start,category,split"]
+    for c in range(2):
+        rows.append(f"clip{c},0,helicopter,test")
+        for n in range(1, 6):
+            gt = (rng.random((6, 8)) < 0.4).astype(np.uint8)
+            rel = f"s4_data/gt_masks/test/helicopter/clip{c}/clip{c}_{n}.png"
+            _png(root / rel, gt * 255)
+            _png(pred / rel, gt)  # a hard mask saved as 0/1
+    (root / "s4_meta_data.csv").write_text("\n".join(rows) + "\n")
+    args = ["score", "--dataset", "s4", "--root", str(root), "--pred", str(pred)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "only the values 0 and 1" in res.output and "Traceback" not in res.output
+    for path in pred.rglob("*.png"):
+        _png(path, np.asarray(Image.open(path)) * 255)
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["J"] == pytest.approx(1.0, abs=1e-6)

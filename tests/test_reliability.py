@@ -254,6 +254,24 @@ def test_paths_outside_the_root_are_rejected(tmp_path):
     assert "outside the dataset root" in outside_root(outside, root)
 
 
+def test_a_media_symlink_to_a_file_outside_the_root_fails_at_index(tree, tmp_path):
+    """Findings 2, D11: a frame that is a symlink to a file outside ``--root`` was packed into the shards.
+    It fails at index now; a symlinked folder inside the tree (a dataset spread over disks) still works."""
+    ws = Workspace(tmp_path / "w", "avss")
+    rows = run_index_rows(ws, tree)
+    victim, other = Sample.from_row(rows[0]), Sample.from_row(rows[1])
+    secret = tmp_path / "outside" / "secret.jpg"
+    secret.parent.mkdir()
+    shutil.copy(victim.frame_paths[2], secret)
+    os.remove(victim.frame_paths[2])
+    os.symlink(secret, victim.frame_paths[2])
+    clip = Path(other.audio_path).parent
+    shutil.move(clip, tmp_path / "disk2")
+    os.symlink(tmp_path / "disk2", clip)
+    reasons = dict(run_index(ws, tree, None, UNIT).failures)
+    assert reasons == {victim.uid: f"{victim.frame_paths[2]}: a symlink to {secret}, outside the dataset root {tree}"}
+
+
 # ------------------------------------------------------------------------------ F2: shards verified when read
 
 def _test_tar(ws: Workspace) -> Path:

@@ -114,14 +114,21 @@ def _uid_errors(samples: list[Sample]) -> list[str]:
 
 
 def outside_root(sample: Sample, root: Path) -> str:
-    """The first of the clip's files whose path leaves ``root`` (``..`` in the CSV), as a reason, or ``""``.
+    """The first of the clip's files whose path leaves ``root`` (``..`` in the CSV), or that is a symlink to a
+    file outside it (a dataset tarball could pull any readable file into the shards), as a reason, or ``""``.
 
-    Paths are normalised, not resolved, so a dataset whose folders are symlinks still works."""
+    Paths are normalised, and only a file that is itself a symlink is resolved, so a dataset whose folders
+    are symlinks still works."""
     base = os.path.normpath(os.path.abspath(root))
+    real = os.path.realpath(base)
     for path in sample_files(sample):
         full = os.path.normpath(os.path.abspath(path))
         if os.path.commonpath([base, full]) != base:
             return f"{path}: outside the dataset root {base} (path traversal in the CSV?)"
+        if os.path.islink(full):
+            target = os.path.realpath(full)
+            if os.path.commonpath([real, target]) != real and os.path.commonpath([base, target]) != base:
+                return f"{path}: a symlink to {target}, outside the dataset root {base}"
     return ""
 
 

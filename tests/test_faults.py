@@ -39,3 +39,9 @@ def test_d3_score_refuses_s4_predictions_saved_as_0_1_masks(tmp_path):
         _png(path, np.asarray(Image.open(path)) * 255)
     res = CliRunner().invoke(app, [*args, "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["J"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_d18_verify_of_a_workspace_that_was_never_staged_is_one_error_line(tmp_path):
+    """It said "avss: 2 files checked, 2 damaged" with exit 1; `icf status` says "no manifest" (exit 2)."""
+    res = CliRunner().invoke(app, ["verify", "--dataset", "avss", "--work", str(tmp_path / "nowork")])
+    assert res.exit_code == 2 and "error: no manifest for 'avss'" in res.output and "damaged" not in res.output

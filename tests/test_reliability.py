@@ -272,6 +272,22 @@ def test_a_media_symlink_to_a_file_outside_the_root_fails_at_index(tree, tmp_pat
     assert reasons == {victim.uid: f"{victim.frame_paths[2]}: a symlink to {secret}, outside the dataset root {tree}"}
 
 
+def test_a_bank_borrowed_from_its_own_dataset_is_refused_before_any_work(copy):
+    """Findings 2, D17: ``stage bank --bank-from avss`` on AVSS computed a bank in a new key, then blamed a
+    missing npz and left ``icf status`` showing bank and shard stale. Now it refuses first, changing nothing."""
+    from icf.stages.bank import BankStage
+
+    root, ws, clean = copy
+    before = states(ws)
+    own = BankStage(BankStage.Config(bank_from="avss"))
+    with pytest.raises(UserError, match="--bank-from avss: avss cannot borrow its own bank"):
+        run_stage(ws, own, RunOptions(executor="local", progress=False), QUIET)
+    with pytest.raises(UserError, match="cannot borrow its own bank"):
+        run_pipeline(ws, pipeline_stages({"extract": TINY, "bank": own.cfg, "shard": SMALL}),
+                     RunOptions(executor="local", progress=False), QUIET, index=lambda: run_index(ws, root, None, UNIT))
+    assert states(ws) == before and set(before.values()) == {"done"} and files(ws) == clean
+
+
 # ------------------------------------------------------------------------------ F2: shards verified when read
 
 def _test_tar(ws: Workspace) -> Path:

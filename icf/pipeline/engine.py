@@ -118,6 +118,14 @@ def manifest_units(ws: Workspace) -> ManifestView:
     return ManifestView(group_units(first.values()), samples, index_failed, digests, digest([r["uid"] for r in rows]))
 
 
+def refuse(ws: Workspace, stages: Iterable[Stage]) -> None:
+    """``UserError`` when a stage's config cannot run on ``ws.dataset`` (`Stage.refusal`), before any work."""
+    for stage in stages:
+        reason = stage.refusal(ws.dataset)
+        if reason:
+            raise UserError(reason)
+
+
 def stage_key(ws: Workspace, stage: Stage, upstream_keys: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """This stage's cache key and the upstream keys it was derived from.
 
@@ -307,6 +315,7 @@ def run_stage(
 ) -> StageSummary:
     """Bring ``stage`` up to date for ``ws.dataset``: compute what is not done, skip what is."""
     t0 = time.perf_counter()
+    refuse(ws, [stage])
     key, ups = stage_key(ws, stage, upstream_keys)
     folder = ws.stage_dir(stage.name, key)
     sweep_temp_files(folder)

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from icf.pipeline.engine import RunOptions, StageSummary, run_stage
+from icf.pipeline.engine import RunOptions, StageSummary, refuse, run_stage
 from icf.pipeline.ledger import Workspace
 from icf.pipeline.stage import Stage
 from icf.stages import stage_classes
@@ -46,6 +46,7 @@ def run_pipeline(ws: Workspace, stages: Sequence[Stage], opts: RunOptions, conso
             stops on an error still sees what finished.
     """
     summaries = [] if summaries is None else summaries
+    refuse(ws, stages)
     if index is not None:
         summaries.append(index())
     keys: dict[str, str] = {}

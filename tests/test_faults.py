@@ -45,3 +45,15 @@ def test_d18_verify_of_a_workspace_that_was_never_staged_is_one_error_line(tmp_p
     """It said "avss: 2 files checked, 2 damaged" with exit 1; `icf status` says "no manifest" (exit 2)."""
     res = CliRunner().invoke(app, ["verify", "--dataset", "avss", "--work", str(tmp_path / "nowork")])
     assert res.exit_code == 2 and "error: no manifest for 'avss'" in res.output and "damaged" not in res.output
+
+
+def test_d22_an_unreachable_ray_address_from_the_environment_names_ray_address_not_a_flag(monkeypatch):
+    """``RAY_ADDRESS=127.0.0.1:1 icf stage mel`` blamed a ``--ray-address`` the user never passed."""
+    from icf.clitools import UserError
+    from icf.pipeline.runners import connect
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(UserError, match=r"^\$RAY_ADDRESS 127.0.0.1:1: no Ray cluster answers there .*unset RAY_ADDRESS"):
+        connect(None)
+    with pytest.raises(UserError, match="^--ray-address 127.0.0.1:1: no Ray cluster answers there"):
+        connect("127.0.0.1:1")

@@ -103,33 +103,36 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    source = "--ray-address" if address else "$RAY_ADDRESS"  # errors name where the address came from
     address = address or os.environ.get("RAY_ADDRESS")
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
                   runtime_env={"env_vars": env})
     if address:
-        _check_reachable(address)
+        _check_reachable(address, source)
         try:
             ray.init(address=address, **common)
         except ConnectionError as err:
-            raise UserError(f"--ray-address {address}: cannot join a Ray cluster ({str(err).splitlines()[0]})") from None
+            raise UserError(f"{source} {address}: cannot join a Ray cluster ({str(err).splitlines()[0]})") from None
     else:
         # address="local": always a fresh instance, never a cluster that happens to run on this machine
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
     _connected_here = True
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast (``UserError``) when nothing listens at a ``host:port`` address: Ray itself keeps retrying
-    for minutes. ``auto`` and ``ray://`` addresses are left to Ray."""
+def _check_reachable(address: str, source: str) -> None:
+    """Fail fast (``UserError`` naming ``source``, the flag or variable that gave the address) when nothing
+    listens at a ``host:port`` address: Ray itself keeps retrying for minutes. ``auto`` and ``ray://``
+    addresses are left to Ray."""
     if address == "auto" or "://" in address:
         return
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError) as err:
-        raise UserError(f"--ray-address {address}: no Ray cluster answers there ({err}); start one with "
-                        "`ray start --head` or use --ray-address auto") from None
+        fix = "use --ray-address auto" if source == "--ray-address" else "unset RAY_ADDRESS for an embedded Ray"
+        raise UserError(f"{source} {address}: no Ray cluster answers there ({err}); start one with "
+                        f"`ray start --head` or {fix}") from None
 
 
 def disconnect() -> None:

@@ -57,3 +57,39 @@ def test_d22_an_unreachable_ray_address_from_the_environment_names_ray_address_n
         connect(None)
     with pytest.raises(UserError, match="^--ray-address 127.0.0.1:1: no Ray cluster answers there"):
         connect("127.0.0.1:1")
+
+
+def test_d15_sigterm_to_a_driver_on_ray_stops_cleanly_with_143(tmp_path):
+    """SIGTERM to ``icf stage all`` on Ray exited 134 with Ray's native ``*** SIGTERM received`` dump (its core
+    worker's handler); without Ray it is a clean 143. Now both stop cleanly: Ray is shut down, exit 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import time, ray\n"
+        "from icf.pipeline.runners import connect\n"
+        "from icf.workflow.run import ray_session\n"
+        "with ray_session():\n"
+        "    connect(None)\n"
+        "    slow = ray.remote(lambda: time.sleep(120))\n"
+        "    print('ready', flush=True)\n"
+        "    try:\n"
+        "        ray.get(slow.remote())\n"
+        "    finally:\n"
+        "        print('unwound', flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    for line in proc.stdout:  # Ray may log a few lines first
+        if line.strip() == "ready":
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output
+    assert "unwound" in output and "SIGTERM received" not in output

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -90,6 +93,8 @@ def _user_errors(reports: Iterator[UnitReport]) -> Iterator[UnitReport]:
 
 
 _connected_here = False  # whether connect() opened the current Ray connection (disconnect() closes it)
+_default_sigterm: object = None  # the SIGTERM handler before connect() replaced Ray's (restored by disconnect())
+terminated_by: int | None = None  # the signal that stopped a run on Ray (`icf.workflow.run.ray_session` exits with it)
 # Passed to every worker: a cluster started with `ray start` does not inherit the driver's environment, and
 # without these the text towers' tokenizers try to reach the model hub (and retry for minutes offline).
 WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -118,6 +123,23 @@ def connect(address: str | None) -> None:
         # address="local": always a fresh instance, never a cluster that happens to run on this machine
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
     _connected_here = True
+    _stop_cleanly_on_sigterm()
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """Replace the handler Ray's core worker installs for SIGTERM (it aborts with exit 134 and a native stack
+    dump) by one that unwinds: finished units are kept and Ray is shut down, as without Ray. Ray's ``get``
+    turns the ``SystemExit`` into ``SystemExit(1)``; ``terminated_by`` keeps the signal for the exit code."""
+    global _default_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        global terminated_by
+        terminated_by = signum
+        sys.exit(128 + signum)
+
+    _default_sigterm = signal.signal(signal.SIGTERM, stop)
 
 
 def _check_reachable(address: str, source: str) -> None:
@@ -137,12 +159,15 @@ def _check_reachable(address: str, source: str) -> None:
 
 def disconnect() -> None:
     """Close the connection :func:`connect` opened (stopping an embedded Ray); leave any other alone."""
-    global _connected_here
+    global _connected_here, _default_sigterm
     if _connected_here:
         import ray
 
         ray.shutdown()
         _connected_here = False
+    if _default_sigterm is not None:
+        signal.signal(signal.SIGTERM, _default_sigterm)
+        _default_sigterm = None
 
 
 class RayRunner:

@@ -26,13 +26,19 @@ def pipeline_stages(configs: Mapping[str, Any] | None = None) -> list[Stage]:
 
 @contextmanager
 def ray_session() -> Iterator[None]:
-    """Stop the embedded Ray (if a stage started one) when the block ends."""
-    from icf.pipeline.runners import disconnect
+    """Stop the embedded Ray (if a stage started one) when the block ends; a run stopped by SIGTERM while on
+    Ray exits with 128 + the signal (143), as it does without Ray."""
+    from icf.pipeline import runners
 
+    runners.terminated_by = None
     try:
         yield
+    except SystemExit:
+        if runners.terminated_by is None:
+            raise
+        raise SystemExit(128 + runners.terminated_by) from None
     finally:
-        disconnect()
+        runners.disconnect()
 
 
 def run_pipeline(ws: Workspace, stages: Sequence[Stage], opts: RunOptions, console: Console,

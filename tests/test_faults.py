@@ -93,3 +93,30 @@ def test_d15_sigterm_to_a_driver_on_ray_stops_cleanly_with_143(tmp_path):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, output
     assert "unwound" in output and "SIGTERM received" not in output
+
+
+def test_d19_shards_rebuilt_under_a_reader_are_not_called_damaged(tmp_path, avss_shards):
+    """Shards rewritten mid-training (``stage shard --force --image-size 48``) stopped the trainer with "rebuild
+    the shards with icf stage all", though they were fine: shards.json had changed under the run."""
+    from icf.clitools import UserError
+    from icf.data.shard_check import read_checked
+    from icf.data.shards import ShardSet
+
+    avss_shards(tmp_path, n_train=4, n_val=2, size=32)
+    old = ShardSet.load(tmp_path / "avss")
+    avss_shards(tmp_path, n_train=4, n_val=2, size=24)  # a rebuild with another image size
+    with pytest.raises(UserError, match="shards were rebuilt while this run read them") as info:
+        list(read_checked(old.splits["train"][0]))
+    assert "icf stage all" not in str(info.value)
+    assert len(list(read_checked(ShardSet.load(tmp_path / "avss").splits["train"][0]))) == 4
+    tar = Path(_current_entry(tmp_path)["url"])
+    tar.write_bytes(tar.read_bytes()[:-1024])  # damaged, shards.json unchanged: the rebuild hint
+    with pytest.raises(UserError, match="rebuild the shards with `icf stage all"):
+        list(read_checked(_current_entry(tmp_path)))
+
+
+def _current_entry(work: Path) -> dict:
+    import json
+
+    doc = json.loads((work / "avss" / "shards.json").read_text())
+    return dict(doc["splits"]["train"][0], url=str(work / "avss" / doc["splits"]["train"][0]["url"]))

@@ -120,3 +120,21 @@ def _current_entry(work: Path) -> dict:
 
     doc = json.loads((work / "avss" / "shards.json").read_text())
     return dict(doc["splits"]["train"][0], url=str(work / "avss" / doc["splits"]["train"][0]["url"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_classes=5", r"model.num_classes is fixed by the dataset \(avss: 71\), got 5"),
+    ("model.frames=3", r"model.frames is fixed by the dataset \(avss: 10\), got 3"),
+    ("model.image_size=0", "model.image_size must be an integer of at least 16 pixels, got 0"),
+    ("model.image_size=7", "at least 16 pixels, got 7"),
+])
+def test_d14_dataset_fixed_and_size_fields_are_checked_before_training(override, message):
+    """``--set model.num_classes=5`` gave an IndexError after 13 s of training, ``model.image_size=0`` a
+    RuntimeError; both are one line now, before any work (``icf train`` turns the ValueError into `UserError`)."""
+    from icf.config import apply_overrides, preset
+
+    model, train = preset("tiny", "avss")
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(model, train, [override])
+    same = apply_overrides(model, train, ["model.num_classes=71", "model.image_size=16"])[0]  # the dataset's own value
+    assert (same.num_classes, same.image_size) == (71, 16)

@@ -138,3 +138,12 @@ def test_d14_dataset_fixed_and_size_fields_are_checked_before_training(override,
         apply_overrides(model, train, [override])
     same = apply_overrides(model, train, ["model.num_classes=71", "model.image_size=16"])[0]  # the dataset's own value
     assert (same.num_classes, same.image_size) == (71, 16)
+
+
+def test_d20_an_unknown_segmenter_is_named_as_a_segmenter():
+    """``--set method.segmenter=nonsense`` said "unknown method 'nonsense'"."""
+    from icf import methods
+    from icf.config import ModelConfig
+
+    with pytest.raises(ValueError, match=r"^method.segmenter: unknown segmenter 'nonsense'; expected one of \[.*'bidir'"):
+        methods.validate(ModelConfig(method="icf", options={"segmenter": "nonsense"}))

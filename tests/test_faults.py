@@ -147,3 +147,38 @@ def test_d20_an_unknown_segmenter_is_named_as_a_segmenter():
 
     with pytest.raises(ValueError, match=r"^method.segmenter: unknown segmenter 'nonsense'; expected one of \[.*'bidir'"):
         methods.validate(ModelConfig(method="icf", options={"segmenter": "nonsense"}))
+
+
+class _Payload:
+    """Unpickling this runs code (the probe's malicious checkpoint entry)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_d21_a_pickle_payload_as_backbone_weights_is_named_as_unreadable_without_escape_codes(tmp_path):
+    """A pickle-blocked backbone file was reported as "shards.json: backbone weights …: do not fit resnet18", and
+    CLIP/CLAP weight errors carried raw ANSI codes. Now: the file named as unreadable, plain text, nothing run."""
+    import timm
+    import torch
+
+    from icf.clitools import UserError
+    from icf.encoders.spec import read_checkpoint
+    from icf.model.backbone import Backbone
+
+    kwargs = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 96]}
+    state = timm.create_model("resnet18", **kwargs).state_dict()
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({**state, "evil": _Payload(marker)}, evil)
+    with pytest.raises(UserError) as info:  # a UserError: `build_model` does not prefix it with shards.json
+        Backbone("resnet18", str(evil), kwargs)
+    message = str(info.value)
+    assert message.startswith(f"backbone weights {evil}: cannot be read as a torch checkpoint of tensors")
+    assert "do not fit" not in message and "\x1b" not in message
+    with pytest.raises(UserError) as info:
+        read_checkpoint(evil, "CLIP")
+    assert "cannot be read as a torch checkpoint" in str(info.value) and "\x1b" not in str(info.value)
+    assert not marker.exists()

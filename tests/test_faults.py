@@ -182,3 +182,23 @@ def test_d21_a_pickle_payload_as_backbone_weights_is_named_as_unreadable_without
         read_checkpoint(evil, "CLIP")
     assert "cannot be read as a torch checkpoint" in str(info.value) and "\x1b" not in str(info.value)
     assert not marker.exists()
+
+
+def test_d23_a_full_disk_names_the_file_and_promises_no_resume(tmp_path, monkeypatch):
+    """Disk-full in ``predict`` / ``compare`` said "No space left on device (… rerun to resume)": no file, and a
+    resume ``compare`` lacks. Every atomic write (compare's files, predict's panels, the stages) now names it."""
+    import errno
+
+    from icf.clitools import os_error_line
+    from icf.pipeline.store import atomic_write
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file name
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    target = tmp_path / "compare.png"
+    with pytest.raises(OSError) as info:
+        atomic_write(target, b"png")
+    line = os_error_line(info.value)
+    assert line.startswith(f"{target}: No space left on device") and "resume" not in line
+    assert list(tmp_path.iterdir()) == []

@@ -202,3 +202,22 @@ def test_d23_a_full_disk_names_the_file_and_promises_no_resume(tmp_path, monkeyp
     line = os_error_line(info.value)
     assert line.startswith(f"{target}: No space left on device") and "resume" not in line
     assert list(tmp_path.iterdir()) == []
+
+
+def _fake_run(folder: Path, dataset: str) -> Path:
+    """A run folder holding only ``run.json`` (what compare reads before evaluating anything)."""
+    from icf.config import preset, to_dict
+
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({**to_dict(*preset("tiny", dataset)), "method": "icf", "preset": "tiny"}))
+    return folder
+
+
+def test_d16_compare_refuses_a_run_given_twice_and_runs_of_two_datasets(tmp_path):
+    """``compare r2 r2`` counted one run as two seeds (mean ± 0), and ``compare avss-run s4-run`` put AVSS mIoU
+    beside S4 J with no dataset anywhere. Both refuse now, before evaluating; the output names the dataset."""
+    avss, s4 = _fake_run(tmp_path / "a", "avss"), _fake_run(tmp_path / "b", "s4")
+    twice = CliRunner().invoke(app, ["compare", str(avss), str(tmp_path / "." / "a"), "--split", "val"])
+    assert twice.exit_code == 2 and "given twice" in twice.output and "Traceback" not in twice.output
+    mixed = CliRunner().invoke(app, ["compare", str(avss), str(s4), "--split", "val"])
+    assert mixed.exit_code == 2 and "different datasets" in mixed.output and f"{s4} (s4)" in mixed.output

@@ -137,7 +137,7 @@ def os_error_line(err: OSError) -> str:
     """One line for a filesystem failure mid-run (disk full, read-only, permission)."""
     where = f"{err.filename}: " if err.filename else ""
     reason = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[-1]
-    return f"{where}{reason} (finished work is kept; fix this and rerun to resume)"
+    return f"{where}{reason} (what was finished is kept; fix this and rerun)"
 
 
 def one_line(message: str) -> str:

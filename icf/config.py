@@ -285,16 +285,26 @@ def _parse_value(text: str) -> Any:
 
 
 SECTIONS = ("model", "train", "method")
+MIN_IMAGE_SIZE = 16  # the smallest frame the shard stage writes (``icf stage shard --image-size``)
 
 
 def apply_values(model: ModelConfig, train: TrainConfig, values: dict[str, dict[str, Any]]) -> tuple[ModelConfig, TrainConfig]:
     """Typed overrides by section (``{"model": {...}, "train": {...}, "method": {...}}``; method options are
-    checked by ``icf.methods.validate``) applied with ``dataclasses.replace``."""
+    checked by ``icf.methods.validate``) applied with ``dataclasses.replace``. ``ValueError`` for a field the
+    dataset fixes (``num_classes``, ``frames``, ``segment_div``) set to another value, and for an
+    ``image_size`` below ``MIN_IMAGE_SIZE``."""
     unknown = set(values) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; expected {', '.join(SECTIONS)}")
     m_updates = {k: _coerce(ModelConfig, k, v) for k, v in values.get("model", {}).items()}
     t_updates = {k: _coerce(TrainConfig, k, v) for k, v in values.get("train", {}).items()}
+    fixed = _dataset_fields(m_updates.get("dataset", model.dataset))
+    for key in sorted(set(m_updates) & set(fixed) - {"dataset"}):
+        if m_updates[key] != fixed[key]:
+            raise ValueError(f"model.{key} is fixed by the dataset ({fixed['dataset']}: {fixed[key]}), got {m_updates[key]!r}")
+    size = m_updates.get("image_size", model.image_size)
+    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_IMAGE_SIZE:
+        raise ValueError(f"model.image_size must be an integer of at least {MIN_IMAGE_SIZE} pixels, got {size!r}")
     if values.get("method"):
         m_updates["options"] = {**model.options, **m_updates.get("options", {}), **values["method"]}
     return dataclasses.replace(model, **m_updates), dataclasses.replace(train, **t_updates)

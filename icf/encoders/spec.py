@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -150,9 +151,12 @@ def read_checkpoint(path: str | Path, tower: str) -> dict[str, torch.Tensor]:
     return state
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling torch puts in its unpickling errors
+
+
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    text = str(err).strip()
+    """The first line of an exception's message without terminal escape codes (its type name when empty)."""
+    text = ANSI.sub("", str(err)).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 

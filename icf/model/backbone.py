@@ -9,6 +9,7 @@ state dict of the full classification model); without one the backbone is random
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,18 @@ import timm
 from timm.layers import Format
 from torch import Tensor, nn
 
+from icf.clitools import UserError
+from icf.encoders.spec import first_line
 
-class BackboneWeightsError(ValueError):
-    """The backbone weights file is missing or does not fit the architecture."""
+
+class BackboneWeightsError(UserError):
+    """The backbone weights file is missing, cannot be read safely, or does not fit the architecture."""
 
 
 def create_timm(name: str, weights: str | None, kwargs: dict[str, Any] | None, **create: Any) -> nn.Module:
     """``timm.create_model(name, **kwargs, **create)`` with its weights read only from the local file ``weights``
-    (None: random init); `BackboneWeightsError` naming the file when it is missing or does not fit."""
+    (None: random init); `BackboneWeightsError` naming the file when it is missing, holds more than tensors
+    (timm reads it with ``weights_only``: a pickled payload is refused, never run) or does not fit."""
     if weights is not None and not Path(weights).expanduser().is_file():
         raise BackboneWeightsError(f"backbone weights {weights}: file does not exist")
     extra: dict[str, Any] = dict(kwargs or {})
@@ -31,8 +36,12 @@ def create_timm(name: str, weights: str | None, kwargs: dict[str, Any] | None, *
         extra["pretrained_cfg_overlay"] = {"file": str(Path(weights).expanduser())}
     try:
         return timm.create_model(name, pretrained=weights is not None, **create, **extra)
-    except RuntimeError as err:  # state-dict mismatch
-        raise BackboneWeightsError(f"backbone weights {weights}: do not fit {name} ({str(err).splitlines()[0]})") from err
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # unreadable, or a state-dict mismatch
+        reason = first_line(err)
+        if isinstance(err, (pickle.UnpicklingError, EOFError)) or "weights_only" in reason or "pickle" in reason:
+            raise BackboneWeightsError(f"backbone weights {weights}: cannot be read as a torch checkpoint of tensors "
+                                       f"({reason})") from err
+        raise BackboneWeightsError(f"backbone weights {weights}: do not fit {name} ({reason})") from err
 
 
 class Backbone(nn.Module):

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from icf.clitools import UserError
+from icf.data.io import healed
 from icf.data.sample import Sample
 from icf.pipeline.ledger import (
     FAILED, OK, PENDING, SKIPPED, SampleStatus, Workspace, count_unit, is_done, read_stats, read_status, unit_problem,
@@ -118,6 +119,14 @@ def manifest_units(ws: Workspace) -> ManifestView:
     return ManifestView(group_units(first.values()), samples, index_failed, digests, digest([r["uid"] for r in rows]))
 
 
+def refuse(ws: Workspace, stages: Iterable[Stage]) -> None:
+    """``UserError`` when a stage's config cannot run on ``ws.dataset`` (`Stage.refusal`), before any work."""
+    for stage in stages:
+        reason = stage.refusal(ws.dataset)
+        if reason:
+            raise UserError(reason)
+
+
 def stage_key(ws: Workspace, stage: Stage, upstream_keys: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """This stage's cache key and the upstream keys it was derived from.
 
@@ -177,10 +186,17 @@ def input_signatures(unit: Unit, rows: Mapping[str, str], skips: Mapping[str, st
     return {u: digest([rows[u], skips.get(u)]) for u in unit.uids}
 
 
+def healed_failures(status: Mapping[str, SampleStatus], samples: Mapping[str, Sample]) -> set[str]:
+    """The uids this stage failed because a file was missing or unreadable whose file now checks out
+    (`icf.data.io.healed`): the failure may have been transient (their input signature is unchanged when
+    the file came back as it was), so they are computed again."""
+    return {u for u, st in status.items() if st.status == FAILED and u in samples and healed(samples[u], st.error)}
+
+
 def _todo(unit: Unit, reuse: bool, opts: RunOptions, status: Mapping[str, SampleStatus],
           changed: set[str]) -> tuple[str, ...]:
     """The uids of ``unit`` to compute now: --only's, all (forced or nothing reusable), or the pending and
-    changed ones plus, with --retry-failed, the failed ones."""
+    changed (or healed) ones plus, with --retry-failed, the failed ones."""
     if opts.only is not None:
         return tuple(u for u in unit.uids if u in opts.only)
     if opts.force or not reuse:
@@ -212,7 +228,7 @@ def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opt
         reuse = bool(prev) and prev["cache_key"] == key and unit_problem(folder, unit) is None
         status = read_status(folder, unit) if reuse else {}
         kept = dict(prev.get("uid_inputs") or {}) if reuse else {}
-        changed = {u for u in unit.uids if kept.get(u) != sigs[u]}
+        changed = {u for u in unit.uids if kept.get(u) != sigs[u]} | healed_failures(status, view.samples)
         todo = _todo(unit, reuse, opts, status, changed)
         if not todo and is_done(prev, key, inputs):
             continue
@@ -323,6 +339,7 @@ def run_stage(
 ) -> StageSummary:
     """Bring ``stage`` up to date for ``ws.dataset``: compute what is not done, skip what is."""
     t0 = time.perf_counter()
+    refuse(ws, [stage])
     key, ups = stage_key(ws, stage, upstream_keys)
     folder = ws.stage_dir(stage.name, key)
     sweep_temp_files(folder)

@@ -9,6 +9,7 @@ A stage is a class with
 * ``borrowed_keys(work)``: optionally, the latest keys of other datasets' stages whose outputs it copies
   (``"<dataset>/<stage>"`` → key); they enter its cache key like upstream keys, so a rebuilt source makes
   it stale (``icf status``) and ``icf stage all`` recompute it (MS3's ``--bank-from``),
+* ``refusal(dataset)``: optionally, why its config cannot run on that dataset (checked before any work),
 * ``uses_model``: True → the Ray runner keeps one long-lived actor per worker, so ``setup()`` (model
   loading) runs once per worker, with a GPU when the cluster has one; False → one Ray task per unit,
 * ``clips_per_call``: how many clips (of one unit) the worker hands to one ``process`` call unless
@@ -116,6 +117,10 @@ class Stage:
         has not run) for every other dataset's output this stage copies; hashed into the cache key and
         recorded with the upstream keys. Default: none."""
         return {}
+
+    def refusal(self, dataset: str) -> str | None:
+        """Why this config cannot run on ``dataset`` (checked before any stage of the run starts), or None."""
+        return None
 
     def stats(self) -> dict[str, Any]:
         """Extra facts recorded in every unit's stats file (e.g. ``weights: random``)."""

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from icf.clitools import UserError
+from icf.config import MIN_IMAGE_SIZE
 from icf.data.datasets import load_info
 from icf.data.io import read_mask, read_rgb
 from icf.data.shard_format import ARRAYS, encode_clip, image_bytes, sample_key
@@ -141,8 +142,8 @@ class ShardStage(Stage):
 
         def __post_init__(self) -> None:
             """``ValueError`` naming the flag for a setting that cannot give shards."""
-            if self.image_size < 16:
-                raise ValueError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+            if self.image_size < MIN_IMAGE_SIZE:
+                raise ValueError(f"--image-size must be at least {MIN_IMAGE_SIZE} pixels, got {self.image_size}")
             if not 1 <= self.jpeg_quality <= 100:
                 raise ValueError(f"--jpeg-quality must lie in 1..100, got {self.jpeg_quality}")
             if self.shard_mb < 1:

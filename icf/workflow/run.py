@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from icf.pipeline.engine import RunOptions, StageSummary, run_stage
+from icf.pipeline.engine import RunOptions, StageSummary, refuse, run_stage
 from icf.pipeline.ledger import Workspace
 from icf.pipeline.stage import Stage
 from icf.clitools import UserError
@@ -65,13 +65,19 @@ def latest_stage(ws: Workspace, cls: type[Stage]) -> Stage:
 
 @contextmanager
 def ray_session() -> Iterator[None]:
-    """Stop the embedded Ray (if a stage started one) when the block ends."""
-    from icf.pipeline.runners import disconnect
+    """Stop the embedded Ray (if a stage started one) when the block ends; a run stopped by SIGTERM while on
+    Ray exits with 128 + the signal (143), as it does without Ray."""
+    from icf.pipeline import runners
 
+    runners.terminated_by = None
     try:
         yield
+    except SystemExit:
+        if runners.terminated_by is None:
+            raise
+        raise SystemExit(128 + runners.terminated_by) from None
     finally:
-        disconnect()
+        runners.disconnect()
 
 
 def run_pipeline(ws: Workspace, stages: Sequence[Stage], opts: RunOptions, console: Console,
@@ -85,6 +91,7 @@ def run_pipeline(ws: Workspace, stages: Sequence[Stage], opts: RunOptions, conso
             stops on an error still sees what finished.
     """
     summaries = [] if summaries is None else summaries
+    refuse(ws, stages)
     if index is not None:
         summaries.append(index())
     keys: dict[str, str] = {}

@@ -75,15 +75,28 @@ QD_TINY = {
     "method.aux_loss": True, "method.vq_restart": 20,
 }
 
-# ---- TPAVI (AVSBench, Zhou et al. 2022) and DDESeg (Liu et al. 2025) ---------------------------------------------
-# TPAVI/DDESeg rows: added at merge. Only the recipe fields already true on main are here. Still to come with the
-# branches that set them: TPAVI paper-*: weight_decay 0, schedule constant, backbone_lr_mult 1, batch 4, epochs
-# 15/30/60 (s4/ms3/avss), amp False, grad_clip 0. DDESeg paper-*: variant=code, grad_clip 0, amp False, a 2-epoch
-# warm-up, drop-path 0.1, 50-GT-frame batches.
-TPAVI_PAPER = {"model.image_size": 224, "model.audio_encoder": "vggish", "model.freeze_audio": True, "train.lr": 1e-4}
-DDESEG_PAPER = {  # configs/ddeseg.yaml: AdamW 1e-4, wd 0.05 but none on 1-D parameters, one lr, cosine to 4e-5, 150 ep.
+# ---- TPAVI (AVSBench, Zhou et al. 2022) ------------------------------------------------------------------------
+# avs_scripts/*/train.py: torch.optim.Adam(model.parameters(), lr 1e-4): no weight decay, one lr, no scheduler, no
+# clipping, fp32; batch 4; epochs 15 (S4 train.py default), 30 (avs_ms3/train.sh), 60 (avss/train.sh); VGGish frozen;
+# the raw 128-d VGGish embedding into TPAVI's align, 5-frame windows (pre_reshape_for_tpavi).
+TPAVI_PAPER = {
+    "model.image_size": 224, "model.audio_encoder": "vggish", "model.freeze_audio": True, "train.lr": 1e-4,
+    "train.weight_decay": 0.0, "train.schedule": "constant", "train.backbone_lr_mult": 1.0, "train.batch_size": 4,
+    "train.amp": False, "train.grad_clip": 0.0, "train.warmup_steps": 0,
+    "method.audio_path": "official", "method.window": 5,
+}
+TPAVI_EPOCHS = {"s4": {"train.epochs": 15}, "ms3": {"train.epochs": 30}, "avss": {"train.epochs": 60}}
+
+# ---- DDESeg (Liu et al. 2025) -------------------------------------------------------------------------------------
+# configs/ddeseg.yaml + train.py: AdamW 1e-4, wd 0.05 but none on 1-D parameters, one lr, cosine to 4e-5, 150 epochs,
+# a 2-epoch linear warm-up, batches of 50 GT frames, drop-path 0.1, no clipping, fp32, its crop/jitter/flip; the
+# released code's forms (variant=code) and the AVSS memory for S4/MS3.
+DDESEG_PAPER = {
     "model.image_size": 224, "train.lr": 1e-4, "train.weight_decay": 0.05, "train.decay_norms": False,
     "train.backbone_lr_mult": 1.0, "train.schedule": "cosine", "train.min_lr_ratio": 0.4, "train.epochs": 150,
+    "train.warmup_epochs": 2, "train.warmup_steps": 0, "train.batch_size": 50, "train.batch_unit": "gt_frames",
+    "train.augment": "ddeseg", "train.grad_clip": 0.0, "train.amp": False,
+    "model.backbone_kwargs": {"drop_path_rate": 0.1}, "method.variant": "code", "method.memory": "avss",
 }
 
 ROWS: list[tuple[str, str, str, dict[str, Any]]] = [
@@ -111,12 +124,12 @@ ROWS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("qdformer", "tiny", "s4", {**QD_TINY, **S4}),
     ("qdformer", "tiny", "ms3", {**QD_TINY, **MS3}),
     ("qdformer", "tiny", "avss", {**QD_TINY, **AVSS}),
-    ("tpavi", "paper-r50", "s4", {**TPAVI_PAPER, **R50, **S4}),
-    ("tpavi", "paper-r50", "ms3", {**TPAVI_PAPER, **R50, **MS3}),
-    ("tpavi", "paper-r50", "avss", {**TPAVI_PAPER, **R50, **AVSS}),
-    ("tpavi", "paper-pvt", "s4", {**TPAVI_PAPER, **PVT_B5, **S4}),
-    ("tpavi", "paper-pvt", "ms3", {**TPAVI_PAPER, **PVT_B5, **MS3}),
-    ("tpavi", "paper-pvt", "avss", {**TPAVI_PAPER, **PVT_B5, **AVSS}),
+    ("tpavi", "paper-r50", "s4", {**TPAVI_PAPER, **R50, **TPAVI_EPOCHS["s4"], **S4}),
+    ("tpavi", "paper-r50", "ms3", {**TPAVI_PAPER, **R50, **TPAVI_EPOCHS["ms3"], **MS3}),
+    ("tpavi", "paper-r50", "avss", {**TPAVI_PAPER, **R50, **TPAVI_EPOCHS["avss"], **AVSS}),
+    ("tpavi", "paper-pvt", "s4", {**TPAVI_PAPER, **PVT_B5, **TPAVI_EPOCHS["s4"], **S4}),
+    ("tpavi", "paper-pvt", "ms3", {**TPAVI_PAPER, **PVT_B5, **TPAVI_EPOCHS["ms3"], **MS3}),
+    ("tpavi", "paper-pvt", "avss", {**TPAVI_PAPER, **PVT_B5, **TPAVI_EPOCHS["avss"], **AVSS}),
     ("ddeseg", "paper-r50", "s4", {**DDESEG_PAPER, **R50, **S4}),
     ("ddeseg", "paper-r50", "ms3", {**DDESEG_PAPER, **R50, **MS3}),
     ("ddeseg", "paper-r50", "avss", {**DDESEG_PAPER, **R50, **AVSS}),
@@ -150,3 +163,11 @@ def test_every_preset_of_icf_and_qdformer_has_a_row(method: str) -> None:
     """A preset added later needs its recipe row here."""
     rows = {(p, d) for m, p, d, _ in ROWS if m == method}
     assert rows == set(itertools.product(PRESETS, DATASETS))
+
+
+def test_a_method_refuses_a_preset_it_has_no_backbone_for() -> None:
+    """DDESeg's authors use PVT-v2 (and the paper a ResNet-50 row): ``paper-swin-t`` is refused, not silently R50."""
+    from icf.clitools import UserError
+
+    with pytest.raises(UserError, match="ddeseg has no paper-swin-t preset"):
+        resolved("ddeseg", "paper-swin-t", "avss")

@@ -68,13 +68,15 @@ def read_prediction(path: Path, dataset: str, shape: tuple[int, int], resize: bo
 
 
 def score_predictions(
-    dataset: str, root: str | Path, pred: str | Path, split: str = "test", f_mode: str = "official", resize: bool = False
+    dataset: str, root: str | Path, pred: str | Path, split: str = "test", f_mode: str = "official", resize: bool = False,
+    avss_padding: str = "real",
 ) -> dict:
     """Score the PNG predictions under ``pred`` against the ``split`` ground truth under ``root``.
 
-    Returns the metric dict of :mod:`icf.eval.metrics` (``J``, ``F``, ``JF``, ``FDR``, ``n_frames``; AVSS
-    also ``J_present``, ``F_present``) plus ``n_clips``. Raises ``UserError`` (one line) when a
-    prediction is missing or malformed, or a ground-truth mask cannot be read.
+    Returns the metric dict of :mod:`icf.eval.metrics` (``J``, ``F``, ``JF``, ``FDR``, ``n_frames``; S4/MS3 also
+    ``F_boundary``, ``JF_boundary``; AVSS also ``J_present``, ``F_present``, and ``n_padded`` with
+    ``avss_padding="official"``, which pads each clip's ``n_frames`` to 10) plus ``n_clips``. Raises ``UserError``
+    (one line) when a prediction is missing or malformed, or a ground-truth mask cannot be read.
     """
     data_root = check_root(root)
     pred_root = Path(pred).expanduser()
@@ -91,8 +93,8 @@ def score_predictions(
     if missing:
         shown = ", ".join(missing[:MAX_LISTED]) + (", ..." if len(missing) > MAX_LISTED else "")
         raise UserError(f"{len(missing)} prediction file(s) missing (expected at PRED/<mask path relative to root>): {shown}")
-    metrics = make_metrics(dataset, load_info(dataset).num_classes, f_mode)
-    for clip in pairs:
+    metrics = make_metrics(dataset, load_info(dataset).num_classes, f_mode, avss_padding)
+    for sample, clip in zip(samples, pairs):
         masks, preds = [], []
         for mask_path, pred_path in clip:
             try:
@@ -104,5 +106,6 @@ def score_predictions(
         if len({m.shape for m in masks}) > 1:
             raise UserError(f"{clip[0][0].parent}: ground-truth masks of one clip differ in size")
         p, m = torch.from_numpy(np.stack(preds))[None], torch.from_numpy(np.stack(masks))[None]
-        metrics.update(p, m, torch.ones(1, len(clip), dtype=torch.bool))
+        real = torch.ones(1, sample.n_frames, dtype=torch.bool)  # all of the clip's frames, GT or not (padding)
+        metrics.update(p, m, torch.ones(1, len(clip), dtype=torch.bool), real=real)
     return {**metrics.compute(), "n_clips": len(samples)}

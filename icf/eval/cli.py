@@ -104,12 +104,11 @@ def eval_command(
     from icf.eval.evaluate import Perturbation, evaluate, evaluate_negatives, model_predictor
     from icf.augment.negatives import NEGATIVE_KINDS, build_negative
     from icf.eval.report import print_results
-    from icf.train.run import CHECKPOINT_CHOICES, checkpoint_path, find_run, load_trained, read_run_file
+    from icf.train.run import checkpoint_path, find_run, load_trained, read_run_file
 
     run = find_run(run, work)
-    _check_choice("--checkpoint", which, CHECKPOINT_CHOICES)
     _check_protocol(read_run_file(run)[1].dataset, f_mode, avss_padding)
-    checkpoint_path(run, which)  # --checkpoint best of a run that never validated: refused before the model loads
+    checkpoint_path(run, which)  # an unknown choice, or best of a run that never validated: refused before the model loads
     _check_eval_options(snr_db, frame_mix, limit)
     pert = Perturbation(snr_db=snr_db, frame_mix=frame_mix, shuffle_audio=shuffle_audio, seed=seed)
     if negative and pert != Perturbation(seed=seed):
@@ -157,10 +156,9 @@ def predict_command(
 ) -> None:
     """PNG panels per clip: frames, ground truth and predicted masks overlaid in palette colours."""
     from icf.eval.visualize import write_panels
-    from icf.train.run import CHECKPOINT_CHOICES, checkpoint_path, find_run, load_trained
+    from icf.train.run import checkpoint_path, find_run, load_trained
 
     run = find_run(run, work)
-    _check_choice("--checkpoint", which, CHECKPOINT_CHOICES)
     _check_eval_options(None, None, limit)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
@@ -170,8 +168,9 @@ def predict_command(
     typer.echo(f"{len(paths)} panels in {out} ({_loaded_text(doc['loaded'])})")
 
 
-def validate(model, shards, split: str, image_size: int, device):  # noqa: ANN001, ANN201 (torch loads on call)
-    """`icf.eval.evaluate.validate`, imported when the trainer first validates (the app starts without torch)."""
+def validate(model, shards, split: str, image_size: int, device):  # noqa: ANN001, ANN201 (types live in torch)
+    """`icf.eval.evaluate.validate`, imported when the trainer first validates (the app imports no evaluation module
+    until a command needs one)."""
     from icf.eval.evaluate import validate as run_validation
 
     return run_validation(model, shards, split, image_size, device)

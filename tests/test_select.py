@@ -79,6 +79,14 @@ def test_official_validation_rule_and_selection_metric() -> None:
             TrainConfig(**bad)
 
 
+def test_a_selection_metric_the_dataset_lacks_is_refused_before_training(work: Path) -> None:
+    from icf.clitools import UserError
+
+    with pytest.raises(UserError, match="select_metric=F_boundary: avss validation does not compute it"):
+        train(_spec(work, "refused", extra=("train.val_every=1", "train.select_metric=F_boundary")), validate=Scripted([]))
+    assert read_metrics(work / "runs" / "refused") == []
+
+
 def test_best_checkpoint_keeps_the_early_peak(work: Path) -> None:
     scripted = Scripted([0.2, 0.5, 0.3])  # the val score peaks after epoch 2 (step 6)
     run = train(_spec(work, "peak", extra=("train.val_every=1",)), validate=scripted)
@@ -168,7 +176,7 @@ def test_cli_val_every_and_checkpoint_choice(work: Path, tmp_path: Path) -> None
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert doc["checkpoint"] == "last" and doc["runs"][0]["loaded"]["checkpoint"] == "checkpoint.pt"
-    assert "F_boundary" in doc["metrics"]
+    assert "F_boundary" not in doc["metrics"]  # AVSS runs: no boundary F column (S4/MS3 runs get one)
 
     plain = tmp_path / "plain"
     res = runner.invoke(app, ["train", "--dataset", "avss", "--method", "bidir", "--work", str(work), "--out", str(plain),
@@ -205,3 +213,21 @@ def test_eval_json_names_protocols_and_the_padding_switch(work: Path) -> None:
     assert padded["FDR"] == real["FDR"]
     res = runner.invoke(app, ["eval", "--run", str(run), "--avss-padding", "zeros"])
     assert res.exit_code == 2 and "--avss-padding must be one of" in res.output
+
+
+def test_compare_shows_boundary_f_when_runs_have_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S4/MS3 runs carry QDFormer's F_boundary / JF_boundary: ``icf compare`` adds those columns (mean ± std)."""
+    from icf.eval import compare
+
+    def fake(runs, split, settings, on_eval=None, which="auto"):
+        doc = {"method": "qdformer", "preset": "tiny", "train": {"seed": 0}}
+        return [{"run": r, "doc": {**doc, "train": {"seed": i}}, "seed": i, "steps": 1, "planned_steps": 1,
+                 "loaded": {"checkpoint": "best.pt", "step": 1},
+                 "results": {"clean": {"J": 0.5, "F": 0.6, "F_boundary": 0.2 + 0.2 * i, "JF_boundary": 0.35 + 0.1 * i}}}
+                for i, r in enumerate(runs)]
+
+    monkeypatch.setattr(compare, "evaluate_runs", fake)
+    doc = compare.comparison(["r0", "r1"], "test", [compare.parse_setting("clean")], which="best")
+    assert doc["metrics"][-2:] == ["F_boundary", "JF_boundary"] and doc["checkpoint"] == "best"
+    stat = doc["groups"][0]["settings"]["clean"]["F_boundary"]
+    assert stat["n"] == 2 and stat["mean"] == pytest.approx(0.3) and stat["std"] == pytest.approx(0.2 / 2**0.5)

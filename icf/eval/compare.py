@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # the CLI imports this module at start-up: torch loads only w
     from icf.data.shards import ShardSet
     from icf.eval.evaluate import Perturbation, Predictor
 
-METRICS = ("J", "F", "J_present", "F_present", "FDR", "J_dh", "F_dh", "F_boundary")  # J_dh, F_dh: DDESeg's; F_boundary: QDFormer's
+METRICS = ("J", "F", "J_present", "F_present", "FDR", "J_dh", "F_dh")  # J_dh, F_dh: DDESeg's protocol
+BOUNDARY_METRICS = ("F_boundary", "JF_boundary")  # QDFormer's DAVIS F and J&F, shown when compared runs have them (S4/MS3)
 NEGATIVE_METRICS = ("FPR_frame", "FPR_pixel", "HM")  # shown when a negative-audio setting is compared
 # run.json keys that do not make two runs different methods/configurations
 SEED_KEYS = (("train", "seed"),)
@@ -219,7 +220,7 @@ def comparison(runs: Sequence[Path], split: str, settings: Sequence[EvalSetting]
         raise UserError(f"settings repeat: {labels}")
     evaluated = evaluate_runs(runs, split, settings, on_eval, which)
     found = {k for r in evaluated for res in r["results"].values() for k in res}
-    metrics = [*METRICS, *(m for m in NEGATIVE_METRICS if m in found)]
+    metrics = [*METRICS, *(m for m in (*BOUNDARY_METRICS, *NEGATIVE_METRICS) if m in found)]
     return {
         "split": split,
         "checkpoint": which,

@@ -41,6 +41,7 @@ from icf.data.shards import ShardSet
 from icf.pipeline.store import atomic_write_json
 from icf.train import checkpoint
 from icf.train.logs import append_metrics
+from icf.train.run import RUN_FILE
 
 VAL_SPLIT = "val"
 # Validator(model, shards, split, image_size, device) → the metrics dict of `icf.eval.evaluate.evaluate`
@@ -85,13 +86,13 @@ def due(cfg: TrainConfig, epochs_done: int) -> bool:
 
 def read_best(run: Path) -> dict[str, Any] | None:
     """``run.json``'s ``best`` (None when the run has not validated yet)."""
-    path = run / "run.json"
+    path = run / RUN_FILE
     return json.loads(path.read_text()).get("best") if path.is_file() else None
 
 
 def _write_best(run: Path, best: dict[str, Any]) -> None:
     """Set ``run.json``'s ``best``, keeping every other key."""
-    path = run / "run.json"
+    path = run / RUN_FILE
     atomic_write_json(path, {**json.loads(path.read_text()), "best": best})
 
 

@@ -11,16 +11,21 @@ split, clean and under background noise (``--snr-db``) and frame mixing (``--fra
 (mean ± std over seeds, ×100) are printed and written as ``compare.json/csv/png`` per kind, plus
 ``ablation.json`` with both (``--results`` copies it into the repository, e.g. ``bench/results/``).
 
-Everything is cached: the data, the towers, the stages, and every finished run (a rerun only evaluates).
+Everything is cached: the data, the towers, the stages, and every finished run (a rerun only evaluates); a run
+stopped part-way resumes from its checkpoint. ``--eval-only`` trains nothing and compares the runs finished so far
+(rows and seeds with no finished run are left out), so a partial measurement can be published while the rest runs.
+Besides the JSON, ``table.md`` (mean ± std ×100 per row and setting, with the seeds each row had) is written.
 
     python bench/ablation.py --work /tmp/ablation [--seeds 0,1,2] [--steps 600] [--clips 200]
     python bench/ablation.py --work /tmp/abl-smoke --seeds 0 --steps 3 --clips 24 --rows baseline,full  # smoke
+    python bench/ablation.py --work /tmp/ablation --eval-only --results bench/results      # publish what is done
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -57,20 +62,49 @@ def finished(run: Path, steps: int) -> bool:
     return path.is_file() and checkpoint.load(path)["step"] >= steps
 
 
-def train_rows(work: Path, rows: list[str], seeds: list[int], steps: int) -> dict[Path, str]:
-    """Train every (row, seed) for ``steps`` steps (skipping finished runs); ``{run folder: row}``."""
+def run_folder(work: Path, row: str, seed: int) -> Path:
+    return work / "runs" / f"{row.replace('+', '-').replace('=', '')}-s{seed}"
+
+
+def train_rows(work: Path, rows: list[str], seeds: list[int], steps: int, train_missing: bool = True) -> dict[Path, str]:
+    """Train every (row, seed) for ``steps`` steps (skipping finished runs, resuming stopped ones; with
+    ``train_missing`` False only the finished ones are kept); ``{run folder: row}``."""
     epochs = epochs_for_steps(work, steps)
     runs = {}
     for row in rows:
         for seed in seeds:
-            run = work / "runs" / f"{row.replace('+', '-').replace('=', '')}-s{seed}"
+            run = run_folder(work, row, seed)
             if not finished(run, steps):
-                out.print(f"[bold]train[/] {row} seed {seed} ({steps} steps)")
+                if not train_missing:
+                    continue
+                resume = (run / checkpoint.CHECKPOINT).is_file()
+                if not resume and run.exists():  # stopped before its first checkpoint: start again
+                    shutil.rmtree(run)
+                out.print(f"[bold]{'resume' if resume else 'train'}[/] {row} seed {seed} ({steps} steps)")
                 ablate, overrides = ROWS[row]
-                train(RunSpec(dataset=LAYOUT, preset="tiny", work=work, out=run, epochs=epochs, max_steps=steps,
-                              ablate=ablate, seed=seed, overrides=list(overrides)))
+                spec = RunSpec(dataset=LAYOUT, preset="tiny", work=work, out=run, epochs=epochs, max_steps=steps,
+                               ablate=ablate, seed=seed, overrides=list(overrides))
+                train(spec, resume=resume)
             runs[run] = row
     return runs
+
+
+def markdown(doc: dict, rows: list[str]) -> str:
+    """One markdown table: a line per row (in ``rows`` order) with each setting's J_present (and the clean
+    J_dh, F_present) as mean ± std ×100 over its seeds."""
+    cell = lambda stat: f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}" if stat["n"] > 1 else (  # noqa: E731
+        f"{100 * stat['mean']:.2f}" if stat["n"] else "")
+    settings = doc["settings"]
+    head = ["row", "seeds", *(f"J_present {s}" for s in settings), "J_dh clean", "F_present clean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_name = {g["name"]: g for g in doc["groups"]}
+    for row in (r for r in rows if r in by_name):
+        g = by_name[row]
+        clean = g["settings"][settings[0]]
+        seeds = ",".join(str(s) for s in sorted(g["seeds"]))
+        lines.append("| " + " | ".join([row, seeds, *(cell(g["settings"][s]["J_present"]) for s in settings),
+                                       cell(clean.get("J_dh", {"n": 0})), cell(clean["F_present"])]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -88,6 +122,7 @@ def main() -> None:
     p.add_argument("--frame-mix", default="0.25")
     p.add_argument("--executor", default="local")
     p.add_argument("--results", type=Path, help="Also write ablation.json here (a folder, e.g. bench/results/).")
+    p.add_argument("--eval-only", action="store_true", help="Train nothing: compare the runs finished so far.")
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     unknown = sorted(set(rows) - set(ROWS)) + sorted(set(args.towers.split(",")) - set(TOWERS))
@@ -103,7 +138,10 @@ def main() -> None:
         t0 = time.time()
         work = args.work / f"work-{kind}"
         stage(data, work, kind, args.size, 0, args.tower_epochs, args.executor)
-        runs = train_rows(work, rows, seeds, args.steps)
+        runs = train_rows(work, rows, seeds, args.steps, train_missing=not args.eval_only)
+        if not runs:
+            out.print(f"{kind}: no finished run yet")
+            continue
         doc = comparison(list(runs), args.split, settings)
         for group in doc["groups"]:
             group["name"] = runs[Path(group["runs"][0])]
@@ -113,10 +151,13 @@ def main() -> None:
         summary["tables"][kind] = doc
         out.print(f"{kind}: {time.time() - t0:.0f} s, outputs in {work / 'compare'}")
     text = json.dumps(summary, indent=1, sort_keys=True)
+    tables = "".join(f"\n{kind} towers, {args.steps} steps, {args.split} split (×100, mean ± std over seeds):\n\n"
+                     + markdown(doc, rows) for kind, doc in summary["tables"].items())
     for folder in filter(None, (args.work, args.results)):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "ablation.json").write_text(text)
-        out.print(f"wrote {folder / 'ablation.json'}")
+        (folder / "table.md").write_text(tables)
+        out.print(f"wrote {folder / 'ablation.json'} and {folder / 'table.md'}")
 
 
 if __name__ == "__main__":

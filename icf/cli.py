@@ -1,7 +1,8 @@
 """The ``icf`` command line: a thin typer app.
 
 Each subsystem registers its own commands (``register(app)``) so this file stays a table of contents:
-``icf synth`` (data), ``icf stage ...``, ``icf status`` and ``icf verify`` (workflow), ``icf train`` (train),
+``icf synth`` (data), ``icf stage ...``, ``icf status`` and ``icf verify`` (workflow), ``icf train`` and
+``icf import`` (train),
 ``icf eval`` / ``icf score`` / ``icf predict`` (eval), ``icf demo``.
 """
 
@@ -40,9 +41,10 @@ def _register_all() -> None:
     from icf.workflow import cli as workflow_cli
     from icf.towers import cli as towers_cli
     from icf.train import cli as train_cli
+    from icf.train import importer
     from icf import demo
 
-    for module in (data_cli, workflow_cli, towers_cli, train_cli, eval_cli, demo):
+    for module in (data_cli, workflow_cli, towers_cli, train_cli, importer, eval_cli, demo):
         module.register(app)
 
 

@@ -64,8 +64,29 @@ DATASET_CHOICES = "|".join(DATASETS)
 
 
 def dataset_option(required: bool = True, help: str = "The AVSBench subset.", names: tuple[str, ...] = ()) -> Any:
-    """The one ``--dataset`` option: its choices show in ``--help``; `check_dataset` validates the value."""
+    """The one ``--dataset`` option: its choices show in ``--help``; `check_dataset` validates the value
+    (`resolve_dataset` when it is optional: left out, the workspace's only dataset)."""
     return typer.Option(... if required else None, "--dataset", *names, metavar=f"[{DATASET_CHOICES}]", help=help)
+
+
+def workspace_datasets(work: Path | None) -> list[str]:
+    """The datasets that have a manifest in the workspace folder (``icf stage index`` ran for them)."""
+    root = work_dir(work)
+    return [d for d in DATASETS if (root / d / "manifest.parquet").is_file()]
+
+
+def resolve_dataset(dataset: str | None, work: Path | None) -> str:
+    """``--dataset`` as given (validated), or, when left out, the one dataset the workspace holds; ``UserError``
+    listing them when it holds none or several."""
+    if dataset is not None:
+        return check_dataset(dataset)
+    held = workspace_datasets(work)
+    if len(held) == 1:
+        return held[0]
+    where = work_dir(work)
+    if not held:
+        raise UserError(f"--dataset is required: {where} holds no dataset yet ({DATASET_CHOICES})")
+    raise UserError(f"--dataset is required: {where} holds {', '.join(held)}")
 
 
 def check_dataset(dataset: str) -> str:
@@ -116,7 +137,7 @@ def os_error_line(err: OSError) -> str:
     """One line for a filesystem failure mid-run (disk full, read-only, permission)."""
     where = f"{err.filename}: " if err.filename else ""
     reason = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[-1]
-    return f"{where}{reason} (finished work is kept; fix this and rerun to resume)"
+    return f"{where}{reason} (what was finished is kept; fix this and rerun)"
 
 
 def one_line(message: str) -> str:

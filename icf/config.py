@@ -7,6 +7,8 @@ Presets (ARCHITECTURE.md, faithfulness table):
   VGGish audio encoder, d = 256, AdamW lr 1e-4, batch 8, 60 epochs, and every loss weight from the
   supplement's Table 1 (λ_z 0.8, λ_ortho 1, λ_bce = λ_dice = λ_focal = 1, λ_cf 0.2, λ_CDCL 0.2,
   λ_v↔a 0.4, λ_a↔l 0.3, λ_v↔l 0.3, k^t 15, k^c 8, s^d = 200).
+* ``paper-swin-t`` — ``paper-r50`` with timm's Swin-Tiny (``swin_tiny_patch4_window7_224``): QDFormer's headline
+  backbone (its Table 1); not a backbone of the ICF paper.
 * ``tiny`` — the same architecture shrunk so it trains in minutes on 2 CPU cores: 64 px frames, a
   one-block-per-stage ResNet with narrow channels, a small CNN on the log-Mel instead of VGGish, d = 48,
   k^t = 3, k^c = 2, 10 reverse diffusion steps.
@@ -27,11 +29,13 @@ from typing import Any
 from icf.data.datasets import load_info
 from icf.data.sample import DATASETS
 
-PRESETS = ("tiny", "paper-r50", "paper-pvt")
+PRESETS = ("tiny", "paper-r50", "paper-pvt", "paper-swin-t")
 SCHEDULES = ("poly", "cosine", "constant", "step")
 # `train.select_metric`: the validation metrics a best checkpoint may be chosen on (higher is better; keys of
 # `icf.eval.metrics`); "auto" = the method's official one (`icf.train.select.selection_metric`)
 SELECT_METRICS = ("auto", "J", "F", "JF", "J_present", "F_present", "J_dh", "F_dh", "JF_dh", "F_boundary", "JF_boundary")
+AUGMENTS = ("none", "ddeseg")  # train.augment: icf.augment.frames
+BATCH_UNITS = ("clips", "gt_frames")  # train.batch_unit: icf.data.frame_stream
 
 
 _CHOICES = {
@@ -171,6 +175,10 @@ class TrainConfig:
     val_every: int = 0  # epochs; 0 = never validate
     val_start_epoch: int = 0
     select_metric: str = "auto"  # one of SELECT_METRICS; auto = the method's official selection metric
+    # --- recipe switches a method preset may turn on (DDESeg's official recipe does)
+    warmup_epochs: int = 0  # linear warm-up over this many epochs (× batches per epoch); exclusive with warmup_steps
+    augment: str = "none"  # training frames/masks: "none" | "ddeseg" (box-constrained crop, colour jitter, flip)
+    batch_unit: str = "clips"  # a batch is batch_size "clips", or batch_size "gt_frames" (frames with GT, one per row)
 
     def __post_init__(self) -> None:
         """``ValueError`` naming the key for a value of the wrong type or range (``train.lr=abc``)."""
@@ -203,6 +211,22 @@ class TrainConfig:
             raise ValueError(f"train.negative_fraction must lie in [0, 1), got {self.negative_fraction}")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"train.select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
+        self._check_recipe_switches()
+
+    def _check_recipe_switches(self) -> None:
+        """``ValueError`` for a bad ``warmup_epochs``, ``augment`` or ``batch_unit``."""
+        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise ValueError(f"train.warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
+        if self.warmup_epochs and self.warmup_steps:
+            raise ValueError("train.warmup_epochs and train.warmup_steps are both set; give the warm-up one way")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"train.augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        if self.batch_unit not in BATCH_UNITS:
+            raise ValueError(f"train.batch_unit must be one of {', '.join(BATCH_UNITS)}, got {self.batch_unit!r}")
+
+    def warmup(self, steps_per_epoch: int) -> int:
+        """Warm-up steps: ``warmup_steps``, or ``warmup_epochs`` × ``steps_per_epoch``."""
+        return self.warmup_steps or self.warmup_epochs * steps_per_epoch
 
 
 def _dataset_fields(dataset: str) -> dict[str, Any]:
@@ -214,12 +238,15 @@ def _dataset_fields(dataset: str) -> dict[str, Any]:
 
 
 def preset(name: str, dataset: str) -> tuple[ModelConfig, TrainConfig]:
-    """The named preset (``tiny`` | ``paper-r50`` | ``paper-pvt``) for ``dataset`` (``s4`` | ``ms3`` | ``avss``)."""
+    """The named preset (``tiny`` | ``paper-r50`` | ``paper-pvt`` | ``paper-swin-t``) for ``dataset`` (``s4`` |
+    ``ms3`` | ``avss``)."""
     base = _dataset_fields(dataset)
     if name == "paper-r50":
         return ModelConfig(**base, backbone="resnet50"), TrainConfig()
     if name == "paper-pvt":
         return ModelConfig(**base, backbone="pvt_v2_b5"), TrainConfig()
+    if name == "paper-swin-t":
+        return ModelConfig(**base, backbone="swin_tiny_patch4_window7_224"), TrainConfig()
     if name == "tiny":
         model = ModelConfig(
             **base,
@@ -269,16 +296,26 @@ def _parse_value(text: str) -> Any:
 
 
 SECTIONS = ("model", "train", "method")
+MIN_IMAGE_SIZE = 16  # the smallest frame the shard stage writes (``icf stage shard --image-size``)
 
 
 def apply_values(model: ModelConfig, train: TrainConfig, values: dict[str, dict[str, Any]]) -> tuple[ModelConfig, TrainConfig]:
     """Typed overrides by section (``{"model": {...}, "train": {...}, "method": {...}}``; method options are
-    checked by ``icf.methods.validate``) applied with ``dataclasses.replace``."""
+    checked by ``icf.methods.validate``) applied with ``dataclasses.replace``. ``ValueError`` for a field the
+    dataset fixes (``num_classes``, ``frames``, ``segment_div``) set to another value, and for an
+    ``image_size`` below ``MIN_IMAGE_SIZE``."""
     unknown = set(values) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; expected {', '.join(SECTIONS)}")
     m_updates = {k: _coerce(ModelConfig, k, v) for k, v in values.get("model", {}).items()}
     t_updates = {k: _coerce(TrainConfig, k, v) for k, v in values.get("train", {}).items()}
+    fixed = _dataset_fields(m_updates.get("dataset", model.dataset))
+    for key in sorted(set(m_updates) & set(fixed) - {"dataset"}):
+        if m_updates[key] != fixed[key]:
+            raise ValueError(f"model.{key} is fixed by the dataset ({fixed['dataset']}: {fixed[key]}), got {m_updates[key]!r}")
+    size = m_updates.get("image_size", model.image_size)
+    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_IMAGE_SIZE:
+        raise ValueError(f"model.image_size must be an integer of at least {MIN_IMAGE_SIZE} pixels, got {size!r}")
     if values.get("method"):
         m_updates["options"] = {**model.options, **m_updates.get("options", {}), **values["method"]}
     return dataclasses.replace(model, **m_updates), dataclasses.replace(train, **t_updates)

@@ -4,6 +4,7 @@ metrics, and the method end to end on synthetic S4 and AVSS shards (train, eval,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -22,9 +23,11 @@ from icf.eval.metrics import DatasetHardMetrics
 from icf.methods.base import Resources
 from icf.methods.ddeseg import DDESegOptions
 from icf.model.backbone import Backbone
-from icf.model.ddeseg import DDESeg, Derivation, Discrimination, Elimination, Fusion, ddeseg_loss, retrieve
+from icf.model.ddeseg import DDESeg, Derivation, Discrimination, Elimination, Fusion, ddeseg_loss, first_stride, retrieve
 from icf.model.memory import BankMismatch, SemanticMemory
 from icf.model.staged import StagedBackbone
+from icf.data.shards import ShardSet
+from icf.train.logs import read_metrics
 from icf.train.run import RunSpec
 from icf.train.trainer import build_configs, train
 
@@ -138,6 +141,14 @@ def test_dem_assignment_scores_and_zero_scores_leave_the_map_unchanged() -> None
     assert torch.equal(Fusion(16, 2)(v, s[..., None] * tokens), v)  # S = 0 → fusion returns V exactly
     code = Elimination(16, 3, 2, 1.0, "gs", "oTv", "code").eval()
     assert torch.allclose(code(tokens, pixels).sum(-1), torch.ones(2))  # code: softmax over K
+
+
+def test_code_variant_dem_takes_the_official_initial_forms() -> None:
+    torch.manual_seed(0)
+    paper, code = (Elimination(64, 50, 2, 1.0, "gs", "oc", v) for v in ("paper", "code"))
+    assert paper.mca.q.bias is not None and code.mca.q.bias is None and code.mca.k.bias is None  # official qkv_bias=False
+    std = {v: float(m.centres.detach().std()) for v, m in (("paper", paper), ("code", code))}
+    assert abs(std["code"] - 1.0) < 0.05 and abs(std["paper"] - 1 / 8) < 0.01  # N(0, 1) vs N(0, 1)/√C
 
 
 # ----------------------------------------------------------------------------- staged backbone
@@ -263,10 +274,9 @@ def test_loss_weights_perfect_prediction_and_hand_examples() -> None:
     p = 1 / (1 + np.exp(-logits.numpy()[0, 0, 0].astype(np.float64)))
     y = target.numpy()[0].astype(np.float64)
     bce = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
-    probs, onehot = np.stack([1 - p, p]), np.stack([1 - y, y])
-    inter, tot = (probs * onehot).sum((1, 2)), probs.sum((1, 2)) + onehot.sum((1, 2))
-    dice = np.mean(1 - (2 * inter + 1e-5) / (tot + 1e-5))
-    iou = np.mean(1 - (inter + 1e-5) / (tot - inter + 1e-5))
+    inter, tot = (p * y).sum(), p.sum() + y.sum()  # binary: the foreground channel alone (official -nc 1)
+    dice = 1 - (2 * inter + 1e-5) / (tot + 1e-5)
+    iou = 1 - (inter + 1e-5) / (tot - inter + 1e-5)
     for k, v in (("bce", bce), ("dice", dice), ("iou", iou), ("total", 5 * bce + 5 * dice + 2 * iou)):
         assert abs(float(parts[k]) - v) < 1e-5, k
     # 3 classes, softmax CE, one-hot with background
@@ -280,6 +290,25 @@ def test_loss_weights_perfect_prediction_and_hand_examples() -> None:
     inter, tot = (sm * oh).sum((1, 2)), sm.sum((1, 2)) + oh.sum((1, 2))
     expected = 5 * ce + 5 * np.mean(1 - (2 * inter + 1e-5) / (tot + 1e-5)) + 2 * np.mean(1 - (inter + 1e-5) / (tot - inter + 1e-5))
     assert abs(float(parts["total"]) - expected) < 1e-5
+
+
+def test_binary_dice_and_iou_see_only_the_foreground_channel() -> None:
+    """An all-background target: with a background channel, Dice would be ≈ 0.5 for a confident "all background"
+    prediction's foreground half plus its background half; with the foreground channel alone it is 0 (no foreground
+    on either side, smoothed), and a uniform p gives 1 − s/(Σp + s)."""
+    empty = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    gt = valid = torch.ones(1, 1, dtype=torch.bool)
+    silent = ddeseg_loss(torch.full((1, 1, 1, 4, 4), -30.0), empty, gt, valid, binary=True)
+    assert float(silent["dice"]) < 1e-3 and float(silent["iou"]) < 1e-3
+    logits = torch.full((1, 1, 1, 4, 4), 2.0, requires_grad=True)
+    loud = ddeseg_loss(logits, empty, gt, valid, binary=True)
+    dice, iou = float(loud["dice"].detach()), float(loud["iou"].detach())
+    p = 1 / (1 + np.exp(-2.0))
+    assert abs(dice - (1 - 1e-5 / (16 * p + 1e-5))) < 1e-6 and abs(iou - (1 - 1e-5 / (16 * p + 1e-5))) < 1e-6
+    two_channel = 0.5 * (1 - (2 * 16 * (1 - p) + 1e-5) / (16 * (1 - p) + 16 + 1e-5)) + 0.5 * dice
+    assert abs(dice - two_channel) > 0.1  # the old [bg, fg] mean is a different number
+    (loud["dice"] + loud["iou"]).backward()
+    assert (logits.grad > 0).all()  # pushes the foreground logit down everywhere
 
 
 # ----------------------------------------------------------------------------- DDESeg's metric protocol
@@ -352,16 +381,55 @@ def test_shards_without_an_audio_bank_are_refused_naming_the_stage(shards: tuple
         index.write_text(json.dumps(doc))
 
 
-def test_paper_presets_follow_the_official_recipe() -> None:
-    model, train_cfg = build_configs(RunSpec(dataset="avss", preset="paper-pvt", work=Path("."), out=Path("."), method="ddeseg"))
-    assert model.backbone == "pvt_v2_b5" and model.image_size == 224
-    assert (train_cfg.lr, train_cfg.weight_decay, train_cfg.decay_norms, train_cfg.backbone_lr_mult) == (1e-4, 0.05, False, 1.0)
-    assert (train_cfg.schedule, train_cfg.min_lr_ratio, train_cfg.epochs, train_cfg.batch_size) == ("cosine", 0.4, 150, 5)
-    assert methods.validate(model) == DDESegOptions()
+@pytest.mark.parametrize("dataset", ["s4", "ms3", "avss"])
+@pytest.mark.parametrize("name", ["paper-pvt", "paper-r50"])
+def test_paper_presets_resolve_to_the_official_recipe(dataset: str, name: str) -> None:
+    model, t = build_configs(RunSpec(dataset=dataset, preset=name, work=Path("."), out=Path("."), method="ddeseg"))
+    assert model.backbone == ("pvt_v2_b5" if name == "paper-pvt" else "resnet50") and model.image_size == 224
+    assert model.backbone_kwargs == {"drop_path_rate": 0.1}
+    assert (t.lr, t.weight_decay, t.decay_norms, t.backbone_lr_mult) == (1e-4, 0.05, False, 1.0)
+    assert (t.schedule, t.min_lr_ratio, t.epochs, t.warmup_epochs, t.warmup_steps) == ("cosine", 0.4, 150, 2, 0)
+    assert (t.batch_size, t.batch_unit, t.augment, t.grad_clip, t.amp) == (50, "gt_frames", "ddeseg", 0.0, False)
+    options = methods.validate(model)
+    assert options == DDESegOptions(variant="code", memory="avss")
+    assert first_stride(options, model.backbone) == (2 if name == "paper-pvt" else 4)  # the official PVT's stem
+    paper, _ = build_configs(RunSpec(dataset=dataset, preset=name, work=Path("."), out=Path("."), method="ddeseg",
+                                     overrides=["method.variant=paper"]))
+    assert first_stride(methods.validate(paper), paper.backbone) == 4  # the paper's forms stay an option
+    tiny, tiny_train = build_configs(RunSpec(dataset=dataset, preset="tiny", work=Path("."), out=Path("."), method="ddeseg"))
+    assert methods.validate(tiny) == DDESegOptions(embed=32, tokens=3, visual_centres=3, heads=2)
+    assert (tiny_train.batch_unit, tiny_train.augment, tiny_train.warmup_epochs) == ("clips", "none", 0)
+
+
+def test_presets_refuse_unknown_components_and_a_bank_of_another_source() -> None:
     with pytest.raises(UserError, match="deri, dem, disc|'dem', 'deri', 'disc'"):
         build_configs(RunSpec(dataset="s4", preset="tiny", work=Path("."), out=Path("."), method="ddeseg", ablate=frozenset({"mit"})))
     with pytest.raises(ValueError, match="bank is built from clap_latent"):
         methods.get("ddeseg").build(preset("tiny", "s4")[0], DDESegOptions(source="clap"), _bank_resources())
+
+
+def test_code_variant_runs_the_pvt_at_stride_two_and_predicts_at_stride_two() -> None:
+    pvt = {"embed_dims": [16, 32, 48, 64], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4]}
+    spec = RunSpec(dataset="s4", preset="tiny", work=Path("."), out=Path("."), method="ddeseg",
+                   overrides=["model.backbone=pvt_v2_b0", f"model.backbone_kwargs={json.dumps(pvt).replace(':', '=')}",
+                              "model.image_size=32", "method.variant=code"])
+    cfg, _ = build_configs(spec)
+    torch.manual_seed(0)
+    code = DDESeg(cfg, methods.validate(cfg), memory()).eval()
+    paper = DDESeg(cfg, dataclasses.replace(methods.validate(cfg), variant="paper"), memory()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert [m.shape[-1] for m in code.backbone(x)] == [16, 8, 4, 2]  # strides 2, 4, 8, 16 (official FAVSBackbone)
+    assert [m.shape[-1] for m in paper.backbone(x)] == [8, 4, 2, 1]  # timm's strides 4, 8, 16, 32
+    assert code.backbone.body.patch_embed.proj.stride == (2, 2)
+    with torch.no_grad():
+        assert code.head(code.backbone(x)).shape == (2, 1, 16, 16)  # the head predicts at stride 2
+        assert code(batch())["logits"].shape == (2, 3, 1, 32, 32)  # upsampled to the frame
+    forced = DDESeg(cfg, dataclasses.replace(methods.validate(cfg), first_stride=4), memory())
+    assert forced.backbone.body.patch_embed.proj.stride == (4, 4)  # method.first_stride overrides the variant
+    with pytest.raises(ValueError, match="first_stride=2 needs a pvt_v2 backbone"):
+        StagedBackbone("resnet18", None, {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 96]}, first_stride=2)
+    with pytest.raises(ValueError, match="method ddeseg: first_stride must be one of 2, 4, got 3"):
+        methods.get("ddeseg").parse_options({"first_stride": 3})
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -389,3 +457,74 @@ def _bank_resources() -> Resources:
     path.write_bytes(npz_bytes({"centers": np.zeros((2, 4), np.float32), "reps": np.zeros((2, 2, 4), np.float32),
                                 "class_ids": np.arange(2), "source": np.array("clap_latent")}))
     return Resources(audio_bank=path)
+
+
+# ----------------------------------------------------------------------------- the official recipe's data path (S4)
+
+
+@pytest.fixture(scope="module")
+def s4_and_avss(tmp_path_factory) -> Path:
+    """One WORK with synthetic AVSS and S4 staged with the same tiny encoders (S4 with its own bank)."""
+    tmp = tmp_path_factory.mktemp("dd-both")
+    runner = CliRunner()
+    for dataset in ("avss", "s4"):
+        res = runner.invoke(app, ["synth", "--layout", dataset, "--out", str(tmp / dataset), "--clips", "10", "--size",
+                                  "32", "--seed", "0"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["stage", "all", "--dataset", dataset, "--root", str(tmp / dataset), "--work",
+                                  str(tmp / "work"), "--encoders", "tiny", "--image-size", "32", "--executor", "local",
+                                  "--bank-clusters", "2", "--bank-per-cluster", "2"])
+        assert res.exit_code == 0, res.output
+    return tmp / "work"
+
+
+RECIPE = ["model.image_size=32", "train.batch_unit=gt_frames", "train.batch_size=2", "train.augment=ddeseg",
+          "train.warmup_epochs=1", "train.grad_clip=0"]
+
+
+def test_s4_steps_see_the_asked_gt_frames_warm_up_by_epochs_and_resume_exactly(s4_and_avss: Path, tmp_path: Path) -> None:
+    from icf.data.frame_stream import FrameStream
+    from icf.data.shards import ShardStream
+
+    work = s4_and_avss
+    shards = ShardSet.load(work / "s4")
+    clips = ShardStream(shards, "train", 2, 32, train=True)
+    frames = FrameStream(shards, "train", 2, 32, train=True)
+    assert frames.num_samples() == clips.num_samples() >= 4  # S4 train: GT on frame 1 only, one per clip
+    b = next(iter(frames))
+    assert int(b["gt"].sum()) == 2 and b["frames"].shape[:2] == (2, 1)  # 2 supervised frames, not 2 clips × 1
+    assert int(next(iter(clips))["gt"].sum()) == 2 and next(iter(clips))["frames"].shape[1] == 5
+
+    def spec(out: str, steps: int) -> RunSpec:
+        return RunSpec(dataset="s4", preset="tiny", work=work, out=tmp_path / out, method="ddeseg", epochs=2,
+                       max_steps=steps, seed=5, overrides=RECIPE)
+
+    full = train(spec("full", 4))
+    train(spec("part", 2))
+    train(spec("part", 4), resume=True)
+    a, b_ = ([{k: v for k, v in r.items() if k != "time"} for r in read_metrics(run)] for run in (full, tmp_path / "part"))
+    assert [r["step"] for r in b_] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b_):
+        for key in ra:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-6), (ra["step"], key)
+    per_epoch = frames.num_samples() // 2
+    assert a[0]["lr"] == pytest.approx(3e-3 / per_epoch) and a[1]["lr"] == pytest.approx(3e-3 * 2 / per_epoch)
+    assert a[0]["grad_norm"] == 0.0  # grad_clip 0: no clipping, no norm computed
+
+
+def test_the_avss_memory_is_required_when_asked_and_taken_when_borrowed(s4_and_avss: Path, tmp_path: Path) -> None:
+    work = s4_and_avss
+    spec = RunSpec(dataset="s4", preset="tiny", work=work, out=tmp_path / "run", method="ddeseg", max_steps=1,
+                   overrides=["model.image_size=32", "method.memory=avss"])
+    with pytest.raises(UserError, match=r"method.memory=avss.*is not the AVSS bank.*--bank-from avss.*method.memory=shards"):
+        train(spec)
+    assert not (tmp_path / "run" / "run.json").exists()  # refused before the run folder is written
+    runner = CliRunner()
+    for args in (["stage", "bank", "--dataset", "s4", "--work", str(work), "--bank-from", "avss"],
+                 ["stage", "shard", "--dataset", "s4", "--work", str(work)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    s4, avss = (SemanticMemory.load(ShardSet.load(work / d).audio_bank) for d in ("s4", "avss"))
+    assert s4.digest == avss.digest and torch.equal(s4.centers, avss.centers)
+    run = train(spec)
+    assert json.loads((run / "run.json").read_text())["model"]["options"]["memory"] == "avss"

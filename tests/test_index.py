@@ -170,3 +170,35 @@ def test_write_is_atomic_and_round_trips(pristine, tmp_path):
     back = pq.read_table(path)
     assert back.equals(table)
     assert [Sample.from_row(r) for r in back.to_pylist()] == load_samples("avss", pristine / "avss")
+
+
+def test_an_unterminated_quote_refuses_the_csv_naming_its_line(tree):
+    """Findings 2, D9: ``"abc,…`` on row 4 of 10 made ``csv.reader`` read to the end of the file inside one
+    field, so the six rows after it vanished without a word. Now the CSV is refused, naming the line."""
+    root = tree / "avss"
+    csv_path = root / "metadata.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[4] = '"' + lines[4]
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=f"{csv_path}:5: .*unterminated quote"):
+        build_manifest("avss", root)
+    lines[7] = lines[7] + '"'  # a second stray quote closes it: rows 5-8 would become one field
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=f"{csv_path}:5: a quoted field runs over lines 5-8"):
+        build_manifest("avss", root)
+
+
+def test_a_label_png_holding_jpeg_bytes_fails_at_index(tree):
+    """Findings 2, D4: JPEG bytes under ``labels_semantic/0.png`` (mode L) passed the index, and their
+    compression noise invented class ids on ~10 % of the pixels. A mask must be a PNG."""
+    from icf.data.io import read_mask
+
+    root = tree / "avss"
+    sample = load_samples("avss", root)[0]
+    path = sample.mask_paths[0]
+    ids = np.asarray(Image.open(path))
+    Image.fromarray(ids).save(path, format="JPEG", quality=90)
+    error = _errors(build_manifest("avss", root))[sample.uid]
+    assert error.startswith(f"{path}: a mask must be a PNG (lossless), found JPEG bytes")
+    with pytest.raises(ValueError, match="a mask must be a PNG"):
+        read_mask(path, "avss")

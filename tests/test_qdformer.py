@@ -106,27 +106,72 @@ def test_the_local_path_never_updates_the_codebook() -> None:
     assert float(vq.codebook.grad.abs().sum()) > 0  # the global terms do update C
 
 
-def test_dead_codes_move_onto_tokens_after_their_idle_batches_and_only_in_training() -> None:
+def test_dead_codes_are_reseeded_from_the_buffer_after_their_idle_batches_and_only_in_training() -> None:
     vq = _vq()
     vq.restart_after = 2
     g = torch.tensor(G)  # selects codes 1, 2, 0, 0: code 3 is never used
     for step in range(2):  # two batches in which code 3 goes unused
         q = vq(g)
         assert q.restarted == 0 and vq.idle.tolist() == [0, 0, 0, step + 1]
+    assert int(vq.seen) == 8 and torch.equal(vq.buffered(), torch.cat([g, g]))  # the buffer holds both batches
     torch.manual_seed(0)
-    q = vq(g)  # code 3 is dead: it moves onto one of this batch's tokens before the lookup
+    q = vq(g)  # code 3 is dead: it is re-seeded onto a buffered token before the lookup
     assert q.restarted == 1
     assert any(torch.equal(vq.codebook[3].detach(), t) for t in g)
     assert torch.equal(vq.codebook[:3].detach(), _vq().codebook[:3].detach())  # live codes are untouched
-    assert q.idx.tolist() == [3, 2, 0, 3]  # on a token, it is the nearest code to it (and takes [0.5, 0] from code 0)
-    assert vq.idle.tolist() == [0, 1, 0, 0]  # code 1 lost its token: idle for one batch
+    hit = int(q.idx[[torch.equal(vq.codebook[3].detach(), t) for t in g].index(True)])
+    assert hit == 3  # the token it sits on now selects it
     vq.idle.fill_(5)
     before = vq.codebook.detach().clone()
-    local = vq(g, update_codebook=False)  # local lookups neither restart nor count as use
-    assert local.restarted == 0 and vq.idle.tolist() == [5] * 4
+    local = vq(g, update_codebook=False)  # local lookups neither restart, nor count as use, nor fill the buffer
+    assert local.restarted == 0 and vq.idle.tolist() == [5] * 4 and int(vq.seen) == 12
     vq.eval()
-    assert vq(g).restarted == 0 and vq.idle.tolist() == [5] * 4  # nor does evaluation
+    assert vq(g).restarted == 0 and vq.idle.tolist() == [5] * 4 and int(vq.seen) == 12  # nor does evaluation
     assert torch.equal(vq.codebook.detach(), before)
+
+
+def test_restart_never_puts_two_codes_on_one_token_nor_one_on_a_live_code() -> None:
+    """Many dead codes, few tokens: each re-seeded code gets its own token, a token a live code sits on gets none,
+    and the codes left over stay dead until new tokens come (never all onto one token, as before)."""
+    vq = VectorQuantizer(6, 2, restart_after=1)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [9.0, 9.0], [8.0, 9.0], [9.0, 8.0], [7.0, 9.0], [9.0, 7.0]]))
+    tokens = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # two sit exactly on code 0
+    vq(tokens)  # codes 1-5 unused: dead for the next batch
+    assert vq.idle.tolist() == [0, 1, 1, 1, 1, 1]
+    for seed in range(20):
+        trial = VectorQuantizer(6, 2, restart_after=1)
+        trial.load_state_dict(vq.state_dict())
+        torch.manual_seed(seed)
+        q = trial(tokens)
+        assert q.restarted == 2  # [1, 0] and [0, 2]: the only buffered tokens off every code
+        changed = [c for c, o in zip(trial.codebook.tolist()[1:], vq.codebook.tolist()[1:]) if c != o]
+        assert sorted(changed) == [[0.0, 2.0], [1.0, 0.0]]  # one code per token, each token once
+        assert trial.idle.tolist().count(0) >= 3 and max(trial.idle.tolist()) == 2  # the rest wait, still dead
+
+
+def test_restart_reseeds_from_earlier_batches_and_prefers_badly_served_tokens() -> None:
+    """The buffer spans batches: a batch that brings nothing new still lets dead codes come back, from tokens of
+    earlier batches; and k-means++ seeding picks the tokens far from every live code far more often."""
+    far, near = torch.tensor([[5.0, 5.0]]), torch.tensor([[0.1, 0.0]])
+    vq = VectorQuantizer(2, 2, restart_after=1, buffer_size=8)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [-9.0, -9.0]]))
+    vq(torch.cat([far, near]))  # both tokens select code 0: code 1 is dead from the next batch
+    assert vq.idle.tolist() == [0, 1]
+    torch.manual_seed(0)
+    q = vq(torch.zeros(1, 2))  # this batch sits on code 0 itself: only the earlier batch can re-seed code 1
+    assert q.restarted == 1 and torch.equal(vq.codebook[1].detach(), far[0])  # P(far) = 50/50.01
+    counts = {"far": 0, "near": 0}
+    for seed in range(200):
+        vq = VectorQuantizer(2, 2, restart_after=1, buffer_size=16)
+        with torch.no_grad():
+            vq.codebook.copy_(torch.tensor([[0.0, 0.0], [-9.0, -9.0]]))
+        vq(torch.cat([far.expand(1, 2), near.expand(9, 2)]))  # nine near tokens, one far one
+        torch.manual_seed(seed)
+        vq(torch.zeros(1, 2))
+        counts["far" if torch.equal(vq.codebook[1].detach(), far[0]) else "near"] += 1
+    assert counts["far"] > 180, counts  # P(far) = 50 / (50 + 9·0.01) ≈ 0.998; uniform drawing would give 0.1
 
 
 def test_a_masked_token_neither_seeds_a_code_nor_keeps_one_alive() -> None:
@@ -136,10 +181,32 @@ def test_a_masked_token_neither_seeds_a_code_nor_keeps_one_alive() -> None:
     mask = torch.tensor([False, True, False])
     vq(g, mask=mask)
     assert vq.idle.tolist() == [1, 0, 1, 1]  # only the real token's code counts
+    assert torch.equal(vq.buffered(), g[1:2])  # and only it is buffered
     q = vq(g, mask=mask)
-    assert q.restarted == 3
-    torch.testing.assert_close(vq.codebook.detach()[[0, 2, 3]], g[1].expand(3, 2))  # the dead move onto the real token
+    assert q.restarted == 1  # one real token off the live code: one code re-seeded onto it, the other two wait
+    torch.testing.assert_close(vq.codebook.detach()[0], g[1])
     torch.testing.assert_close(vq.codebook.detach()[1], torch.tensor([1.0, 0.0]))  # the live one stays
+    assert vq.idle.tolist()[2:] == [2, 2]
+
+
+def test_the_restart_buffer_is_saved_so_a_resumed_quantiser_reseeds_alike() -> None:
+    torch.manual_seed(3)
+    a = VectorQuantizer(8, 4, restart_after=1, buffer_size=5)
+    batches = [torch.randn(3, 4) for _ in range(4)]
+    for x in batches[:2]:
+        a(x)
+    b = VectorQuantizer(8, 4, restart_after=1, buffer_size=5)
+    b.load_state_dict(a.state_dict())
+    # ring of 5 rows: batch 0 filled rows 0-2, batch 1 rows 3, 4 and then 0 (its last token over the oldest)
+    assert int(b.seen) == 6 and torch.equal(b.buffered(), torch.cat([batches[1][2:], batches[0][1:], batches[1][:2]]))
+    for x in batches[2:]:
+        results = []
+        for q in (a, b):  # the same random draws for both
+            torch.manual_seed(11)
+            results.append(q(x))
+        qa, qb = results
+        assert qa.restarted == qb.restarted and torch.equal(qa.idx, qb.idx)
+    assert torch.equal(a.codebook, b.codebook)
 
 
 def test_without_restarts_the_tiny_codebook_collapses_and_with_them_it_stays_in_use() -> None:
@@ -408,23 +475,25 @@ def test_registry_refuses_foreign_components_and_options() -> None:
         QDFormerOptions(avsr_act="tanh")
 
 
-def test_presets_follow_the_paper() -> None:
-    spec = methods.get("qdformer")
-    for dataset, (epochs, drop) in (("s4", (13, 11)), ("avss", (16, 14))):
-        model, train = spec.preset("paper-r50", *preset("paper-r50", dataset))
-        assert (train.lr, train.backbone_lr_mult, train.weight_decay, train.batch_size) == (1e-4, 0.5, 5e-4, 4)
-        assert (train.epochs, train.schedule, train.milestones, train.gamma) == (epochs, "step", (drop,), 0.1)
-        assert (model.backbone, model.d_model, model.enc_layers, model.dec_layers, model.ffn_dim, model.dropout) == \
-            ("resnet50", 256, 4, 4, 2048, 0.1)
-        opts = spec.parse_options(model.options)
-        assert (opts.codebook_size, opts.num_tokens, opts.aux_loss, opts.lambda_quant, opts.lambda_com) == (128, 5, True, 0.5, 0.25)
-    model, _ = spec.preset("paper-pvt", *preset("paper-pvt", "ms3"))
-    assert model.backbone == "pvt_v2_b2"
-    model, train = spec.preset("tiny", *preset("tiny", "avss"))
-    opts = spec.parse_options(model.options)
-    assert (model.d_model, model.dec_layers, opts.num_tokens, opts.codebook_size, opts.asd_layers, opts.aux_loss) == \
-        (48, 3, 3, 16, 1, True)
-    assert train.lr == 1e-3
+def test_heads_start_from_the_detr_prior_and_a_zeroed_box_layer() -> None:
+    """R2VOS's initialisation: σ(class bias) = 0.01 on every class, and every token's box starts at centre (0.5, 0.5)
+    with size σ(−2) whatever the input (the box MLP's last layer is zero but for the w/h bias)."""
+    torch.manual_seed(8)
+    for dataset in ("s4", "avss"):
+        model = tiny_qd(dataset).train()
+        torch.testing.assert_close(model.class_head.bias.sigmoid(), torch.full_like(model.class_head.bias, 0.01))
+        preds, _ = model.outputs(make_batch(model.cfg, seed=3))
+        expected = torch.tensor([0.5, 0.5, 1 / (1 + np.exp(2.0)), 1 / (1 + np.exp(2.0))], dtype=torch.float32)
+        for pred in preds:
+            torch.testing.assert_close(pred.boxes, expected.expand_as(pred.boxes))
+
+
+def test_paper_mask_dim_gives_r2vos_dynamic_conv_size() -> None:
+    """D_m = 256 (R2VOS ``--mask_dim``): the dynamic conv reads 256 + 2 channels, θ has (258·8 + 8) + (8·8 + 8) +
+    (8 + 1) = 2153 numbers per token."""
+    model = tiny_qd("s4", mask_dim=256)
+    assert model.mask_proj.out_channels == 256
+    assert model.controller.net[-1].out_features == param_count(258, 8, 3) == 2153
 
 
 def test_aux_loss_adds_every_layer() -> None:
@@ -443,6 +512,7 @@ def test_aux_loss_adds_every_layer() -> None:
     ({"num_tokens": 2.5}, "method qdformer: num_tokens must be an integer, got 2.5"),
     ({"vq_restart": -1}, "method qdformer: vq_restart must be at least 0, got -1"),
     ({"vq_restart": True}, "method qdformer: vq_restart must be an integer, got True"),
+    ({"vq_buffer": 0}, "method qdformer: vq_buffer must be at least 1, got 0"),
     ({"avsr_act": "tanh"}, "method qdformer: avsr_act must be one of none, sigmoid, got 'tanh'"),
     ({"vq_init": "kmeans"}, "method qdformer: vq_init must be one of normal, first_batch, got 'kmeans'"),
     ({"bg_threshold": 1.0}, "method qdformer: bg_threshold must lie in (0, 1), got 1.0"),

@@ -1,5 +1,6 @@
-"""README's promises: every ``icf`` command line it shows names a real command and only options that command
-has, and the cheap ones run exactly as written; ARCHITECTURE's method table is the registry."""
+"""README's and docs/'s promises: every ``icf`` command line they show names a real command and only options that
+command has, and the cheap ones run exactly as written; README stays a five-minute read; ARCHITECTURE's method table
+is the registry."""
 
 from __future__ import annotations
 
@@ -15,12 +16,22 @@ from icf.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ARCHITECTURE = README.with_name("ARCHITECTURE.md")
+DOCS = sorted((README.parent / "docs").rglob("*.md"))
+PIPELINE = README.parent / "docs" / "pipeline.md"
 
 
-def readme_commands() -> list[str]:
-    """Every ``icf ...`` line of README's code blocks (continuations joined, comments dropped)."""
+def readme_commands(files: list[Path] | None = None) -> list[str]:
+    """Every ``icf ...`` line of the code blocks of README and docs/ (or ``files``; continuations joined, comments
+    dropped)."""
+    lines = []
+    for path in files or [README, *DOCS]:
+        lines += _commands(path)
+    return lines
+
+
+def _commands(path: Path) -> list[str]:
     lines, block, pending = [], False, ""
-    for raw in README.read_text().splitlines():
+    for raw in path.read_text().splitlines():
         if raw.startswith("```"):
             block = not block
             continue
@@ -64,14 +75,30 @@ def test_every_readme_command_line_parses(line: str) -> None:
     assert not unknown, f"{line}: {unknown} not options of `icf {cmd.name}` ({sorted(flags)})"
 
 
+def test_readme_is_a_five_minute_read_and_links_every_doc() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= 150
+    for doc in DOCS:
+        assert doc.read_text().lstrip().startswith("# "), doc
+        head = doc.read_text().split("\n## ")[0]
+        assert "```bash" in head, f"{doc} does not start with the commands a user types"
+    linked = {part.split(")")[0] for part in text.split("](")[1:]}
+    assert all((README.parent / link).exists() for link in linked), sorted(linked)
+    assert {"docs/pipeline.md", "docs/training.md", "docs/evaluation.md", "docs/towers.md", "docs/benchmarks.md",
+            "docs/reproduction.md"} <= linked
+    from icf import methods
+
+    assert {f"docs/methods/{name}.md" for name in methods.registry()} <= linked
+
+
 def test_the_short_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """README's Usage block from a fresh folder: synth, index, status, verify (the rest need minutes)."""
+    """docs/pipeline.md's first block from a fresh folder: synth, index, status, verify (the rest need minutes)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ICF_WORK", raising=False)
     runner = CliRunner()
     wanted = ("icf synth ", "icf stage index ", "icf status ", "icf verify ")
     ran = []
-    for line in readme_commands():
+    for line in readme_commands([PIPELINE]):
         if line.startswith(wanted) and not any(line.startswith(w) for w, _ in [(r, 0) for r in ran]):
             res = runner.invoke(app, concrete(line))
             assert res.exit_code == 0, (line, res.output)

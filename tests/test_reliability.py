@@ -254,6 +254,40 @@ def test_paths_outside_the_root_are_rejected(tmp_path):
     assert "outside the dataset root" in outside_root(outside, root)
 
 
+def test_a_media_symlink_to_a_file_outside_the_root_fails_at_index(tree, tmp_path):
+    """Findings 2, D11: a frame that is a symlink to a file outside ``--root`` was packed into the shards.
+    It fails at index now; a symlinked folder inside the tree (a dataset spread over disks) still works."""
+    ws = Workspace(tmp_path / "w", "avss")
+    rows = run_index_rows(ws, tree)
+    victim, other = Sample.from_row(rows[0]), Sample.from_row(rows[1])
+    secret = tmp_path / "outside" / "secret.jpg"
+    secret.parent.mkdir()
+    shutil.copy(victim.frame_paths[2], secret)
+    os.remove(victim.frame_paths[2])
+    os.symlink(secret, victim.frame_paths[2])
+    clip = Path(other.audio_path).parent
+    shutil.move(clip, tmp_path / "disk2")
+    os.symlink(tmp_path / "disk2", clip)
+    reasons = dict(run_index(ws, tree, None, UNIT).failures)
+    assert reasons == {victim.uid: f"{victim.frame_paths[2]}: a symlink to {secret}, outside the dataset root {tree}"}
+
+
+def test_a_bank_borrowed_from_its_own_dataset_is_refused_before_any_work(copy):
+    """Findings 2, D17: ``stage bank --bank-from avss`` on AVSS computed a bank in a new key, then blamed a
+    missing npz and left ``icf status`` showing bank and shard stale. Now it refuses first, changing nothing."""
+    from icf.stages.bank import BankStage
+
+    root, ws, clean = copy
+    before = states(ws)
+    own = BankStage(BankStage.Config(bank_from="avss"))
+    with pytest.raises(UserError, match="--bank-from avss: avss cannot borrow its own bank"):
+        run_stage(ws, own, RunOptions(executor="local", progress=False), QUIET)
+    with pytest.raises(UserError, match="cannot borrow its own bank"):
+        run_pipeline(ws, pipeline_stages({"extract": TINY, "bank": own.cfg, "shard": SMALL}),
+                     RunOptions(executor="local", progress=False), QUIET, index=lambda: run_index(ws, root, None, UNIT))
+    assert states(ws) == before and set(before.values()) == {"done"} and files(ws) == clean
+
+
 # ------------------------------------------------------------------------------ F2: shards verified when read
 
 def _test_tar(ws: Workspace) -> Path:
@@ -445,3 +479,50 @@ def test_a_full_disk_mid_run_is_one_line_after_the_summaries_of_what_finished(re
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and lines[-1].startswith("error:") and "No space left on device" in lines[-1]
     assert "Traceback" not in res.output and any(line.startswith("extract [") for line in lines)
+
+
+# ------------------------------------------------------------------------------ findings 2, D8: transient failures heal
+
+def test_a_clip_whose_files_were_briefly_missing_is_recomputed_once_they_are_back(tree, tmp_path):
+    """Files moved away after the index and moved back unchanged (same size and mtime, so the same input
+    signature): ``stage all`` recomputes the clip instead of keeping its 'missing file' failure, and
+    ``icf status`` no longer names a missing file that exists."""
+    ws = Workspace(tmp_path / "w", "avss")
+    run_index(ws, tree, None, UNIT)
+    victim = Sample.from_row(ws.read_manifest().to_pylist()[0])
+    moved = {p: tmp_path / f"away{i}" for i, p in enumerate((victim.audio_path, victim.frame_paths[3]))}
+    for path, away in moved.items():
+        os.rename(path, away)
+    stages = pipeline_stages({"extract": TINY, "shard": SMALL})
+    summaries = {s.stage: s for s in run_pipeline(ws, stages, RunOptions(executor="local", progress=False), QUIET)}
+    assert summaries["extract"].failed == 1 and summaries["mel"].failed == 1
+    for path, away in moved.items():
+        os.rename(away, path)
+    entry = next(e for e in dataset_status(ws) if e["stage"] == "extract")
+    assert entry["state"] == "incomplete" and "readable again" in entry["failures"][0]["error"]
+    out = run_all(ws, tree)
+    assert not out["index"].rebuilt  # the clip's files are as they were at index time
+    assert out["extract"].computed == 1 and out["mel"].computed == 1 and out["extract"].failed == 0
+    assert out["shard"].counts["ok"] == 9
+    shards = ShardSet.load(ws.root)
+    assert sum(shards.num_samples(s) for s in shards.splits if shards.splits[s]) == 9
+    assert all(e["state"] == "done" and not e["failures"] for e in dataset_status(ws))
+    again = run_all(ws, tree)
+    assert sum(again[s].computed for s in ("mel", "extract", "shard")) == 0
+
+
+def test_a_clip_that_failed_for_content_is_not_recomputed_on_every_run(tree, tmp_path):
+    """Only failures that blame a missing or unreadable file are re-checked: a clip whose audio is too short
+    (a content failure) stays failed without being recomputed."""
+    ws = Workspace(tmp_path / "w", "avss")
+    victim = Sample.from_row(next(r for r in run_index_rows(ws, tree)))
+    sf.write(victim.audio_path, np.zeros(800, np.float32), 16000, subtype="PCM_16")  # 0.05 s
+    first = run_all(ws, tree)
+    assert first["extract"].failed == 1
+    again = run_all(ws, tree)
+    assert again["extract"].failed == 1 and again["extract"].computed == 0 and again["mel"].computed == 0
+
+
+def run_index_rows(ws: Workspace, root: Path) -> list[dict]:
+    run_index(ws, root, None, UNIT)
+    return ws.read_manifest().to_pylist()

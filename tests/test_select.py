@@ -74,6 +74,12 @@ def test_official_validation_rule_and_selection_metric() -> None:
     assert not any(due(TrainConfig(), n) for n in range(1, 10))
     assert selection_metric(TrainConfig(), "tpavi") == "J" and selection_metric(TrainConfig(), "ddeseg") == "J_dh"
     assert selection_metric(TrainConfig(select_metric="F"), "ddeseg") == "F"
+    from icf import methods
+    from icf.config import preset
+
+    for dataset, rule in (("s4", (1, 0)), ("ms3", (1, 0)), ("avss", (2, 15))):  # TPAVI's official recipe
+        train_cfg = methods.get("tpavi").preset("paper-pvt", *preset("paper-pvt", dataset))[1]
+        assert (train_cfg.val_every, train_cfg.val_start_epoch, train_cfg.select_metric) == (*rule, "auto")
     for bad in (dict(val_every=-1), dict(val_start_epoch=-2), dict(select_metric="FDR")):
         with pytest.raises(ValueError, match="train\\.(val_every|val_start_epoch|select_metric)"):
             TrainConfig(**bad)

@@ -59,10 +59,13 @@ def test_binary_and_avss_shapes_with_padding(encoders) -> None:
         assert set(model.eval()(batch)) == {"logits"}
 
 
-def test_padded_frames_do_not_change_real_frames(encoders) -> None:
+@pytest.mark.parametrize("window", [5, 10])
+def test_padded_frames_do_not_change_real_frames(encoders, window: int) -> None:
+    """Window 5: the padded frames of a 5-frame clip fill their own window (as in the official code); window 10:
+    they share the real frames' window and are excluded from its sum."""
     torch.manual_seed(1)
     cfg = tiny("avss")
-    model = TPAVISegmenter(cfg)
+    model = TPAVISegmenter(cfg, window=window)
     _open_tpavi(model)
     model.eval()
     batch = make_batch(cfg, encoders, b=2, n_real=[5, 10])
@@ -83,6 +86,7 @@ def test_audio_changes_the_mask_once_tpavi_is_open(encoders) -> None:
     cfg = tiny("s4")
     model = TPAVISegmenter(cfg).eval()
     batch = make_batch(cfg, encoders)
+    batch["mel"][0] += 2.0  # two clearly different sounds (random mels pool to nearly the same raw embedding)
     flipped = dict(batch, mel=batch["mel"].flip(0))
     with torch.no_grad():
         # W_z's BatchNorm starts at 0 (official init): the untrained block is LN(x) and ignores the audio
@@ -93,7 +97,7 @@ def test_audio_changes_the_mask_once_tpavi_is_open(encoders) -> None:
 
 def test_no_tpavi_stage_means_no_audio_in_the_mask(encoders) -> None:
     cfg = tiny("s4")
-    model = TPAVISegmenter(cfg, stages=()).eval()
+    model = TPAVISegmenter(cfg, stages=(), audio_path="projected").eval()
     assert len(model.tpavi) == 0
     batch = make_batch(cfg, encoders)
     with torch.no_grad():
@@ -104,8 +108,9 @@ def test_no_tpavi_stage_means_no_audio_in_the_mask(encoders) -> None:
 
 
 def _slow_tpavi(block: TPAVI, x: np.ndarray, aligned: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The non-local block as written in AVSBench's TPAVI.py: the full (T·h·w)² affinity between θ(x) and φ of the
-    audio broadcast over (h, w), divided by the number of positions, times g(x) — restricted to real frames."""
+    """The non-local block as written in AVSBench's TPAVI.py, on each window of ``block.window`` frames (official
+    ``pre_reshape_for_tpavi``): the full (w·h·w)² affinity between θ(x) and φ of the audio broadcast over (h, w),
+    divided by the number of positions, times g(x) — restricted to the window's real frames."""
     def conv1x1(conv: torch.nn.Conv2d, v: np.ndarray) -> np.ndarray:  # v (C, P) → (C', P)
         w = conv.weight.detach().double().numpy()[:, :, 0, 0]
         return w @ v + conv.bias.detach().double().numpy()[:, None]
@@ -115,26 +120,27 @@ def _slow_tpavi(block: TPAVI, x: np.ndarray, aligned: np.ndarray, valid: np.ndar
     phi_w, phi_b = block.phi.weight.detach().double().numpy(), block.phi.bias.detach().double().numpy()
     y = np.zeros((b, t, c // 2, h, w))
     for i in range(b):
-        frames = [s for s in range(t) if valid[i, s]]
-        pos = np.concatenate([x[i * t + s].reshape(c, -1) for s in range(t)], axis=1)  # (C, T·h·w)
-        theta, g = conv1x1(block.theta, pos), conv1x1(block.g, pos)
-        audio_map = np.repeat(aligned[i].T, h * w, axis=1)  # (C, T·h·w): a_t broadcast over (h, w)
-        phi = phi_w @ audio_map + phi_b[:, None]
-        keep = np.repeat(valid[i], h * w)
-        f = theta.T @ phi[:, keep]  # (T·h·w, N_real)
-        out = (f / keep.sum()) @ g[:, keep].T  # (T·h·w, C')
-        y[i] = out.T.reshape(c // 2, t, h, w).transpose(1, 0, 2, 3)
-        assert len(frames) * h * w == keep.sum()
+        for start in range(0, t, block.window):
+            frames = list(range(start, min(start + block.window, t)))
+            pos = np.concatenate([x[i * t + s].reshape(c, -1) for s in frames], axis=1)  # (C, w·h·w)
+            theta, g = conv1x1(block.theta, pos), conv1x1(block.g, pos)
+            audio_map = np.repeat(aligned[i, frames].T, h * w, axis=1)  # (C, w·h·w): a_t broadcast over (h, w)
+            phi = phi_w @ audio_map + phi_b[:, None]
+            keep = np.repeat(valid[i, frames], h * w)
+            f = theta.T @ phi[:, keep]  # (w·h·w, N_real)
+            out = (f / max(keep.sum(), 1)) @ g[:, keep].T  # (w·h·w, C')
+            y[i, frames] = out.T.reshape(c // 2, len(frames), h, w).transpose(1, 0, 2, 3)
     return y.reshape(b * t, c // 2, h, w)
 
 
-def test_tpavi_attention_matches_the_explicit_non_local_block() -> None:
+@pytest.mark.parametrize("window", [5, 2])
+def test_tpavi_attention_matches_the_explicit_non_local_block(window: int) -> None:
     torch.manual_seed(3)
-    block = TPAVI(8, 6).double().eval()
-    b, t, h, w = 2, 3, 3, 2
+    block = TPAVI(8, 6, window=window).double().eval()
+    b, t, h, w = 2, 5, 3, 2
     x = torch.randn(b * t, 8, h, w, dtype=torch.float64)
     audio = torch.randn(b, t, 6, dtype=torch.float64)
-    valid = torch.tensor([[True, True, True], [True, True, False]])
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
     aligned = block.align(audio)
     got = block.attention(x, aligned, valid)
     want = _slow_tpavi(block, x.numpy(), aligned.detach().numpy(), valid.numpy())
@@ -149,6 +155,72 @@ def test_tpavi_attention_matches_the_explicit_non_local_block() -> None:
     keep = valid.flatten()
     torch.testing.assert_close(z[keep], ref[keep], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out_audio, aligned)
+
+
+# ---- temporal window and audio path -----------------------------------------------------------------
+
+
+def _avss_pair(encoders, window: int) -> tuple[TPAVISegmenter, dict, dict]:
+    """An opened tiny AVSS model, one real 10-frame clip, and the same frames as two 5-frame clips."""
+    torch.manual_seed(11)
+    cfg = tiny("avss")
+    model = TPAVISegmenter(cfg, window=window)
+    _open_tpavi(model)
+    batch = make_batch(cfg, encoders, b=1)
+    halves = {k: batch[k].reshape(2, 5, *batch[k].shape[2:]) for k in ("frames", "masks", "gt", "valid", "mel")}
+    return model.eval(), batch, halves
+
+
+def test_window_of_five_on_ten_frames_is_two_five_frame_clips(encoders) -> None:
+    model, batch, halves = _avss_pair(encoders, window=5)
+    with torch.no_grad():
+        whole = model(batch)["logits"]
+        split = model(halves)["logits"]
+    assert whole.shape == (1, 10, 71, 64, 64)
+    torch.testing.assert_close(whole.reshape(split.shape), split, rtol=1e-5, atol=1e-5)
+
+
+def test_window_of_ten_mixes_the_two_halves(encoders) -> None:
+    """window ≥ T attends over the whole clip: the second half's frames change the first half's masks."""
+    model, batch, halves = _avss_pair(encoders, window=10)
+    with torch.no_grad():
+        whole = model(batch)["logits"]
+        split = model(halves)["logits"]
+        changed = dict(batch, frames=batch["frames"].clone())
+        changed["frames"][0, 7] = 5.0
+        assert (model(changed)["logits"][0, :5] - whole[0, :5]).abs().max() > 1e-4
+    assert (whole.reshape(split.shape) - split).abs().max() > 1e-4
+    five, _, _ = _avss_pair(encoders, window=5)
+    with torch.no_grad():
+        base = five(batch)["logits"]
+        torch.testing.assert_close(five(changed)["logits"][0, :5], base[0, :5])
+
+
+def test_official_audio_path_reads_the_raw_embedding() -> None:
+    for dataset, bias in (("s4", True), ("avss", False)):
+        cfg = tiny(dataset)
+        official = TPAVISegmenter(cfg)
+        assert isinstance(official.audio.proj, torch.nn.Identity) and official.audio.width == cfg.audio_channels[-1]
+        assert not any(k.startswith("audio.proj") for k in official.state_dict())
+        for block in official.tpavi.values():
+            assert block.align.in_features == cfg.audio_channels[-1]
+            assert (block.align.bias is not None) == bias  # the official AVSS align_channel has no bias
+        projected = TPAVISegmenter(cfg, audio_path="projected")
+        assert projected.audio.width == cfg.d_model and projected.tpavi["0"].align.bias is not None
+        assert projected.tpavi["0"].align.in_features == cfg.d_model
+
+
+def test_official_audio_feature_is_the_deepest_blocks_aligned_audio(encoders) -> None:
+    torch.manual_seed(12)
+    cfg = tiny("s4")
+    model = TPAVISegmenter(cfg, stages=(1, 2)).eval()
+    batch = make_batch(cfg, encoders)
+    with torch.no_grad():
+        enc = model.encode(batch)
+        torch.testing.assert_close(enc.audio, model.tpavi["2"].align(model.audio(batch["mel"])))
+        torch.testing.assert_close(enc.state["stage_audio"][-1], enc.audio)
+    with pytest.raises(ValueError, match="audio_path=projected"):
+        TPAVISegmenter(cfg, stages=())
 
 
 # ---- gradients and losses ---------------------------------------------------------------------------
@@ -238,10 +310,11 @@ def test_ms3_avm_mask_pooling_follows_the_prediction(encoders) -> None:
 def test_method_registry_and_options() -> None:
     cfg = dataclasses.replace(tiny("s4"), method="tpavi", options={"tpavi_stages": [2, 3], "loss": "eq18"})
     options = methods.validate(cfg)
-    assert options == TPAVIOptions(tpavi_stages=(2, 3), loss="eq18")
+    assert options == TPAVIOptions(tpavi_stages=(2, 3), loss="eq18", audio_path="official", window=5)
     model = methods.get("tpavi").build(cfg, options, Resources())
     assert isinstance(model, TPAVISegmenter) and sorted(model.tpavi) == ["2", "3"] and model.loss_mode == "eq18"
-    for bad, match in (({"tpavi_stages": [4]}, "tpavi_stages"), ({"loss": "iou"}, "loss"), ({"stages": [1]}, "unknown option")):
+    for bad, match in (({"tpavi_stages": [4]}, "tpavi_stages"), ({"loss": "iou"}, "loss"), ({"stages": [1]}, "unknown option"),
+                       ({"audio_path": "raw"}, "audio_path"), ({"window": 0}, "window"), ({"window": 2.5}, "window")):
         with pytest.raises(ValueError, match=match):
             methods.validate(dataclasses.replace(cfg, options=bad))
 
@@ -292,6 +365,21 @@ def test_icf_text_hook_over_tpavi_changes_eval_output(encoders) -> None:
 
 
 # ---- paper presets ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset, epochs", [("s4", 15), ("ms3", 30), ("avss", 60)])
+@pytest.mark.parametrize("name, backbone", [("paper-r50", "resnet50"), ("paper-pvt", "pvt_v2_b5")])
+def test_paper_presets_take_the_official_recipe(dataset: str, epochs: int, name: str, backbone: str) -> None:
+    """avs_scripts/*/train.py: Adam(model.parameters(), 1e-4), batch 4, no schedule, fp32, no clipping, VGGish frozen."""
+    model, train = methods.get("tpavi").preset(name, *preset(name, dataset))
+    assert (train.lr, train.weight_decay, train.schedule, train.warmup_steps) == (1e-4, 0.0, "constant", 0)
+    assert (train.backbone_lr_mult, train.batch_size, train.epochs) == (1.0, 4, epochs)
+    assert (train.amp, train.grad_clip) == (False, 0.0)
+    assert model.backbone == backbone and model.audio_encoder == "vggish" and model.freeze_audio
+    assert model.num_classes == (71 if dataset == "avss" else 1) and model.d_model == 256
+    assert methods.validate(dataclasses.replace(model, method="tpavi")) == TPAVIOptions()
+    tiny_model, tiny_train = methods.get("tpavi").preset("tiny", *preset("tiny", dataset))
+    assert (tiny_model, tiny_train) == preset("tiny", dataset)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ names and which fields to keep. Adapters build Samples from the CSV and never op
 stage (:mod:`icf.stages.index`) checks the files.
 
 Two levels of trouble: a problem with the dataset as a whole (missing root or CSV, wrong header,
-undecodable CSV) raises ``UserError``; a problem with one row (wrong number of fields, unknown AVSS
+undecodable CSV, an unterminated quote) raises ``UserError``; a problem with one row (wrong number of fields, unknown AVSS
 label) is a :class:`RowError`, which :func:`load_rows` keeps as that row's reason and
 :func:`load_samples` raises as a ``UserError``.
 """
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import csv
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from icf.clitools import UserError
 from icf.data.datasets import SPLITS, DatasetInfo
@@ -45,7 +46,8 @@ def read_csv(root: Path, info: DatasetInfo) -> list[tuple[int, Row, str]]:
 
     ``problem`` is ``""`` for a well-formed row; a row with the wrong number of fields keeps the fields
     it has (missing ones ``""``) and says so. Raises ``UserError`` naming the file when it is missing,
-    unreadable or not UTF-8, or when its header is not exactly ``info.csv.columns``.
+    unreadable or not UTF-8, when its header is not exactly ``info.csv.columns``, or when a record is
+    malformed (an unterminated quote), naming the line.
     """
     path = root / info.csv.file
     if not path.is_file():
@@ -53,20 +55,38 @@ def read_csv(root: Path, info: DatasetInfo) -> list[tuple[int, Row, str]]:
     expected = list(info.csv.columns)
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
+            reader = csv.reader(fh, strict=True)
             header = next(reader, None)
             if header != expected:
                 found = ",".join(header) if header else "an empty file"
                 raise UserError(f"{path}: expected columns {','.join(expected)}, found {found}")
             rows = []
-            for fields in reader:
+            for start, fields in _records(reader, path):
                 if not fields:
                     continue
                 problem = "" if len(fields) == len(expected) else f"expected {len(expected)} fields, found {len(fields)}"
-                rows.append((reader.line_num, dict(zip(expected, fields + [""] * len(expected))), problem))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+                rows.append((start, dict(zip(expected, fields + [""] * len(expected))), problem))
+    except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: unreadable metadata CSV ({err})") from None
     return rows
+
+
+def _records(reader: Any, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of each record of a strict ``csv.reader``. No metadata field holds a line
+    break, so a record that spans lines means an unterminated quote, which would swallow the rows after it:
+    ``UserError`` naming the line where it starts (as for any other quoting error)."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader, None)
+        except csv.Error as err:
+            raise UserError(f"{path}:{start}: malformed CSV record ({err}; an unterminated quote?)") from None
+        if fields is None:
+            return
+        if reader.line_num > start:
+            raise UserError(f"{path}:{start}: a quoted field runs over lines {start}-{reader.line_num} "
+                            "(an unterminated quote?)")
+        yield start, fields
 def clip_paths(
     info: DatasetInfo, root: Path, row: Row, subset: str, mask_template: str = ""
 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[bool, ...], str]:

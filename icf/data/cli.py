@@ -8,7 +8,9 @@ from pathlib import Path
 
 import typer
 
-from icf.clitools import UserError, WorkOption, check_dataset, dataset_option, ensure_writable, out, user_errors, work_dir
+from icf.clitools import (
+    UserError, WorkOption, check_dataset, dataset_option, ensure_writable, out, print_json, user_errors, work_dir,
+)
 from icf.data.datasets import object_vocabulary
 from icf.data.synth import synthesize
 
@@ -24,6 +26,7 @@ def synth(
     size: int = typer.Option(224, "--size", help="Frame side in pixels."),
     snr_db: float = typer.Option(20.0, "--snr-db", help="Background noise level below one source, in dB."),
     classes: int = typer.Option(8, "--classes", help="How many classes of the layout's vocabulary appear."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Write a synthetic dataset in the exact on-disk layout of AVSBench S4, MS3 or AVSS."""
     check_dataset(dataset)
@@ -45,7 +48,12 @@ def synth(
     seconds = time.perf_counter() - start
     counts = Counter((p.subset, p.split) for p in plans)
     parts = ", ".join(f"{sub}/{split} {n}" for (sub, split), n in sorted(counts.items()))
-    out.print(f"wrote {len(plans)} {dataset} clips to {out_dir} in {seconds:.1f} s ({parts})", highlight=False, soft_wrap=True)
+    if json_out:
+        print_json({"dataset": dataset, "out": str(out_dir), "clips": len(plans), "seconds": round(seconds, 3),
+                    "counts": {f"{sub}/{split}": n for (sub, split), n in sorted(counts.items())}})
+    else:
+        out.print(f"wrote {len(plans)} {dataset} clips to {out_dir} in {seconds:.1f} s ({parts})", highlight=False,
+                  soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -52,13 +52,18 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+MISSING, UNREADABLE_IMAGE, UNREADABLE_AUDIO = "missing file", "unreadable image", "unreadable audio"
+MISSING_AUDIO, BROKEN_LINK, FOLDER = "missing audio file", "broken or looping symlink", "a folder, not a file"
+UNAVAILABLE = (MISSING, MISSING_AUDIO, BROKEN_LINK, FOLDER, UNREADABLE_IMAGE, UNREADABLE_AUDIO)  # may be transient
+
+
 def missing_reason(path: Path) -> str:
     """Why a path is not a readable file: a broken or looping symlink, a folder, or missing."""
     if path.is_symlink():
-        return "broken or looping symlink"
+        return BROKEN_LINK
     if path.is_dir():
-        return "a folder, not a file"
-    return "missing file"
+        return FOLDER
+    return MISSING
 
 
 def check_wav(path: str | Path) -> int:
@@ -69,11 +74,11 @@ def check_wav(path: str | Path) -> int:
     path = Path(path)
     if not path.is_file():
         reason = missing_reason(path)
-        raise ValueError(f"{path}: {'missing audio file' if reason == 'missing file' else reason}")
+        raise ValueError(f"{path}: {MISSING_AUDIO if reason == MISSING else reason}")
     try:
         frames = sf.info(str(path)).frames
     except Exception as err:  # libsndfile reports many kinds of damage; all mean "unreadable"
-        raise ValueError(f"{path}: unreadable audio ({err})") from None
+        raise ValueError(f"{path}: {UNREADABLE_AUDIO} ({err})") from None
     if frames <= 0:
         raise ValueError(f"{path}: empty audio (0 samples)")
     chunk = _data_chunk(path)
@@ -97,7 +102,7 @@ def read_wav(path: str | Path, sr: int = 16000) -> np.ndarray:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:
-        raise ValueError(f"{path}: unreadable audio ({err})") from None
+        raise ValueError(f"{path}: {UNREADABLE_AUDIO} ({err})") from None
     wav = data.mean(axis=1, dtype=np.float32)
     if rate != sr:  # torch is imported only here: the header checks of the index stay light
         import torch
@@ -114,7 +119,7 @@ def _open_image(path: Path) -> Image.Image:
         img = Image.open(path)
         img.load()
     except Exception as err:
-        raise ValueError(f"{path}: unreadable image ({err})") from None
+        raise ValueError(f"{path}: {UNREADABLE_IMAGE} ({err})") from None
     return img
 
 
@@ -146,6 +151,8 @@ def read_mask(path: str | Path, dataset: str) -> np.ndarray:
     path = Path(path)
     info = load_info(dataset)
     img = _open_image(path)
+    if problem := lossy_mask(path, img.format):
+        raise ValueError(problem)
     if info.binary:
         return (np.asarray(img.convert("L")) >= 128).astype(np.uint8)
     if img.mode in COLOUR_MODES:
@@ -187,8 +194,17 @@ def decolorize(rgb: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np
     return ids.astype(np.uint8)
 
 
-def image_size(path: str) -> tuple[tuple[int, int], str]:
-    """``((width, height), mode)`` of an image, checked without decoding pixels.
+def lossy_mask(path: str | Path, fmt: str | None) -> str | None:
+    """Why a GT mask file whose bytes are in format ``fmt`` (PIL's name) cannot be used, or None: masks must be
+    PNG (every AVSBench subset ships PNG). JPEG bytes under a ``.png`` name decode, but their compression
+    noise shifts pixels to class ids that occur nowhere in the clip."""
+    if fmt == "PNG":
+        return None
+    return f"{path}: a mask must be a PNG (lossless), found {fmt or 'unknown'} bytes (lossy compression invents class ids)"
+
+
+def image_size(path: str) -> tuple[tuple[int, int], str, str | None]:
+    """``((width, height), mode, format)`` of an image, checked without decoding pixels.
 
     Raises ``ValueError`` naming the file: missing, unreadable, corrupt PNG chunk, truncated JPEG.
     """
@@ -200,32 +216,35 @@ def image_size(path: str) -> tuple[tuple[int, int], str]:
             if fmt == "PNG":
                 img.verify()  # walks every chunk and checks its CRC; no inflate
     except Exception as err:
-        raise ValueError(f"{path}: unreadable image ({err})") from None
+        raise ValueError(f"{path}: {UNREADABLE_IMAGE} ({err})") from None
     if fmt == "JPEG":
         with open(path, "rb") as fh:
             fh.seek(max(0, os.path.getsize(path) - 64))
             if b"\xff\xd9" not in fh.read():
                 raise ValueError(f"{path}: truncated JPEG (no end-of-image marker)")
-    return size, mode
+    return size, mode, fmt
 
 
 def media_errors(sample: Sample) -> list[str]:
     """Every problem with a clip's files, read without decoding: each frame and GT mask readable (PNG CRCs, JPEG end
-    marker), a mask the size of its frame and of the dataset's kind, the WAV whole. Each names the file."""
+    marker), a mask a PNG the size of its frame and of the dataset's kind, the WAV whole. Each names the file."""
     info = load_info(sample.dataset)
     errors = []
     for frame, mask in zip(sample.frame_paths, sample.mask_paths):
         try:
-            frame_size, _ = image_size(frame)
+            frame_size, _, _ = image_size(frame)
         except ValueError as err:
             errors.append(str(err))
             frame_size = None
         if not mask:
             continue
         try:
-            mask_size, mode = image_size(mask)
+            mask_size, mode, fmt = image_size(mask)
         except ValueError as err:
             errors.append(str(err))
+            continue
+        if problem := lossy_mask(mask, fmt):
+            errors.append(problem)
             continue
         if not info.binary and mode not in INDEX_MODES + COLOUR_MODES:
             errors.append(f"{mask}: class mask must be a class-index (L, P) or palette-colour (RGB) PNG, found mode {mode}")
@@ -238,3 +257,26 @@ def media_errors(sample: Sample) -> list[str]:
     except ValueError as err:
         errors.append(str(err))
     return errors
+
+
+def sample_files(sample: Sample) -> list[str]:
+    """Every file a clip is read from: frames, GT masks, the WAV."""
+    return [*sample.frame_paths, *(m for m in sample.mask_paths if m), sample.audio_path]
+
+
+def unavailable_file(sample: Sample, error: str) -> str | None:
+    """The file of ``sample`` that a failure reason (a reader's ``"<path>: <reason>"``, possibly the first of
+    several joined by ``"; "``) blames for being missing or unreadable, or None (a content problem, or
+    no file named): such a failure may be transient (a file briefly moved, a network filesystem's read
+    error) and is worth re-checking."""
+    for path in sample_files(sample):
+        if error.startswith(f"{path}: ") and error[len(path) + 2 :].startswith(UNAVAILABLE):
+            return path
+    return None
+
+
+def healed(sample: Sample, error: str | None) -> bool:
+    """Whether a clip that failed with ``error`` because a file was missing or unreadable now passes the
+    index's cheap checks for that file (`media_errors`), so recomputing it may succeed."""
+    path = unavailable_file(sample, error or "")
+    return path is not None and not any(e.startswith(f"{path}: ") for e in media_errors(sample))

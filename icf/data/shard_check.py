@@ -5,13 +5,15 @@ must never give a silent run on fewer clips, nor a ``tarfile`` traceback).
   every shard: one ``stat`` each).
 * :func:`read_checked`: streams one tar's samples while hashing the bytes as they are read, then checks
   the recorded ``sha256`` and ``nsamples`` once the tar is exhausted (no second read of the file). A
-  damaged tar raises :class:`ShardError` naming the file and the command that rebuilds it.
+  damaged tar raises :class:`ShardError` naming the file and the command that rebuilds it, or, when
+  ``shards.json`` itself changed since the reader loaded it (shards rebuilt mid-run), saying so.
 * :func:`shard_problem`: the full check (size, sha256, sample count) without decoding, for ``icf verify``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +35,27 @@ def rebuild_hint(dataset_dir: Path, altered: bool = False) -> str:
     force = " --force" if altered else ""
     return (f"rebuild the shards with `icf {command} --dataset {dataset_dir.name} --work {dataset_dir.parent}{force}` "
             "(with the options of the run that made them)")
+
+
+def rebuilt_since(entry: dict[str, Any]) -> bool:
+    """Whether ``shards.json`` no longer lists the tar of ``entry`` (read from it earlier, ``url`` absolute) as
+    it did: the shards were rebuilt while a run was reading them (``icf stage shard`` under a trainer)."""
+    url = Path(entry["url"])
+    try:
+        doc = json.loads((url.parents[2] / "shards.json").read_text())
+        now = [e for entries in doc["splits"].values() for e in entries if url.parents[2] / e["url"] == url]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False  # gone or unreadable: the rebuild hint applies
+    return not now or any(now[0].get(k) != entry.get(k) for k in ("filesize", "sha256", "nsamples"))
+
+
+def remedy(entry: dict[str, Any], altered: bool = False) -> str:
+    """What to do about a tar that does not match its ``shards.json`` entry: nothing is wrong with the shards
+    when they were rebuilt under the reader (start the run again), else `rebuild_hint`."""
+    if rebuilt_since(entry):
+        return ("the shards were rebuilt while this run read them (shards.json has changed since it started); "
+                "they are consistent: start the run again")
+    return rebuild_hint(Path(entry["url"]).parents[2], altered)
 
 
 def size_problem(entry: dict[str, Any]) -> str | None:
@@ -73,7 +96,7 @@ def read_checked(entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
     url = entry["url"]
     problem = size_problem(entry)
     if problem:
-        raise ShardError(f"{problem}; {rebuild_hint(Path(url).parents[2])}")
+        raise ShardError(f"{problem}; {remedy(entry)}")
     count = 0
     try:
         with open(url, "rb") as fh:
@@ -83,11 +106,11 @@ def read_checked(entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 yield sample
             digest = reader.drain()
     except (tarfile.TarError, ValueError, OSError, EOFError) as err:
-        raise ShardError(f"{url}: unreadable shard ({type(err).__name__}: {err}); {rebuild_hint(Path(url).parents[2], altered=True)}") from None
+        raise ShardError(f"{url}: unreadable shard ({type(err).__name__}: {err}); {remedy(entry, altered=True)}") from None
     if count != int(entry["nsamples"]):
-        raise ShardError(f"{url}: shard holds {count} samples, shards.json says {entry['nsamples']}; {rebuild_hint(Path(url).parents[2], altered=True)}")
+        raise ShardError(f"{url}: shard holds {count} samples, shards.json says {entry['nsamples']}; {remedy(entry, altered=True)}")
     if entry.get("sha256") and digest != entry["sha256"]:
-        raise ShardError(f"{url}: shard sha256 differs from shards.json (altered file); {rebuild_hint(Path(url).parents[2], altered=True)}")
+        raise ShardError(f"{url}: shard sha256 differs from shards.json (altered file); {remedy(entry, altered=True)}")
 
 
 def shard_problem(entry: dict[str, Any]) -> str | None:

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,11 +173,15 @@ def collate(clips: list[dict[str, Any]], t_max: int, image_size: int, num_classe
     return out
 
 
+ClipTransform = Callable[[dict[str, Any], int], dict[str, Any]]  # (decoded clip, seed) → clip (training augmentation)
+
+
 class ShardStream(IterableDataset):
     """One epoch of one split as batches (see the module docstring for the determinism contract).
 
     With ``world`` > 1 (distributed training) rank r keeps the stream batches k with
-    ``(k - start) % world == r``: one optimiser step consumes ``world`` consecutive batches.
+    ``(k - start) % world == r``: one optimiser step consumes ``world`` consecutive batches. ``transform`` (training
+    augmentation, `icf.augment.frames`) maps each decoded clip, before `collate`, with the seed `item_seed`.
     """
 
     def __init__(
@@ -192,6 +196,7 @@ class ShardStream(IterableDataset):
         limit: int | None = None,
         rank: int = 0,
         world: int = 1,
+        transform: ClipTransform | None = None,
     ) -> None:
         super().__init__()
         self.shards, self.split, self.batch_size = shards, split, batch_size
@@ -200,6 +205,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world = rank, world
         self.t_max = load_info(shards.dataset).max_frames
         self.epoch, self.start = 0, 0
+        self.transform = transform
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         """Make the next iteration produce epoch ``epoch`` from batch ``start_batch`` on."""
@@ -232,6 +238,15 @@ class ShardStream(IterableDataset):
                 return
             yield raw
 
+    def _decode(self, raw: Any) -> dict[str, Any]:
+        """One item of `_raw_stream` → one decoded clip (`decode_sample`)."""
+        return decode_sample(raw)
+
+    def item_seed(self, pos: int) -> int:
+        """The seed of item ``pos`` of this epoch's stream for ``transform``: a function of (seed, epoch, pos) only,
+        so the same item gets the same random draw for any number of workers and after a resume."""
+        return ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + pos) % 2**63
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -245,7 +260,10 @@ class ShardStream(IterableDataset):
                 continue
             if ((k - self.start) // self.world) % workers != worker:
                 continue
-            pending.append(decode_sample(raw))
+            clip = self._decode(raw)
+            if self.transform is not None:
+                clip = self.transform(clip, self.item_seed(pos))
+            pending.append(clip)
             if len(pending) == self.batch_size:
                 yield collate(pending, self.t_max, self.image_size, self.shards.num_classes)
                 pending = []

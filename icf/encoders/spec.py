@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -140,16 +141,22 @@ def read_checkpoint(path: str | Path, tower: str) -> dict[str, torch.Tensor]:
         reason = f"cannot be read as a torch checkpoint ({first_line(err)})"
         raise EncoderWeightsError(f"{tower} weights {p}: {reason}") from err
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state:
         raise EncoderWeightsError(f"{tower} weights {p}: holds no state dict of tensors")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise EncoderWeightsError(f"{tower} weights {p}: key {bad!r} holds a {type(state[bad]).__name__}, not a tensor")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling torch puts in its unpickling errors
+
+
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    text = str(err).strip()
+    """The first line of an exception's message without terminal escape codes (its type name when empty)."""
+    text = ANSI.sub("", str(err)).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from icf.clitools import UserError, WorkOption, dataset_option, user_errors
+from icf.clitools import UserError, WorkOption, check_at_least, dataset_option, print_json, user_errors
 from icf.eval.compare import check_noisable, compare_command
 
 FModeOption = typer.Option("official", "--f-mode", help="F aggregation: official (batches of 4 clips) or dataset.")
@@ -148,24 +148,48 @@ def _synth_catalog(dataset: str, text: str) -> dict:
 @user_errors
 def predict_command(
     run: Path = typer.Option(..., "--run", help="Training run folder, or its name under WORK/runs."),
-    out: Path = typer.Option(..., "--out", help="Folder for the PNG panels (one per clip)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNG panels (and, with --video, overlay.mp4)."),
     work: Path | None = WorkOption,
-    split: str = typer.Option("val", "--split", help="train | val | test"),
-    limit: int | None = typer.Option(8, "--limit", help="Only the first N clips (default 8)."),
+    split: str = typer.Option("val", "--split", help="train | val | test (shards; not with --video)"),
+    limit: int | None = typer.Option(8, "--limit", help="Only the first N clips (default 8; not with --video)."),
+    video: Path | None = typer.Option(
+        None, "--video", help="Any video file (mp4, mkv, webm, mov): predict on it instead of the shards."),
+    audio: Path | None = typer.Option(None, "--audio", help="With --video: a WAV to use instead of the file's own track."),
+    seconds: int | None = typer.Option(
+        None, "--seconds", help="With --video: window length = frames per clip (default the dataset's longest clip)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
     which: str = CheckpointOption,
 ) -> None:
-    """PNG panels per clip: frames, ground truth and predicted masks overlaid in palette colours."""
-    from icf.eval.visualize import write_panels
+    """PNG panels per clip: frames, ground truth and predicted masks overlaid in palette colours; with --video, the
+    run on any video file: overlay.mp4 (masks over the frames, with the original audio) and a panel per window."""
     from icf.train.run import checkpoint_path, find_run, load_trained
 
     run = find_run(run, work)
     _check_eval_options(None, None, limit)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    checkpoint_path(run, which)
+    checkpoint_path(run, which)  # an unknown choice, or best of a run that never validated: refused here
+    if video is None and (audio is not None or seconds is not None):
+        raise UserError("--audio and --seconds apply to --video")
+    if video is not None:
+        from icf.eval.video import predict_video
+
+        check_at_least("--seconds", seconds, 1)
+        summary = predict_video(run, video, out, audio, seconds, which)
+        if json_out:
+            print_json(summary)
+        else:
+            typer.echo(f"{summary['windows']} windows of {summary['seconds']} s from {video}: {summary['overlay']} "
+                       f"and {len(summary['panels'])} panels in {out}")
+        return
+    from icf.eval.visualize import write_panels
+
     model, shards, doc, model_cfg, _ = load_trained(run, which=which)
     paths = write_panels(model, shards, split, model_cfg, out, limit)
-    typer.echo(f"{len(paths)} panels in {out} ({_loaded_text(doc['loaded'])})")
+    if json_out:
+        print_json({"run": str(run), "split": split, "panels": [str(p) for p in paths], "loaded": doc["loaded"]})
+    else:
+        typer.echo(f"{len(paths)} panels in {out} ({_loaded_text(doc['loaded'])})")
 
 
 def validate(model, shards, split: str, image_size: int, device):  # noqa: ANN001, ANN201 (types live in torch)

@@ -212,16 +212,35 @@ def group_runs(evaluated: Sequence[dict[str, Any]], labels: Sequence[str], metri
 # ---------------------------------------------------------------------------------------------- output
 
 
+def run_dataset(runs: Sequence[Path]) -> str:
+    """The one dataset ``runs`` were trained on; ``UserError`` for a run given twice (it would count as two
+    seeds) or runs of different datasets (their numbers do not compare), before anything is evaluated."""
+    from icf.train.run import read_run_file
+
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        if run.resolve() in seen:
+            raise UserError(f"{run}: given twice (as {seen[run.resolve()]}); each run counts as one seed")
+        seen[run.resolve()] = run
+    datasets = {run: read_run_file(run)[1].dataset for run in runs}
+    if len(set(datasets.values())) > 1:
+        listed = ", ".join(f"{run} ({d})" for run, d in datasets.items())
+        raise UserError(f"the runs were trained on different datasets: {listed}; compare runs of one dataset")
+    return next(iter(datasets.values()))
+
+
 def comparison(runs: Sequence[Path], split: str, settings: Sequence[EvalSetting],
                on_eval: Callable[[], None] | None = None, which: str = "auto") -> dict[str, Any]:
-    """The whole comparison as one JSON-able document (``groups`` and the per-run ``runs``)."""
+    """The whole comparison as one JSON-able document (``dataset``, ``groups`` and the per-run ``runs``)."""
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
         raise UserError(f"settings repeat: {labels}")
+    dataset = run_dataset(runs)
     evaluated = evaluate_runs(runs, split, settings, on_eval, which)
     found = {k for r in evaluated for res in r["results"].values() for k in res}
     metrics = [*METRICS, *(m for m in (*BOUNDARY_METRICS, *NEGATIVE_METRICS) if m in found)]
     return {
+        "dataset": dataset,
         "split": split,
         "checkpoint": which,
         "settings": labels,
@@ -374,6 +393,6 @@ def compare_command(
         print_json(doc)
         return
     weights = ", ".join(f"{n} {name}" for name, n in sorted(Counter(loaded).items()))
-    out.print(table(doc, title=f"{len(runs)} runs ({weights}), {split} split (×100, mean ± std over seeds)"))
+    out.print(table(doc, title=f"{len(runs)} {doc['dataset']} runs ({weights}), {split} split (×100, mean ± std over seeds)"))
     if out_dir is not None:
         out.print("wrote " + ", ".join(str(p) for p in paths))

@@ -76,7 +76,8 @@ def score_predictions(
     Returns the metric dict of :mod:`icf.eval.metrics` (``J``, ``F``, ``JF``, ``FDR``, ``n_frames``; S4/MS3 also
     ``F_boundary``, ``JF_boundary``; AVSS also ``J_present``, ``F_present``, and ``n_padded`` with
     ``avss_padding="official"``, which pads each clip's ``n_frames`` to 10) plus ``n_clips``. Raises ``UserError``
-    (one line) when a prediction is missing or malformed, or a ground-truth mask cannot be read.
+    (one line) when a prediction is missing or malformed, a ground-truth mask cannot be read, or every S4/MS3
+    prediction holds only 0 and 1 (hard masks saved as 0/1, which would score as near-empty probabilities).
     """
     data_root = check_root(root)
     pred_root = Path(pred).expanduser()
@@ -93,7 +94,9 @@ def score_predictions(
     if missing:
         shown = ", ".join(missing[:MAX_LISTED]) + (", ..." if len(missing) > MAX_LISTED else "")
         raise UserError(f"{len(missing)} prediction file(s) missing (expected at PRED/<mask path relative to root>): {shown}")
-    metrics = make_metrics(dataset, load_info(dataset).num_classes, f_mode, avss_padding)
+    info = load_info(dataset)
+    metrics = make_metrics(dataset, info.num_classes, f_mode, avss_padding)
+    top = 0.0  # the largest probability of any S4/MS3 prediction
     for sample, clip in zip(samples, pairs):
         masks, preds = [], []
         for mask_path, pred_path in clip:
@@ -108,4 +111,8 @@ def score_predictions(
         p, m = torch.from_numpy(np.stack(preds))[None], torch.from_numpy(np.stack(masks))[None]
         real = torch.ones(1, sample.n_frames, dtype=torch.bool)  # all of the clip's frames, GT or not (padding)
         metrics.update(p, m, torch.ones(1, len(clip), dtype=torch.bool), real=real)
+        top = max(top, float(p.max())) if info.binary else top
+    if 0 < top <= 1.5 / 255:
+        raise UserError(f"{pred_root}: every prediction holds only the values 0 and 1 (0/1 hard masks?); "
+                        "S4/MS3 predictions are uint8 probabilities 0..255: save hard masks as 0/255 (or mode '1')")
     return {**metrics.compute(), "n_clips": len(samples)}

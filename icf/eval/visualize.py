@@ -8,6 +8,7 @@ that appear in the panel.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from icf.data.shards import IMAGENET_MEAN, IMAGENET_STD
+from icf.pipeline.store import atomic_write
 
 if TYPE_CHECKING:
     from icf.config import ModelConfig
@@ -171,7 +173,9 @@ def save_panels(batch: dict, pred_ids: torch.Tensor, out: Path, palette: np.ndar
         centres = [scale * (c * (w + GAP) + w / 2) for c in range(len(frames))]
         image = annotate(tiles, centres, ious, legend_entries(shown, names, binary), palette)
         path = out / f"{uid.replace('/', '_')}.png"
-        image.save(path)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        atomic_write(path, buf.getvalue())  # a full disk names the file
         paths.append(path)
     return paths
 

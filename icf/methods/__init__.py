@@ -8,9 +8,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from functools import cache
+from typing import TYPE_CHECKING
 
 from icf.config import ModelConfig
 from icf.methods.base import MethodSpec
+
+if TYPE_CHECKING:
+    from icf.data.shards import ShardSet
 
 # the stage that makes each shard member a method may require (the shard stage then ships it)
 MADE_BY = {"mel": "mel", "clip": "extract", "vclip": "extract", "vclip_seg": "extract", "clap": "extract",
@@ -46,6 +50,12 @@ def validate(cfg: ModelConfig) -> object:
     return spec.parse_options(cfg.options)
 
 
+def preflight(cfg: ModelConfig, shards: ShardSet) -> str | None:
+    """The method's training-time check of the workspace (`MethodSpec.preflight`): one line, or None."""
+    spec = get(cfg.method)
+    return spec.preflight(cfg, validate(cfg), shards) if spec.preflight is not None else None
+
+
 def requirements_problem(spec: MethodSpec, shards_path: str, dataset: str, missing: list[str]) -> str | None:
     """One line naming what ``spec.requires`` misses in the shards and the stage that makes it, or None."""
     if not missing:
@@ -60,4 +70,4 @@ def requirements_problem(spec: MethodSpec, shards_path: str, dataset: str, missi
     return line
 
 
-__all__ = ["MethodSpec", "get", "registry", "requirements_problem", "validate"]
+__all__ = ["MethodSpec", "get", "preflight", "registry", "requirements_problem", "validate"]

@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from icf.config import ModelConfig, TrainConfig
+from icf.methods.official import OfficialFormat
 from icf.model.segmenter import Segmenter, SegModel
+
+if TYPE_CHECKING:
+    from icf.data.shards import ShardSet
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,10 @@ class MethodSpec:
         presets: ``(preset, model_cfg, train_cfg) -> (model_cfg, train_cfg, options)``: the method's own settings
             for a project preset (applied after the project preset, before ``--set`` overrides); None keeps the
             project preset and no default options.
+        import_official: how ``icf import`` reads the checkpoints the method's authors release
+            (`icf.methods.official.OfficialFormat`), or None when it cannot.
+        preflight: ``(model_cfg, options, shards) -> problem or None``: a check of the workspace when a training
+            run starts (not at evaluation), e.g. DDESeg's ``method.memory=avss``.
     """
 
     name: str
@@ -57,6 +65,8 @@ class MethodSpec:
     segmenter: Callable[[ModelConfig, Any], Segmenter] | None = None
     parse: Callable[[Mapping[str, Any]], Any] | None = None
     presets: Callable[[str, ModelConfig, TrainConfig], tuple[ModelConfig, TrainConfig, dict[str, Any]]] | None = None
+    import_official: OfficialFormat | None = None
+    preflight: Callable[[ModelConfig, Any, ShardSet], str | None] | None = None
 
     def preset(self, name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
         """The configs of project preset ``name`` with this method's preset applied (its default options under

@@ -31,9 +31,12 @@ class ICFOptions:
 
 def parse(raw: Mapping[str, Any]) -> ICFOptions:
     """``segmenter`` plus any key of that segmenter's options (validated there)."""
-    from icf.methods import get
+    from icf.methods import get, registry
 
     name = raw.get("segmenter", ICFOptions.segmenter)
+    choices = sorted(n for n, spec in registry().items() if spec.segmenter is not None)
+    if name not in registry():
+        raise ValueError(f"method.segmenter: unknown segmenter {name!r}; expected one of {choices}")
     seg = get(name)
     if seg.segmenter is None:
         raise ValueError(f"method icf: {name!r} has no segmenter ICF can attach to")

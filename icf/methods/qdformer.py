@@ -1,12 +1,15 @@
 """``qdformer``: QDFormer (Li et al., CVPR 2024; `icf.model.qdformer`) — product-quantised audio decomposition,
 global-to-local calibration and set-prediction masks, on the same shards as ICF (frames, masks, mel).
 
-``icf train --method qdformer --dataset s4|ms3|avss --preset tiny|paper-r50|paper-pvt [--ablate quant,avsr,local,decompose]``.
-Presets (`presets`, spec §2.4): the paper's AdamW (lr 1e-4, backbone ×0.5, weight decay 5e-4, batch 4) with a ×0.1
-step at epoch 11 of 13 (S4/MS3) or 14 of 16 (AVSS); R2VOS's transformer sizes (4 encoder / 4 decoder layers, d 256,
-FFN 2048, 8 heads, dropout 0.1); K = 128 codes, N = 5 tokens, aux losses on. ``paper-pvt`` stands in PVT-v2-b2
-(25 M parameters) for the paper's Swin-T (28 M). ``tiny``: the project's tiny backbone and audio CNN, d 48, N 3,
-K 16, one ASD layer, three decoder layers (one round over the levels), aux losses on, lr 1e-3.
+``icf train --method qdformer --dataset s4|ms3|avss --preset tiny|paper-r50|paper-swin-t|paper-pvt
+[--ablate quant,avsr,local,decompose]``. Presets (`presets`, spec §2.4): the paper's AdamW (lr 1e-4, backbone ×0.5,
+weight decay 5e-4, batch 4) with a ×0.1 step at epoch 11 of 13 (S4/MS3) or 14 of 16 (AVSS); R2VOS's transformer
+sizes (4 encoder / 4 decoder layers, d 256, FFN 2048, 8 heads, dropout 0.1), gradient clipping 0.1, fp32 and
+D_m = 256 (`--mask_dim`); K = 128 codes, N = 5 tokens, aux losses on, plain VQ (no dead-code restart).
+``paper-r50`` and ``paper-swin-t`` are the paper's Table 1 backbones (ResNet-50, Swin-Tiny: the headline rows);
+``paper-pvt`` uses PVT-v2-b2 (25 M parameters), a size-matched extra. ``tiny``: the project's tiny backbone and audio
+CNN, d 48, N 3, K 16, one ASD layer, three decoder layers (one round over the levels), aux losses on, D_m 8, dead-code
+restart after 20 batches, lr 1e-3.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ class QDFormerOptions:
         bg_threshold: AVSS inference: background unless max_k S_k exceeds it.
         avsr_act: ``"none"`` (Eq. 5 as written) or ``"sigmoid"`` on the filters w_i.
         vq_init: ``"normal"`` (N(0, 1) codebook, R2VOS) or ``"first_batch"`` (codes start at the first batch's tokens).
-        vq_restart: move a code no global token selected for this many training batches onto one of the next
-            batch's tokens (`icf.model.vq`; against codebook collapse, measured); 0 = never (plain VQ; the paper is
-            silent on dead codes).
+        vq_restart: re-seed a code no global token selected for this many training batches from the buffer of
+            recent tokens (`icf.model.vq`, k-means++ seeding; against codebook collapse, measured on tiny); 0 = never
+            (plain VQ: the paper and R2VOS have no restart; the paper presets set 0, tiny keeps 20).
+        vq_buffer: how many recent global tokens (several batches) the restart re-seeds from.
     """
 
     codebook_size: int = 128
@@ -61,10 +65,11 @@ class QDFormerOptions:
     avsr_act: str = "none"
     vq_init: str = "normal"
     vq_restart: int = 20
+    vq_buffer: int = 256
 
     def __post_init__(self) -> None:
         check_positive_ints("qdformer", self, ("codebook_size", "num_tokens", "asd_layers", "mask_dim", "dyn_channels",
-                                               "dyn_layers"))
+                                               "dyn_layers", "vq_buffer"))
         check_positive_ints("qdformer", self, ("vq_restart",), minimum=0)
         check_choices("qdformer", self, {"avsr_act": AVSR_ACTS, "vq_init": INITS})
         if not 0.0 < self.bg_threshold < 1.0:
@@ -74,6 +79,10 @@ class QDFormerOptions:
 # dataset → (epochs, the epoch of the ×0.1 step) [paper §4]
 PAPER_EPOCHS = {"s4": (13, 11), "ms3": (13, 11), "avss": (16, 14)}
 PAPER_MODEL = dict(d_model=256, num_heads=8, ffn_dim=2048, enc_layers=4, dec_layers=4, dropout=0.1)  # R2VOS opts.py
+PAPER_BACKBONES = {"paper-r50": "resnet50", "paper-swin-t": "swin_tiny_patch4_window7_224", "paper-pvt": "pvt_v2_b2"}
+# R2VOS opts.py: --mask_dim 256 (F^out = the dynamic conv's input), no restart, and the paper's K and N
+PAPER_OPTIONS = {"codebook_size": 128, "num_tokens": 5, "asd_layers": 2, "mask_dim": 256, "aux_loss": True,
+                 "vq_restart": 0}
 
 
 def presets(name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig, dict]:
@@ -82,14 +91,15 @@ def presets(name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelCon
         model = dataclasses.replace(model, dec_layers=3)  # one round over the three levels
         options = dict(num_tokens=3, codebook_size=16, asd_layers=1, mask_dim=8, aux_loss=True)
         return model, train, options
-    if name not in ("paper-r50", "paper-pvt"):
-        raise ValueError(f"method qdformer: unknown preset {name!r}")
-    backbone = "resnet50" if name == "paper-r50" else "pvt_v2_b2"
-    model = dataclasses.replace(model, backbone=backbone, **PAPER_MODEL)
+    if name not in PAPER_BACKBONES:
+        raise ValueError(f"method qdformer: unknown preset {name!r}; expected tiny or one of {', '.join(PAPER_BACKBONES)}")
+    model = dataclasses.replace(model, backbone=PAPER_BACKBONES[name], image_size=224, **PAPER_MODEL)
     epochs, drop = PAPER_EPOCHS[model.dataset]
+    # R2VOS: --clip_max_norm 0.1, fp32 (no autocast)
     train = dataclasses.replace(train, lr=1e-4, backbone_lr_mult=0.5, weight_decay=5e-4, batch_size=4, epochs=epochs,
-                                schedule="step", milestones=(drop,), gamma=0.1, warmup_steps=0)
-    return model, train, {"codebook_size": 128, "num_tokens": 5, "asd_layers": 2, "mask_dim": 8, "aux_loss": True}
+                                schedule="step", milestones=(drop,), gamma=0.1, warmup_steps=0, grad_clip=0.1,
+                                amp=False)
+    return model, train, dict(PAPER_OPTIONS)
 
 
 def build(cfg: ModelConfig, options: QDFormerOptions, _res: object) -> QDFormer:

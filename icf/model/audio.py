@@ -4,7 +4,8 @@
 torchvggish state dict) followed by a linear map to d. With loaded weights and ``freeze_audio`` the VGGish
 stays fixed, as in AVSBench-style baselines; with random weights it is always trained (a frozen random
 tower would carry no information). ``cnn`` (tiny preset): a few conv–BN–ReLU–pool blocks, global pooling
-and a linear map to d.
+and a linear map to d. With ``project=False`` the linear map (and its LayerNorm) is not built and the encoder
+gives the body's raw embedding (VGGish: 128-d), as the official AVSBench TPAVI reads it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ def _small_cnn(channels: tuple[int, ...]) -> nn.Sequential:
 
 
 class AudioEncoder(nn.Module):
-    """log-Mel ``(B, T, 96, 64)`` → audio features A ``(B, T, d)`` (paper §3.1)."""
+    """log-Mel ``(B, T, 96, 64)`` → audio features A ``(B, T, d)`` (paper §3.1), or the raw embedding
+    ``(B, T, width)`` when ``project`` is False.
 
-    def __init__(self, cfg: ModelConfig):
+    Attributes:
+        width: the output width (d, or the body's embedding width without the projection).
+    """
+
+    def __init__(self, cfg: ModelConfig, project: bool = True):
         super().__init__()
         if cfg.audio_encoder == "vggish":
             vggish = VGGish(weights=cfg.audio_weights)
@@ -44,7 +50,8 @@ class AudioEncoder(nn.Module):
         else:
             self.body = _small_cnn(cfg.audio_channels)
             width = cfg.audio_channels[-1]
-        self.proj = nn.Sequential(nn.Linear(width, cfg.d_model), nn.LayerNorm(cfg.d_model))
+        self.proj = nn.Sequential(nn.Linear(width, cfg.d_model), nn.LayerNorm(cfg.d_model)) if project else nn.Identity()
+        self.width = cfg.d_model if project else width
 
     def forward(self, mel: Tensor) -> Tensor:
         b, t = mel.shape[:2]

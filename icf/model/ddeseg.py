@@ -9,12 +9,15 @@ frames get zero logits. Per frame, with F_a ``(N_f, D_a)`` the cached audio feat
 * Stages (`StagedBackbone`, Eq. 1): at stage l the tokens are projected to C_l (`AudioProjection`), scored
   against the stage's visual map by DEM (`Elimination`, Eq. 13–17; not at stage 1 in the paper's chain), and
   fused into the map by sigmoid-gated cross-attention with pixels as queries (`CrossAttention`, §3.3).
-* `SegFormerHead` (𝒟 of Eq. 1) decodes the four fused maps; the loss is Eq. 18 (`ddeseg_loss`).
+* `SegFormerHead` (𝒟 of Eq. 1) decodes the four fused maps at the first stage's stride; the loss is Eq. 18
+  (`ddeseg_loss`; S4/MS3 Dice and IoU on the foreground channel alone, as the official code).
 
 ``variant="code"`` switches to the official code's forms where they differ from the paper (spec §3.4): row-mean
 class centres, per-channel weights in Eq. 6/10, multiplicative Eq. 8, the per-representative Eq. 11–12 summed over
 M, a softmax DEM that merges the K tokens into one, DEM at every stage on the projected DDM output, no MCA output
-projection, and one fusion per stage instead of one before every block.
+projection, one fusion per stage instead of one before every block, C_v ~ N(0, 1) and no q/k/v biases in DEM's MCA,
+the final upsample with ``align_corners=True``, and (PVT) the official backbone's stride-2 first patch embedding:
+four stages at strides 2/4/8/16, the head predicting at stride 2 (``method.first_stride``).
 """
 
 from __future__ import annotations
@@ -160,8 +163,9 @@ class Elimination(nn.Module):
     def __init__(self, dim: int, k_v: int, heads: int, tau: float, scheme: str, centres: str, variant: str):
         super().__init__()
         self.tau, self.scheme, self.centres_mode, self.variant = tau, scheme, centres, variant
-        self.centres = nn.Parameter(torch.randn(k_v, dim) / math.sqrt(dim))  # C_v
-        self.mca = CrossAttention(dim, heads, gate="softmax", qkv_bias=True, out_proj=variant == "paper")
+        paper = variant == "paper"  # code: C_v ~ N(0, 1), an MCA without q/k/v biases [code: av_malign.py]
+        self.centres = nn.Parameter(torch.randn(k_v, dim) / (math.sqrt(dim) if paper else 1.0))  # C_v
+        self.mca = CrossAttention(dim, heads, gate="softmax", qkv_bias=paper, out_proj=paper)
         self.score = nn.Linear(dim, 1)
 
     def assignment(self, pixels: Tensor) -> Tensor:
@@ -195,13 +199,15 @@ class Elimination(nn.Module):
 
 
 def iou_dice_targets(picked: Tensor, target: Tensor, binary: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits ``(N, K, H, W)`` and class ids ``(N, H, W)`` → (CE or BCE, probabilities, one-hot), both
-    ``(N, K', H, W)`` with the background included (K' = 2 for the binary tasks)."""
+    """Logits ``(N, K, H, W)`` and class ids ``(N, H, W)`` → (CE or BCE, probabilities, targets) for Dice and IoU.
+
+    Binary tasks (K = 1): sigmoid BCE, and the single foreground channel ``(N, 1, H, W)`` against the 0/1 mask,
+    as the official code's ``num_classes == 1`` branch [code: util_tools/losses.py]; no background channel.
+    AVSS: softmax CE, and the K softmax channels against the one-hot target, background included."""
     if binary:
         target_f = target.to(picked.dtype)
         ce = F.binary_cross_entropy_with_logits(picked[:, 0], target_f)
-        p1 = picked[:, 0].sigmoid()
-        return ce, torch.stack([1 - p1, p1], 1), torch.stack([1 - target_f, target_f], 1)
+        return ce, picked[:, :1].sigmoid(), target_f[:, None]
     ce = F.cross_entropy(picked, target)
     onehot = F.one_hot(target, picked.shape[1]).permute(0, 3, 1, 2).to(picked.dtype)
     return ce, picked.softmax(1), onehot
@@ -211,8 +217,9 @@ def ddeseg_loss(logits: Tensor, masks: Tensor, gt: Tensor, valid: Tensor, binary
                 weights: tuple[float, float, float] = (5.0, 5.0, 2.0), smooth: float = 1e-5) -> dict[str, Tensor]:
     """Eq. 18: λ_ce·L_bce + λ_dice·L_dice + λ_iou·L_iou on the frames with GT (weights 5 / 5 / 2).
 
-    BCE (binary) or softmax CE (AVSS); Dice and soft IoU (UnitBox) per frame and class, one-hot with the
-    background, ``smooth`` 1e-5, mean over frames and classes [code: util_tools/losses.py].
+    BCE (binary) or softmax CE (AVSS); Dice and soft IoU (UnitBox) per frame and channel (binary: the foreground
+    channel alone; AVSS: one-hot with the background), ``smooth`` 1e-5, mean over frames and channels
+    [code: util_tools/losses.py].
     Returns ``total``, ``seg`` (= total), ``bce``, ``dice``, ``iou``.
     """
     keep = gt & valid
@@ -225,6 +232,14 @@ def ddeseg_loss(logits: Tensor, masks: Tensor, gt: Tensor, valid: Tensor, binary
     return {"total": total, "seg": total, **parts}
 
 
+def first_stride(options: Any, backbone: str) -> int:
+    """The backbone's first stride: ``method.first_stride`` when set, else 2 for ``variant=code`` on a PVT (the
+    official FAVSBackbone's stride-2 first patch embedding [code: favs_backbone.py]) and timm's 4 otherwise."""
+    if options.first_stride is not None:
+        return int(options.first_stride)
+    return 2 if options.variant == "code" and backbone.startswith("pvt_v2") else 4
+
+
 class DDESeg(SegModel):
     """The model (module docstring). ``options`` is `icf.methods.ddeseg.DDESegOptions`."""
 
@@ -232,7 +247,8 @@ class DDESeg(SegModel):
         super().__init__()
         self.cfg, self.opts, self.memory = cfg, options, memory
         variant = options.variant
-        self.backbone = StagedBackbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_kwargs)
+        self.backbone = StagedBackbone(cfg.backbone, cfg.backbone_weights, cfg.backbone_kwargs,
+                                       first_stride(options, cfg.backbone))
         d = memory.dim
         self.derive_on = "deri" not in cfg.ablate
         self.discriminate_on = self.derive_on and "disc" not in cfg.ablate
@@ -273,7 +289,8 @@ class DDESeg(SegModel):
 
         maps = self.backbone(frames, hook)
         low = self.head(maps)
-        full = F.interpolate(low, size=frames.shape[-2:], mode="bilinear", align_corners=False)
+        code = self.opts.variant == "code"  # the official final upsample has align_corners=True [code: DDESeg.py]
+        full = F.interpolate(low, size=frames.shape[-2:], mode="bilinear", align_corners=code)
         b, t = valid.shape
         logits = full.new_zeros(b, t, *full.shape[1:])
         logits[valid] = full

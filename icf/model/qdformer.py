@@ -133,6 +133,21 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+PRIOR_PROB = 0.01  # the focal-loss prior of the class logits (RetinaNet; DETR family)
+
+
+def init_detr_heads(class_head: nn.Linear, box_head: MLP) -> None:
+    """R2VOS / ReferFormer's head initialisation (`models/referformer.py`): the class bias at −log((1 − π)/π) with
+    π = `PRIOR_PROB`, so every token starts at σ = 0.01 under the focal loss, not 0.5; the box MLP's last layer zeroed,
+    its w/h biases at −2 (boxes start at centre (0.5, 0.5), size σ(−2) ≈ 0.12)."""
+    with torch.no_grad():
+        class_head.bias.fill_(-math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+        last = box_head.net[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[2:] = -2.0
+
+
 @dataclass
 class Semantics:
     """The audio side of one forward pass: g ``(B, N, d)`` and its quantisation ĝ, l ``(B, T, N, d)`` and l̂, the
@@ -187,7 +202,7 @@ class QDFormer(SegModel):
             self.global_asd = ASD(d, cfg.num_heads, cfg.ffn_dim, options.asd_layers, cfg.dropout)
         if self.quant:
             self.vq = VectorQuantizer(options.codebook_size, d, options.lambda_com, options.vq_init,
-                                      options.vq_restart)
+                                      options.vq_restart, options.vq_buffer)
         if self.use_avsr:
             self.avsr = AVSR(d, n, levels=3, act=options.avsr_act)
         if self.local:
@@ -200,6 +215,7 @@ class QDFormer(SegModel):
         self.num_cls = 1 if cfg.binary else cfg.num_classes - 1
         self.class_head = nn.Linear(d, self.num_cls)
         self.box_head = MLP(d, 4, 3)
+        init_detr_heads(self.class_head, self.box_head)
         self.controller = Controller(d, param_count(options.mask_dim + 2, options.dyn_channels, options.dyn_layers))
         self.criterion = SetCriterion(cfg.binary, SetWeights(options.cls_weight, options.l1_weight, options.giou_weight,
                                                              options.mask_weight, options.dice_weight,

@@ -11,6 +11,10 @@ the same timm model (same names, same weights file) without ``features_only`` an
 
 ``points(l)`` says how many hook points stage l has. With no hook (or the identity) the four maps equal
 `Backbone`'s bit for bit (tests/test_ddeseg.py).
+
+``first_stride=2`` (PVT only) gives the first patch embedding stride 2 instead of timm's 4, with the same weights
+(the 7×7 convolution keeps its padding 3): all four stages then run at twice the resolution, strides 2/4/8/16,
+as DDESeg's official FAVSBackbone (``OverlapPatchEmbed(patch_size=7, stride=2)`` [code: favs_backbone.py]).
 """
 
 from __future__ import annotations
@@ -25,16 +29,26 @@ from icf.model.backbone import create_timm
 Hook = Callable[[int, int, Tensor], Tensor]  # (stage l, point j, map (N, C_l, h, w)) → map
 
 
+FIRST_STRIDES = (2, 4)
+
+
 class StagedBackbone(nn.Module):
-    """Frames ``(N, 3, H, W)`` → four maps ``(N, C_l, H/s_l, W/s_l)``, s = 4, 8, 16, 32, with a per-stage hook.
+    """Frames ``(N, 3, H, W)`` → four maps ``(N, C_l, H/s_l, W/s_l)``, s = 4, 8, 16, 32 (``first_stride=2``:
+    2, 4, 8, 16), with a per-stage hook.
 
     Attributes:
         channels: C_l of the four stages.
         kind: ``"pvt"`` or ``"resnet"``.
     """
 
-    def __init__(self, name: str, weights: str | None = None, kwargs: dict[str, Any] | None = None):
+    def __init__(self, name: str, weights: str | None = None, kwargs: dict[str, Any] | None = None,
+                 first_stride: int = 4):
         super().__init__()
+        if first_stride not in FIRST_STRIDES:
+            raise ValueError(f"staged backbone: first_stride must be one of {FIRST_STRIDES}, got {first_stride!r}")
+        if first_stride != 4 and not name.startswith("pvt_v2"):
+            raise ValueError(f"staged backbone: first_stride={first_stride} needs a pvt_v2 backbone (its first patch "
+                             f"embedding), not {name!r}")
         if name.startswith("pvt_v2"):
             self.kind = "pvt"
         elif name.startswith("resnet"):
@@ -46,6 +60,8 @@ class StagedBackbone(nn.Module):
         if [i["reduction"] for i in info] != [4, 8, 16, 32]:
             raise ValueError(f"backbone {name} gives feature strides {[i['reduction'] for i in info]}, expected [4, 8, 16, 32]")
         self.channels: list[int] = [int(i["num_chs"]) for i in info]
+        if first_stride != 4:
+            self.body.patch_embed.proj.stride = (first_stride, first_stride)  # same 7×7 weights, padding 3
 
     def points(self, stage: int) -> int:
         """Hook points of ``stage`` (0-based): its blocks (PVT) or 1 (ResNet, after the stage)."""

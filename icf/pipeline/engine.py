@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from icf.clitools import UserError
+from icf.data.io import healed
 from icf.data.sample import Sample
 from icf.pipeline.ledger import (
     FAILED, OK, PENDING, SKIPPED, SampleStatus, Workspace, count_unit, is_done, read_stats, read_status, unit_problem,
@@ -117,15 +119,25 @@ def manifest_units(ws: Workspace) -> ManifestView:
     return ManifestView(group_units(first.values()), samples, index_failed, digests, digest([r["uid"] for r in rows]))
 
 
+def refuse(ws: Workspace, stages: Iterable[Stage]) -> None:
+    """``UserError`` when a stage's config cannot run on ``ws.dataset`` (`Stage.refusal`), before any work."""
+    for stage in stages:
+        reason = stage.refusal(ws.dataset)
+        if reason:
+            raise UserError(reason)
+
+
 def stage_key(ws: Workspace, stage: Stage, upstream_keys: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """This stage's cache key and the upstream keys it was derived from.
 
     Upstream keys come from ``upstream_keys`` (``icf stage all`` passes the keys it just computed) or else
-    from each upstream stage's latest run; the keys of other datasets' outputs the stage copies
+    from each upstream stage's latest run; an optional upstream (``Stage.wants``) joins only when it has run
+    (or ``upstream_keys`` has it); the keys of other datasets' outputs the stage copies
     (`Stage.borrowed_keys`) join them.
     """
     ups: dict[str, str | None] = {"index": ws.index_key(), **stage.borrowed_keys(ws.work)}
-    for name in stage.needs:
+    built = lambda name: bool(upstream_keys and name in upstream_keys) or ws.current(name) is not None  # noqa: E731
+    for name in stage.reads(built):
         if upstream_keys and name in upstream_keys:
             ups[name] = upstream_keys[name]
             continue
@@ -145,7 +157,7 @@ def _upstream_skips(ws: Workspace, stage: Stage, ups: Mapping[str, str], view: M
     """uid → reason for every sample an upstream stage did not produce; refuses an upstream that is
     incomplete, corrupt or out of date (computed from other versions of the clips' files)."""
     skips: dict[str, str] = {}
-    for name in stage.needs:
+    for name in read_stages(stage, ups):
         folder = ws.stage_dir(name, ups[name])
         run = f"run `icf stage {name} --dataset {ws.dataset} --work {ws.work}` (with its earlier options) first"
         for unit in view.units:
@@ -163,16 +175,28 @@ def _upstream_skips(ws: Workspace, stage: Stage, ups: Mapping[str, str], view: M
     return skips
 
 
+def read_stages(stage: Stage, ups: Mapping[str, Any]) -> tuple[str, ...]:
+    """The upstream stages a run with upstream keys ``ups`` reads (`Stage.reads`: needs, and the wants it has)."""
+    return stage.reads(lambda name: name in ups)
+
+
 def input_signatures(unit: Unit, rows: Mapping[str, str], skips: Mapping[str, str]) -> dict[str, str]:
     """uid → signature of what its result depends on: its manifest row (files included) and whether an
     upstream stage (or the index) failed it and why."""
     return {u: digest([rows[u], skips.get(u)]) for u in unit.uids}
 
 
+def healed_failures(status: Mapping[str, SampleStatus], samples: Mapping[str, Sample]) -> set[str]:
+    """The uids this stage failed because a file was missing or unreadable whose file now checks out
+    (`icf.data.io.healed`): the failure may have been transient (their input signature is unchanged when
+    the file came back as it was), so they are computed again."""
+    return {u for u, st in status.items() if st.status == FAILED and u in samples and healed(samples[u], st.error)}
+
+
 def _todo(unit: Unit, reuse: bool, opts: RunOptions, status: Mapping[str, SampleStatus],
           changed: set[str]) -> tuple[str, ...]:
     """The uids of ``unit`` to compute now: --only's, all (forced or nothing reusable), or the pending and
-    changed ones plus, with --retry-failed, the failed ones."""
+    changed (or healed) ones plus, with --retry-failed, the failed ones."""
     if opts.only is not None:
         return tuple(u for u in unit.uids if u in opts.only)
     if opts.force or not reuse:
@@ -193,7 +217,7 @@ def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opt
         raise UserError(f"--only: {len(unknown)} clip ids are not in the {ws.dataset} manifest: {', '.join(unknown[:5])}")
     skips = {**_upstream_skips(ws, stage, ups, view), **view.index_failed}
     folder = ws.stage_dir(stage.name, key)
-    upstream_dirs = {name: ws.stage_dir(name, ups[name]) for name in stage.needs}
+    upstream_dirs = {name: ws.stage_dir(name, ups[name]) for name in read_stages(stage, ups)}
     jobs = []
     for unit in view.units:
         if opts.only is not None and not set(unit.uids) & opts.only:
@@ -204,7 +228,7 @@ def plan_jobs(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], opt
         reuse = bool(prev) and prev["cache_key"] == key and unit_problem(folder, unit) is None
         status = read_status(folder, unit) if reuse else {}
         kept = dict(prev.get("uid_inputs") or {}) if reuse else {}
-        changed = {u for u in unit.uids if kept.get(u) != sigs[u]}
+        changed = {u for u in unit.uids if kept.get(u) != sigs[u]} | healed_failures(status, view.samples)
         todo = _todo(unit, reuse, opts, status, changed)
         if not todo and is_done(prev, key, inputs):
             continue
@@ -282,12 +306,28 @@ def _finish(ws: Workspace, stage: Stage, key: str, ups: Mapping[str, str], ok_un
         dataset_dir=ws.root,
         stage_dir=folder,
         cache_key=key,
-        upstream_dirs={n: ws.stage_dir(n, ups[n]) for n in stage.needs},
+        upstream_dirs={n: ws.stage_dir(n, ups[n]) for n in read_stages(stage, ups)},
         units=ok_units,
     )
     result = stage.finish(ctx)
     atomic_write_json(marker, {"cache_key": key, "units": signature, "result": result})
     return result
+
+
+def gpu_available() -> bool:
+    """Whether the stage's workers have a GPU: this machine's, or the Ray cluster's when one is connected."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``"40 s"``, ``"12 min"`` or ``"3.5 h"``."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def run_stage(
@@ -299,19 +339,26 @@ def run_stage(
 ) -> StageSummary:
     """Bring ``stage`` up to date for ``ws.dataset``: compute what is not done, skip what is."""
     t0 = time.perf_counter()
+    refuse(ws, [stage])
     key, ups = stage_key(ws, stage, upstream_keys)
     folder = ws.stage_dir(stage.name, key)
     sweep_temp_files(folder)
-    ws.set_current(stage.name, {"cache_key": key, "version": stage.version, "config": stage.config(), "upstream": ups})
+    ws.set_current(stage.name, {"cache_key": key, "version": stage.version, "config": stage.config(), "upstream": ups,
+                                "options": dataclasses.asdict(stage.cfg)})
     view, jobs = plan_jobs(ws, stage, key, ups, opts)
     units = view.units
     for notice in stage.notices():
         console.print(f"[bold red]WARNING[/] {notice}", highlight=False)
     summary = StageSummary(stage.name, key, units=len(units), units_run=len(jobs))
     total = sum(job.n_compute for job in jobs)
+    hint, started = stage.cpu_hint(), time.perf_counter()
     with progress_bar(console, opts.progress and total > 0) as progress:
         bar = progress.add_task(f"{ws.dataset} {stage.name}", total=total)
         for report in make_runner(opts.executor, opts.workers, opts.ray_address).run(stage, jobs):
+            if hint and summary.computed == 0 and report.computed and not gpu_available():
+                pace = (time.perf_counter() - started) / report.computed
+                progress.console.print(f"[yellow]note:[/] {hint}; at the first unit's pace ({pace:.1f} s a clip) "
+                                       f"the {total} clips take about {_duration(pace * total)}", highlight=False)
             summary.computed += report.computed
             progress.advance(bar, report.computed)
     ok_units = _tally(folder, units, summary)

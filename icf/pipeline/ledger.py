@@ -91,14 +91,16 @@ class Workspace:
         if self.current(stage) != info:
             atomic_write_json(self.stage_root(stage) / "current.json", info)
 
+    def no_manifest(self) -> UserError:
+        """The one-line error for a dataset whose index stage has not run (or whose manifest is gone)."""
+        return UserError(f"no manifest for {self.dataset!r} in {self.root}; run `icf stage index --dataset "
+                         f"{self.dataset} --root DATA --work {self.work}` first")
+
     def read_manifest(self) -> pa.Table:
         """The manifest table; a one-line error when the index stage has not run."""
         stats = read_json(self.manifest_stats)
         if stats is None or not self.manifest.exists():
-            raise UserError(
-                f"no manifest for {self.dataset!r} in {self.root}; run `icf stage index --dataset "
-                f"{self.dataset} --root DATA --work {self.work}` first"
-            )
+            raise self.no_manifest()
         try:
             return read_parquet(self.manifest)
         except CorruptFile as err:

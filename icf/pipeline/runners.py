@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -90,6 +93,8 @@ def _user_errors(reports: Iterator[UnitReport]) -> Iterator[UnitReport]:
 
 
 _connected_here = False  # whether connect() opened the current Ray connection (disconnect() closes it)
+_default_sigterm: object = None  # the SIGTERM handler before connect() replaced Ray's (restored by disconnect())
+terminated_by: int | None = None  # the signal that stopped a run on Ray (`icf.workflow.run.ray_session` exits with it)
 # Passed to every worker: a cluster started with `ray start` does not inherit the driver's environment, and
 # without these the text towers' tokenizers try to reach the model hub (and retry for minutes offline).
 WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -103,43 +108,66 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    source = "--ray-address" if address else "$RAY_ADDRESS"  # errors name where the address came from
     address = address or os.environ.get("RAY_ADDRESS")
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
                   runtime_env={"env_vars": env})
     if address:
-        _check_reachable(address)
+        _check_reachable(address, source)
         try:
             ray.init(address=address, **common)
         except ConnectionError as err:
-            raise UserError(f"--ray-address {address}: cannot join a Ray cluster ({str(err).splitlines()[0]})") from None
+            raise UserError(f"{source} {address}: cannot join a Ray cluster ({str(err).splitlines()[0]})") from None
     else:
         # address="local": always a fresh instance, never a cluster that happens to run on this machine
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
     _connected_here = True
+    _stop_cleanly_on_sigterm()
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast (``UserError``) when nothing listens at a ``host:port`` address: Ray itself keeps retrying
-    for minutes. ``auto`` and ``ray://`` addresses are left to Ray."""
+def _stop_cleanly_on_sigterm() -> None:
+    """Replace the handler Ray's core worker installs for SIGTERM (it aborts with exit 134 and a native stack
+    dump) by one that unwinds: finished units are kept and Ray is shut down, as without Ray. Ray's ``get``
+    turns the ``SystemExit`` into ``SystemExit(1)``; ``terminated_by`` keeps the signal for the exit code."""
+    global _default_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        global terminated_by
+        terminated_by = signum
+        sys.exit(128 + signum)
+
+    _default_sigterm = signal.signal(signal.SIGTERM, stop)
+
+
+def _check_reachable(address: str, source: str) -> None:
+    """Fail fast (``UserError`` naming ``source``, the flag or variable that gave the address) when nothing
+    listens at a ``host:port`` address: Ray itself keeps retrying for minutes. ``auto`` and ``ray://``
+    addresses are left to Ray."""
     if address == "auto" or "://" in address:
         return
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError) as err:
-        raise UserError(f"--ray-address {address}: no Ray cluster answers there ({err}); start one with "
-                        "`ray start --head` or use --ray-address auto") from None
+        fix = "use --ray-address auto" if source == "--ray-address" else "unset RAY_ADDRESS for an embedded Ray"
+        raise UserError(f"{source} {address}: no Ray cluster answers there ({err}); start one with "
+                        f"`ray start --head` or {fix}") from None
 
 
 def disconnect() -> None:
     """Close the connection :func:`connect` opened (stopping an embedded Ray); leave any other alone."""
-    global _connected_here
+    global _connected_here, _default_sigterm
     if _connected_here:
         import ray
 
         ray.shutdown()
         _connected_here = False
+    if _default_sigterm is not None:
+        signal.signal(signal.SIGTERM, _default_sigterm)
+        _default_sigterm = None
 
 
 class RayRunner:

@@ -4,9 +4,12 @@ A stage is a class with
 
 * ``name`` and ``version`` (bump the version whenever the code changes its outputs),
 * ``needs``: upstream stage names whose outputs it reads (the manifest is always available),
+* ``wants``: optional upstream stages: read when they have run in the workspace, left out (and not run by
+  ``icf stage <name>``) when they have not (the shard stage and DDESeg's bank: only DDESeg needs the bank),
 * ``borrowed_keys(work)``: optionally, the latest keys of other datasets' stages whose outputs it copies
   (``"<dataset>/<stage>"`` → key); they enter its cache key like upstream keys, so a rebuilt source makes
   it stale (``icf status``) and ``icf stage all`` recompute it (MS3's ``--bank-from``),
+* ``refusal(dataset)``: optionally, why its config cannot run on that dataset (checked before any work),
 * ``uses_model``: True → the Ray runner keeps one long-lived actor per worker, so ``setup()`` (model
   loading) runs once per worker, with a GPU when the cluster has one; False → one Ray task per unit,
 * ``clips_per_call``: how many clips (of one unit) the worker hands to one ``process`` call unless
@@ -25,7 +28,7 @@ Adding a stage means adding one module to ``icf/stages/`` that defines a subclas
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -90,6 +93,7 @@ class Stage:
     name: ClassVar[str]
     version: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
+    wants: ClassVar[tuple[str, ...]] = ()
     uses_model: ClassVar[bool] = False
     clips_per_call: ClassVar[int] = 8
 
@@ -104,11 +108,19 @@ class Stage:
         """Everything that changes the outputs (hashed into the cache key)."""
         return dataclasses.asdict(self.cfg)
 
+    def reads(self, built: Callable[[str], bool]) -> tuple[str, ...]:
+        """The upstream stages this run reads: every ``needs``, and each of ``wants`` for which ``built(name)``."""
+        return self.needs + tuple(name for name in self.wants if built(name))
+
     def borrowed_keys(self, work: Path) -> dict[str, str | None]:
         """``"<dataset>/<stage>"`` → that stage's latest cache key in workspace folder ``work`` (None when it
         has not run) for every other dataset's output this stage copies; hashed into the cache key and
         recorded with the upstream keys. Default: none."""
         return {}
+
+    def refusal(self, dataset: str) -> str | None:
+        """Why this config cannot run on ``dataset`` (checked before any stage of the run starts), or None."""
+        return None
 
     def stats(self) -> dict[str, Any]:
         """Extra facts recorded in every unit's stats file (e.g. ``weights: random``)."""
@@ -117,6 +129,11 @@ class Stage:
     def notices(self) -> list[str]:
         """Loud messages shown before the stage runs (e.g. that a tower has random weights)."""
         return []
+
+    def cpu_hint(self) -> str | None:
+        """Why this stage is slow without a GPU and the flag that makes a try-out fast, or None (default): shown
+        once, with an estimate of the stage's time from its first unit, when it runs where no GPU is."""
+        return None
 
     def setup(self) -> None:
         """Load models or tables; called once per worker before the first ``process``."""

@@ -72,12 +72,19 @@ def _writer_gone(tmp: Path) -> bool:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a unique temp file and ``os.replace`` (atomic on POSIX)."""
+    """Write ``data`` to ``path`` through a unique temp file and ``os.replace`` (atomic on POSIX).
+
+    An ``OSError`` that names no file (a full disk fails ``write``, which has no file name) is raised again
+    naming ``path``, so its one-line message says which file could not be written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

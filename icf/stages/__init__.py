@@ -14,7 +14,7 @@ from icf.pipeline.stage import Stage
 
 @cache
 def stage_classes() -> dict[str, type[Stage]]:
-    """Every unit stage by name, in an order where each comes after the stages it ``needs``."""
+    """Every unit stage by name, in an order where each comes after the stages it ``needs`` or ``wants``."""
     found: dict[str, type[Stage]] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
@@ -28,7 +28,7 @@ def stage_classes() -> dict[str, type[Stage]]:
             raise RuntimeError(f"stage dependency cycle: {' -> '.join(chain + (name,))}")
         if name in ordered:
             return
-        for need in found[name].needs:
+        for need in found[name].needs + found[name].wants:
             visit(need, chain + (name,))
         ordered[name] = found[name]
 

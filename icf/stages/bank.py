@@ -179,6 +179,13 @@ class BankStage(Stage):
             return {}
         return {f"{self.cfg.bank_from}/{self.name}": Workspace(work, self.cfg.bank_from).current_key(self.name)}
 
+    def refusal(self, dataset: str) -> str | None:
+        """A dataset cannot borrow its own bank."""
+        if self.cfg.bank_from == dataset:
+            return (f"--bank-from {dataset}: {dataset} cannot borrow its own bank (--bank-from names another dataset "
+                    "of the same --work whose bank to copy, e.g. for MS3, which names no classes)")
+        return None
+
     def process_one(self, s: Sample, upstream: Mapping[str, Mapping[str, Output]]) -> dict[str, Output]:
         """``feat (T, D_a)`` float32 and ``labels (T,)`` int64 of one clip (raises ``ValueError`` naming the file)."""
         feat = np.asarray(upstream["extract"][self.cfg.bank_source], dtype=np.float32)

@@ -48,6 +48,7 @@ from icf.data.io import read_rgb, read_wav
 from icf.data.datasets import load_info, object_vocabulary
 from icf.data.sample import DATASETS, Sample
 from icf.encoders import Encoders, EncoderSpec, RandomWeightsWarning
+from icf.encoders.spec import TINY_CLAP, TINY_CLIP
 from icf.encoders.videoclip import segment_window
 from icf.pipeline.stage import FinishContext, Inputs, Result, Stage, option
 from icf.pipeline.store import atomic_write, npz_bytes
@@ -251,6 +252,13 @@ class ExtractStage(Stage):
         flags = " / ".join(f"--{t}-weights" for t in random)
         return [f"extract: {' and '.join(random).upper()} use RANDOM weights (no {flags} given); "
                 "their embeddings carry no pretrained semantics"]
+
+    def cpu_hint(self) -> str | None:
+        """Full-size towers (anything but the tiny test towers) are slow on a CPU: say so, with the try-out flag."""
+        if self.spec.clip_model == TINY_CLIP and self.spec.clap_amodel == TINY_CLAP:
+            return None
+        return ("extract runs full-size CLIP / CLAP towers without a GPU; for a try-out, `--encoders tiny` (tiny "
+                "towers) or `icf towers` (tiny towers trained on your train split) is minutes, not hours")
 
     def setup(self) -> None:
         self.enc = _load_quietly(self.spec, device="cuda" if torch.cuda.is_available() else "cpu")

@@ -7,7 +7,8 @@ as a whole (unknown dataset, missing root or CSV, wrong header) raise ``UserErro
 
 Each row also gets a ``digest``: a hash of its fields and of every file's size and mtime (a cheap ``stat``, no
 read). It is the clip's input signature downstream, so editing one clip's files in place recomputes that clip
-alone, and a rescan re-checks only the rows whose digest changed. Rows that would corrupt the output fail here
+alone, and a rescan re-checks only the rows whose digest changed or that failed for a missing or unreadable
+file (which may have been transient). Rows that would corrupt the output fail here
 with a reason: a uid that an earlier row already has (the first row is kept), a uid whose WebDataset key
 (`icf.data.shard_format.sample_key`) collides with an earlier row's, a uid or file path that leaves ``root``.
 
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from icf.data.adapters import load_rows
-from icf.data.io import media_errors
+from icf.data.io import media_errors, sample_files, unavailable_file
 from icf.data.datasets import SPLITS, load_info
 from icf.data.sample import Sample
 from icf.data.shard_format import sample_key
@@ -112,20 +113,22 @@ def _uid_errors(samples: list[Sample]) -> list[str]:
     return out
 
 
-def sample_files(sample: Sample) -> list[str]:
-    """Every file a clip is read from: frames, GT masks, the WAV."""
-    return [*sample.frame_paths, *(m for m in sample.mask_paths if m), sample.audio_path]
-
-
 def outside_root(sample: Sample, root: Path) -> str:
-    """The first of the clip's files whose path leaves ``root`` (``..`` in the CSV), as a reason, or ``""``.
+    """The first of the clip's files whose path leaves ``root`` (``..`` in the CSV), or that is a symlink to a
+    file outside it (a dataset tarball could pull any readable file into the shards), as a reason, or ``""``.
 
-    Paths are normalised, not resolved, so a dataset whose folders are symlinks still works."""
+    Paths are normalised, and only a file that is itself a symlink is resolved, so a dataset whose folders
+    are symlinks still works."""
     base = os.path.normpath(os.path.abspath(root))
+    real = os.path.realpath(base)
     for path in sample_files(sample):
         full = os.path.normpath(os.path.abspath(path))
         if os.path.commonpath([base, full]) != base:
             return f"{path}: outside the dataset root {base} (path traversal in the CSV?)"
+        if os.path.islink(full):
+            target = os.path.realpath(full)
+            if os.path.commonpath([real, target]) != real and os.path.commonpath([base, target]) != base:
+                return f"{path}: a symlink to {target}, outside the dataset root {base}"
     return ""
 
 
@@ -165,7 +168,8 @@ def build_manifest(
     failed row with no files); ``UserError`` is raised for an unknown dataset or split, a missing root, a
     missing CSV or one with the wrong columns. Media checks run on a pool of ``workers`` threads (they are
     I/O bound); ``progress(done, total)`` is called as rows are checked. A row whose digest equals its
-    ``previous`` row's keeps that row's verdict without re-reading its files.
+    ``previous`` row's keeps that row's verdict without re-reading its files, unless that verdict blamed a
+    missing or unreadable file (`icf.data.io.unavailable_file`: it may have been transient).
     """
     loaded = load_rows(dataset, root, splits)
     samples = [s for s, _ in loaded]
@@ -178,8 +182,8 @@ def build_manifest(
         base = sample.to_row()
         digest = row_digest(base, [] if problem else [_stat(p) for p in sample_files(sample)], problem)
         before = previous.get(sample.uid)
-        if before is not None and before.get("digest") == digest:
-            return digest, before["error"] or ""
+        if before is not None and before.get("digest") == digest and not unavailable_file(sample, before["error"] or ""):
+            return digest, before["error"] or ""  # a missing/unreadable verdict is re-checked: it may be transient
         return digest, problem or check_sample(sample, check_media)
 
     found = []

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from icf.clitools import UserError
+from icf.config import MIN_IMAGE_SIZE
 from icf.data.datasets import load_info
 from icf.data.io import read_mask, read_rgb
 from icf.data.shard_format import ARRAYS, encode_clip, image_bytes, sample_key
@@ -130,7 +131,8 @@ class ShardStage(Stage):
 
     name = "shard"
     version = "3"  # 2: meta.json carries ``order`` (CSV position); 3: clap_latent, audio bank, members
-    needs = ("mel", "extract", "bank")
+    needs = ("mel", "extract")
+    wants = ("bank",)  # DDESeg's memory: copied beside the shards when the bank stage has run
 
     @dataclass(frozen=True)
     class Config:
@@ -140,8 +142,8 @@ class ShardStage(Stage):
 
         def __post_init__(self) -> None:
             """``ValueError`` naming the flag for a setting that cannot give shards."""
-            if self.image_size < 16:
-                raise ValueError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+            if self.image_size < MIN_IMAGE_SIZE:
+                raise ValueError(f"--image-size must be at least {MIN_IMAGE_SIZE} pixels, got {self.image_size}")
             if not 1 <= self.jpeg_quality <= 100:
                 raise ValueError(f"--jpeg-quality must lie in 1..100, got {self.jpeg_quality}")
             if self.shard_mb < 1:
@@ -246,9 +248,9 @@ class ShardStage(Stage):
     @staticmethod
     def _copy_audio_bank(ctx: FinishContext) -> str | None:
         """Copy the bank stage's ``audio_bank.npz`` to ``shards/`` → its path in ``shards.json``, or None when the
-        bank stage wrote none (MS3 without ``--bank-from``); a stale copy from an earlier run is removed."""
-        result = read_json(ctx.upstream_dirs["bank"] / "finish.json")["result"]
+        bank stage did not run or wrote none (MS3 without ``--bank-from``); a stale copy from an earlier run is removed."""
         target = ctx.dataset_dir / AUDIO_BANK
+        result = read_json(ctx.upstream_dirs["bank"] / "finish.json")["result"] if "bank" in ctx.upstream_dirs else {}
         if not result.get("audio_bank"):
             target.unlink(missing_ok=True)
             return None

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from icf.clitools import WorkOption, console, dataset_option, out, user_errors, work_dir
+from icf.clitools import WorkOption, console, dataset_option, out, print_json, user_errors, work_dir
 
 
 def _progress() -> Progress:
@@ -41,6 +41,7 @@ def towers(
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, shuffling and augmentation."),
     batch_size: int = typer.Option(32, "--batch-size", help="Crops / seconds per step."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW peak learning rate."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Train tiny CLIP (object crops ↔ prompts) and CLAP (audio seconds ↔ "An audio of [X]") on the train
     split; print zero-shot accuracy on val; write native checkpoints + an EncoderSpec JSON for
@@ -51,7 +52,10 @@ def towers(
     cfg = TowersConfig(dataset=dataset, root=str(check_root(root)), epochs=epochs, seed=seed, batch_size=batch_size, lr=lr)
     with _progress() as bar:
         result = train_towers(cfg, work_dir(work), progress_hook(bar))
-    out.print(result.summary(), highlight=False, soft_wrap=True)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        out.print(result.summary(), highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

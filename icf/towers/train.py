@@ -76,6 +76,10 @@ class TowersResult:
     stats: dict[str, Any]
     cached: bool
 
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as JSON: cached or not, the folder, the EncoderSpec JSON (`--encoders`), and the stats."""
+        return {"cached": self.cached, "folder": str(self.folder), "encoders": str(self.spec_path), **self.stats}
+
     def summary(self) -> str:
         """One line: zero-shot accuracies on val, steps, time, where the spec is."""
         acc, n = self.stats["accuracy"], self.stats["counts"]

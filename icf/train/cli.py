@@ -8,13 +8,15 @@ from pathlib import Path
 import typer
 
 from icf.clitools import (
-    UserError, WorkOption, check_at_least, check_dataset, dataset_option, ensure_writable, user_errors, work_dir,
+    UserError, WorkOption, check_at_least, check_dataset, dataset_option, ensure_writable, resolve_dataset, user_errors,
+    work_dir,
 )
 
 
 @user_errors
 def train_command(
-    dataset: str | None = dataset_option(required=False, help="The AVSBench subset (a --resume run knows its own)."),
+    dataset: str | None = dataset_option(
+        required=False, help="The AVSBench subset (default: the workspace's only one; a --resume run knows its own)."),
     method: str = typer.Option("icf", "--method", help="A registered method: icf | bidir | tpavi | … (icf/methods)."),
     preset_name: str = typer.Option("tiny", "--preset", help="tiny | paper-r50 | paper-pvt"),
     work: Path | None = WorkOption,
@@ -40,9 +42,9 @@ def train_command(
     from icf.train.run import RunSpec
     from icf.train.trainer import train
 
-    if resume is None and dataset is None:
-        raise UserError("--dataset is required (unless --resume continues a run, which knows its dataset)")
-    if dataset is not None:
+    if resume is None:
+        dataset = resolve_dataset(dataset, work)  # left out: the workspace's only dataset
+    elif dataset is not None:
         check_dataset(dataset)
     if ray_address is not None and not ray_workers:
         raise UserError("--ray-address needs --ray-workers N (the number of Ray Train workers)")

@@ -53,7 +53,8 @@ def shards_path(work: Path, dataset: str) -> Path:
     return work / dataset / "shards.json"
 
 
-def write_run_file(run: Path, spec: RunSpec, model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+def write_run_file(run: Path, spec: RunSpec, model_cfg: ModelConfig, train_cfg: TrainConfig, **extra: Any) -> None:
+    """``run.json``; ``extra``: further top-level keys (an imported run's ``imported``)."""
     run.mkdir(parents=True, exist_ok=True)
     doc = {
         "dataset": spec.dataset,
@@ -62,6 +63,7 @@ def write_run_file(run: Path, spec: RunSpec, model_cfg: ModelConfig, train_cfg: 
         "shards": str(shards_path(spec.work, spec.dataset).resolve()),
         "checkpoint_every": spec.checkpoint_every,
         **to_dict(model_cfg, train_cfg),
+        **extra,
     }
     (run / RUN_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
 

@@ -26,7 +26,9 @@ from torch import nn
 from icf import methods
 from icf.clitools import UserError, console
 from icf.config import ModelConfig, TrainConfig, apply_overrides, apply_values, preset, read_overrides
+from icf.data.frame_stream import FrameStream
 from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
+from icf.augment.frames import clip_transform
 from icf.augment.negatives import training_negatives
 from icf.train import checkpoint, select
 from icf.train.logs import METRICS_FILE, append_metrics, plot_losses, progress_bar, trim_metrics
@@ -80,14 +82,16 @@ DECAYS: dict[str, Callable[[float], float]] = {  # decay over the run's progress
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     """Multiplier of the base learning rate at ``step`` of ``total`` (``cfg.schedule`` is validated by
     TrainConfig): linear warm-up, then constant, step (× ``gamma`` at each epoch of ``milestones``, an epoch
-    being ``total / epochs`` steps), or poly (power 0.9) / cosine from 1 down to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    being ``total / epochs`` steps), or poly (power 0.9) / cosine from 1 down to ``min_lr_ratio``. The warm-up
+    lasts ``warmup_steps``, or ``warmup_epochs`` epochs."""
+    warmup = cfg.warmup(total // cfg.epochs)
+    if step < warmup:
+        return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "step":
         return cfg.gamma ** sum(step >= m * total / cfg.epochs for m in cfg.milestones)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * DECAYS[cfg.schedule](progress)
 
 
@@ -209,6 +213,8 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist(), validate: se
             raise UserError(f"{run}: already holds a run (use --resume {run} to continue it, or another --out)")
         model_cfg, train_cfg = build_configs(spec)
         shards = ShardSet.load(shards_path(spec.work, spec.dataset))
+        if problem := methods.preflight(model_cfg, shards):
+            raise UserError(f"{shards.path}: {problem}")
         if dist.main:
             write_run_file(run, spec, model_cfg, train_cfg)
         every = spec.checkpoint_every
@@ -216,12 +222,14 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist(), validate: se
     device = pick_device()
 
     # data: one step consumes `world` consecutive batches of the epoch's stream (one per rank)
-    stream = ShardStream(shards, "train", train_cfg.batch_size, model_cfg.image_size, train=True, seed=train_cfg.seed,
-                         rank=dist.rank, world=dist.world)
+    unit = FrameStream if train_cfg.batch_unit == "gt_frames" else ShardStream  # batches of GT frames or of clips
+    stream = unit(shards, "train", train_cfg.batch_size, model_cfg.image_size, train=True, seed=train_cfg.seed,
+                  rank=dist.rank, world=dist.world, transform=clip_transform(train_cfg.augment))
     loader = make_loader(stream, spec.workers)
     steps_per_epoch = len(stream) // dist.world
     if steps_per_epoch == 0:
-        raise UserError(f"{shards.path}: {stream.num_samples()} train clips, fewer than one batch of {train_cfg.batch_size} per worker")
+        raise UserError(f"{shards.path}: {stream.num_samples()} train {train_cfg.batch_unit.replace('_', ' ')}, fewer than "
+                        f"one batch of {train_cfg.batch_size} per worker")
     total = train_cfg.epochs * steps_per_epoch
     stop = total if train_cfg.max_steps is None else min(total, train_cfg.max_steps)
 

@@ -20,7 +20,7 @@ from rich.progress import TaskID
 from rich.table import Table
 
 from icf.clitools import (
-    UserError, WorkOption, check_at_least, check_dataset, console, dataset_option, ensure_writable, out, print_json,
+    UserError, WorkOption, check_at_least, console, dataset_option, ensure_writable, out, print_json, resolve_dataset,
     user_errors, work_dir,
 )
 from icf.pipeline.engine import RunOptions, StageSummary, progress_bar, run_stage
@@ -30,7 +30,7 @@ from icf.pipeline.stage import Stage
 from icf.pipeline.store import read_json
 from icf.stages import stage_classes
 from icf.stages.index import DEFAULT_UNIT_SIZE, IndexSummary, run_index
-from icf.workflow.run import pipeline_stages, ray_session, run_pipeline
+from icf.workflow.run import pipeline_stages, run_pipeline, upstream_plan
 
 stage_app = typer.Typer(help="Run pipeline stages (each skips what is already done).", no_args_is_help=True)
 
@@ -41,7 +41,9 @@ def _opt(name: str, annotation: Any, default: Any, *flags: str, help: str = "") 
     return P(name, P.KEYWORD_ONLY, default=typer.Option(default, *flags, help=help), annotation=annotation)
 
 
-DATASET = P("dataset", P.KEYWORD_ONLY, default=dataset_option(), annotation=str)
+WORKSPACE_DATASET = "The AVSBench subset (default: the only one in the workspace)."
+DATASET = P("dataset", P.KEYWORD_ONLY, default=dataset_option(False, WORKSPACE_DATASET), annotation=str | None)
+INDEX_DATASET = P("dataset", P.KEYWORD_ONLY, default=dataset_option(), annotation=str)
 WORK = P("work", P.KEYWORD_ONLY, default=WorkOption, annotation=Path | None)
 STRICT = _opt("strict", bool, False, "--strict", help="Exit 1 when any sample failed.")
 JSON = _opt("json_out", bool, False, "--json", help="Print the summary as JSON on stdout.")
@@ -63,6 +65,8 @@ RUN_PARAMS = [
     PROGRESS,
     JSON,
 ]
+NO_UPSTREAM = _opt("no_upstream", bool, False, "--no-upstream",
+                   help="Refuse when an upstream stage is missing or stale instead of running it first.")
 INDEX_PARAMS = [
     _opt("root", Path | None, None, "--root", help="Dataset folder holding the subset's metadata CSV."),
     _opt("split", list[str] | None, None, "--split", help="Only this split (repeatable)."),
@@ -74,7 +78,7 @@ INDEX_PARAMS = [
 def option_clash(cls: type[Stage]) -> str | None:
     """Why ``cls`` cannot get a command: a ``Config`` field named like an option every stage command has
     (``--workers``, ``--force``, ``--root``, …), or None."""
-    reserved = {p.name for p in RUN_PARAMS + INDEX_PARAMS}
+    reserved = {p.name for p in RUN_PARAMS + INDEX_PARAMS + [NO_UPSTREAM]}
     clash = sorted(f.name for f in dataclasses.fields(cls.Config) if f.name in reserved)
     if not clash:
         return None
@@ -115,9 +119,10 @@ def _with_signature(fn: Callable[..., None], params: list[P], name: str, doc: st
     return fn
 
 
-def _workspace(dataset: str, work: Path | None, write: bool = False) -> Workspace:
-    """The dataset's workspace; with ``write``, proven writable before anything runs."""
-    ws = Workspace(work_dir(work), check_dataset(dataset))
+def _workspace(dataset: str | None, work: Path | None, write: bool = False) -> Workspace:
+    """The dataset's workspace (``dataset`` None: the workspace's only one); with ``write``, proven writable
+    before anything runs."""
+    ws = Workspace(work_dir(work), resolve_dataset(dataset, work))
     if write:
         ensure_writable(ws.root, "--work")
     return ws
@@ -202,11 +207,23 @@ def _stage_command(cls: type[Stage]) -> Callable[..., None]:
     def command(**kw: Any) -> None:
         opts, stage = _options(kw), cls(_config(cls, kw))
         ws = _workspace(kw["dataset"], kw["work"], write=True)
-        with workspace_lock(ws.root), ray_session():
-            summary = run_stage(ws, stage, opts, console)
-        _report(ws, [summary], kw["json_out"], kw["strict"])
+        summaries: list[StageSummary | IndexSummary] = []
+        with workspace_lock(ws.root):
+            before = [] if kw["no_upstream"] else upstream_plan(ws, cls.name)
+            if before:
+                why = ", ".join(f"{up.name} ({state})" for up, state in before)
+                console.print(f"[bold]upstream[/]: {why} first, with the options of its last run "
+                              "(--no-upstream refuses instead)", highlight=False, soft_wrap=True)
+            try:
+                run_pipeline(ws, [up for up, _ in before] + [stage], opts, console, summaries=summaries)
+            except (UserError, OSError):
+                for done in summaries:
+                    console.print(done.line(), markup=False, highlight=False, soft_wrap=True)
+                raise
+        _report(ws, summaries, kw["json_out"], kw["strict"])
 
-    return _with_signature(command, RUN_PARAMS + _config_params([cls]), cls.name, (cls.__doc__ or "").split("\n")[0])
+    params = RUN_PARAMS + [NO_UPSTREAM] + _config_params([cls])
+    return _with_signature(command, params, cls.name, (cls.__doc__ or "").split("\n")[0])
 
 
 def _index(ws: Workspace, root: Path, kw: dict[str, Any]) -> IndexSummary:
@@ -268,7 +285,7 @@ def _manifest_root(ws: Workspace) -> Path | None:
 
 @user_errors
 def status(
-    dataset: str = dataset_option(),
+    dataset: str | None = dataset_option(False, WORKSPACE_DATASET),
     work: Path | None = WorkOption,
     failed: bool = typer.Option(False, "--failed", help="List every failed sample with its reason."),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
@@ -279,9 +296,9 @@ def status(
     ws = _workspace(dataset, work)
     entries = dataset_status(ws)
     if json_out:
-        print_json({"dataset": dataset, "stages": entries})
+        print_json({"dataset": ws.dataset, "stages": entries})
         return
-    table = Table("stage", "state", "key", "units", "ok", "failed", "skipped", "pending", title=f"{dataset} in {ws.root}")
+    table = Table("stage", "state", "key", "units", "ok", "failed", "skipped", "pending", title=f"{ws.dataset} in {ws.root}")
     for e in entries:
         c = e["counts"]
         units = "-" if e["units_pending"] is None else f"{e['units_done']}/{e['units_done'] + e['units_pending']}"
@@ -293,7 +310,7 @@ def status(
             out.print(f"damaged {e['stage']}: {problem}", highlight=False, soft_wrap=True)
     todo = not_done(entries)
     if todo:
-        out.print(f"not done: {', '.join(todo)}; `icf stage all --dataset {dataset} --work {ws.work}` (with the "
+        out.print(f"not done: {', '.join(todo)}; `icf stage all --dataset {ws.dataset} --work {ws.work}` (with the "
                   "options of your earlier runs) brings them up to date", highlight=False, soft_wrap=True)
     n_failed = sum(len(e["failures"]) for e in entries)
     if failed:
@@ -306,7 +323,7 @@ def status(
 
 @user_errors
 def verify(
-    dataset: str = dataset_option(),
+    dataset: str | None = dataset_option(False, WORKSPACE_DATASET),
     work: Path | None = WorkOption,
     json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
 ) -> None:
@@ -314,14 +331,15 @@ def verify(
     and name each damaged file when any is. `icf stage all` repairs what it reports."""
     from icf.workflow.verify import verify_dataset
 
-    report = verify_dataset(_workspace(dataset, work))
+    ws = _workspace(dataset, work)
+    report = verify_dataset(ws)
     if json_out:
-        print_json({"dataset": dataset, "checked": report.checked, "problems": report.problems})
+        print_json({"dataset": ws.dataset, "checked": report.checked, "problems": report.problems})
     else:
         for problem in report.problems:
             out.print(f"damaged: {problem}", highlight=False, soft_wrap=True)
         verdict = f"{len(report.problems)} damaged" if report.problems else "all intact"
-        out.print(f"{dataset}: {report.checked} files checked, {verdict}", highlight=False)
+        out.print(f"{ws.dataset}: {report.checked} files checked, {verdict}", highlight=False)
     if report.problems:
         raise typer.Exit(1)
 
@@ -331,7 +349,7 @@ def register(app: typer.Typer) -> None:
     classes = list(stage_classes().values())
     clashes = {cls.name: option_clash(cls) for cls in classes}
     stage_app.command("index")(_with_signature(
-        index_command, [DATASET, WORK, *INDEX_PARAMS, FORCE, STRICT, PROGRESS, JSON], "index",
+        index_command, [INDEX_DATASET, WORK, *INDEX_PARAMS, FORCE, STRICT, PROGRESS, JSON], "index",
         "Scan the dataset folder into WORK/<dataset>/manifest.parquet (one row per clip, ok/failed)."))
     for cls in classes:
         message = clashes[cls.name]

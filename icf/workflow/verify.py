@@ -47,7 +47,10 @@ def _read_all(path) -> None:
 
 
 def verify_dataset(ws: Workspace) -> Report:
-    """Every check of the module docstring for ``ws.dataset``."""
+    """Every check of the module docstring for ``ws.dataset``; ``UserError`` when the dataset has no
+    workspace at all (neither a manifest nor its stats: nothing was ever staged there)."""
+    if not ws.manifest.exists() and not ws.manifest_stats.exists():
+        raise ws.no_manifest()
     report = Report()
     report.check(_read_all, ws.manifest_stats)
     report.check(_read_all, ws.manifest)

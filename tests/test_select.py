@@ -233,6 +233,7 @@ def test_compare_shows_boundary_f_when_runs_have_it(monkeypatch: pytest.MonkeyPa
                 for i, r in enumerate(runs)]
 
     monkeypatch.setattr(compare, "evaluate_runs", fake)
+    monkeypatch.setattr(compare, "run_dataset", lambda runs: "s4")
     doc = compare.comparison(["r0", "r1"], "test", [compare.parse_setting("clean")], which="best")
     assert doc["metrics"][-2:] == ["F_boundary", "JF_boundary"] and doc["checkpoint"] == "best"
     stat = doc["groups"][0]["settings"]["clean"]["F_boundary"]

@@ -31,6 +31,9 @@ from icf.data.sample import DATASETS
 
 PRESETS = ("tiny", "paper-r50", "paper-pvt", "paper-swin-t")
 SCHEDULES = ("poly", "cosine", "constant", "step")
+# `train.select_metric`: the validation metrics a best checkpoint may be chosen on (higher is better; keys of
+# `icf.eval.metrics`); "auto" = the method's official one (`icf.train.select.selection_metric`)
+SELECT_METRICS = ("auto", "J", "F", "JF", "J_present", "F_present", "J_dh", "F_dh", "JF_dh", "F_boundary", "JF_boundary")
 AUGMENTS = ("none", "ddeseg")  # train.augment: icf.augment.frames
 BATCH_UNITS = ("clips", "gt_frames")  # train.batch_unit: icf.data.frame_stream
 
@@ -167,6 +170,11 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None  # stop early (tiny runs, smoke tests); 0 = no step
     negative_fraction: float = 0.0  # share of each batch's clips given negative audio + an empty target (icf.augment.negatives)
+    # validation on the val split and best-checkpoint selection (icf.train.select); the official rule on the
+    # 0-based index e of the epoch just trained: validate when e >= val_start_epoch and e % val_every == 0
+    val_every: int = 0  # epochs; 0 = never validate
+    val_start_epoch: int = 0
+    select_metric: str = "auto"  # one of SELECT_METRICS; auto = the method's official selection metric
     # --- recipe switches a method preset may turn on (DDESeg's official recipe does)
     warmup_epochs: int = 0  # linear warm-up over this many epochs (× batches per epoch); exclusive with warmup_steps
     augment: str = "none"  # training frames/masks: "none" | "ddeseg" (box-constrained crop, colour jitter, flip)
@@ -176,7 +184,8 @@ class TrainConfig:
         """``ValueError`` naming the key for a value of the wrong type or range (``train.lr=abc``)."""
         numbers = {"lr": (float, 0.0, False), "weight_decay": (float, 0.0, True), "backbone_lr_mult": (float, 0.0, True),
                    "grad_clip": (float, 0.0, True), "batch_size": (int, 1, True), "epochs": (int, 1, True),
-                   "warmup_steps": (int, 0, True), "seed": (int, 0, True)}
+                   "warmup_steps": (int, 0, True), "seed": (int, 0, True), "val_every": (int, 0, True),
+                   "val_start_epoch": (int, 0, True)}
         for key, (kind, low, inclusive) in numbers.items():
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
@@ -200,6 +209,8 @@ class TrainConfig:
             raise ValueError(f"train.max_steps must be an integer >= 0, got {self.max_steps!r}")
         if not 0.0 <= self.negative_fraction < 1.0:
             raise ValueError(f"train.negative_fraction must lie in [0, 1), got {self.negative_fraction}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"train.select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
         self._check_recipe_switches()
 
     def _check_recipe_switches(self) -> None:

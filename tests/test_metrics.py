@@ -298,3 +298,127 @@ def test_semantic_matches_reference() -> None:
     for key, value in ref.items():
         assert r[key] == pytest.approx(value, abs=1e-12), key
     assert r["n_frames"] == int(sel.sum())
+
+
+# ---------------------------------------------------------------- DAVIS contour accuracy (QDFormer's F)
+
+
+def _ref_boundary(mask: np.ndarray) -> np.ndarray:
+    """DAVIS seg2bmap, pixel by pixel: a pixel differs from its E, S or SE neighbour; the last row looks east
+    only, the last column south only, the bottom-right corner is never a boundary."""
+    h, w = mask.shape
+    b = np.zeros((h, w), dtype=bool)
+    for i in range(h):
+        for j in range(w):
+            if i < h - 1 and j < w - 1:
+                b[i, j] = mask[i, j] != mask[i, j + 1] or mask[i, j] != mask[i + 1, j] or mask[i, j] != mask[i + 1, j + 1]
+            elif i == h - 1 and j < w - 1:
+                b[i, j] = mask[i, j] != mask[i, j + 1]
+            elif j == w - 1 and i < h - 1:
+                b[i, j] = mask[i, j] != mask[i + 1, j]
+    return b
+
+
+def _ref_boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> float:
+    """float64 db_eval_boundary: scipy dilation by a disk of radius ceil(bound_th · diagonal)."""
+    from scipy import ndimage
+
+    radius = int(np.ceil(bound_th * np.sqrt(pred.shape[0] ** 2 + pred.shape[1] ** 2)))
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disk = (xx.astype(np.float64) ** 2 + yy.astype(np.float64) ** 2) <= radius**2
+    fg_b, gt_b = _ref_boundary(pred), _ref_boundary(gt)
+    fg_dil = ndimage.binary_dilation(fg_b, structure=disk)
+    gt_dil = ndimage.binary_dilation(gt_b, structure=disk)
+    n_fg, n_gt = float(fg_b.sum()), float(gt_b.sum())
+    if n_fg == 0 and n_gt > 0:
+        precision, recall = 1.0, 0.0
+    elif n_fg > 0 and n_gt == 0:
+        precision, recall = 0.0, 1.0
+    elif n_fg == 0 and n_gt == 0:
+        precision, recall = 1.0, 1.0
+    else:
+        precision, recall = float((fg_b & gt_dil).sum()) / n_fg, float((gt_b & fg_dil).sum()) / n_gt
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def _blobs(rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:
+    """``n`` random discs and rectangles (some touching the border), plus a sprinkle of isolated pixels."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    m = np.zeros((h, w), dtype=bool)
+    for _ in range(n):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(2, max(3, min(h, w) // 3))
+        m |= ((yy - cy) ** 2 + (xx - cx) ** 2 <= r**2) if rng.random() < 0.5 else \
+            ((abs(yy - cy) <= r) & (abs(xx - cx) <= r // 2 + 1))
+    return m | (rng.random((h, w)) < 0.01)
+
+
+@pytest.mark.parametrize("shape", [(24, 32), (64, 64), (120, 90)])  # tolerance radius 1, 1, 2
+def test_boundary_f_equals_a_float64_davis_reference(shape: tuple[int, int]) -> None:
+    from icf.eval.metrics import binary_frame_boundary_f
+
+    rng = np.random.default_rng(shape[0])
+    h, w = shape
+    gts, preds = [], []
+    for k in range(10):
+        gt = _blobs(rng, h, w, int(rng.integers(1, 4)))
+        pred = gt ^ (rng.random((h, w)) < 0.03) if k % 2 else _blobs(rng, h, w, 2)  # near misses and unrelated
+        gts.append(gt)
+        preds.append(pred)
+    empty = np.zeros((h, w), dtype=bool)
+    gts += [empty, empty, gts[0], np.ones((h, w), dtype=bool)]  # empty GT vs a prediction / vs empty; empty pred
+    preds += [preds[0], empty, empty, np.ones((h, w), dtype=bool)]  # (a full mask has no boundary either)
+    probs = torch.from_numpy(np.stack(preds)).double() * 0.4 + 0.3  # 0.7 where predicted, 0.3 elsewhere
+    got = binary_frame_boundary_f(probs, torch.from_numpy(np.stack(gts)).long())
+    expected = [_ref_boundary_f(p, g) for p, g in zip(preds, gts)]
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
+    assert expected[-4:] == [0.0, 1.0, 0.0, 1.0] and 0.0 < min(expected[:10]) and max(expected[:10]) < 1.0
+
+
+def test_boundary_f_is_averaged_per_clip_then_over_clips() -> None:
+    """F_boundary = mean over clips of the clip's mean over its scored frames (DAVIS: per sequence, then over
+    sequences); JF_boundary = (J + F_boundary) / 2."""
+    rng = np.random.default_rng(3)
+    gts = np.stack([_blobs(rng, 32, 32, 2) for _ in range(10)]).reshape(2, 5, 32, 32)
+    preds = np.stack([_blobs(rng, 32, 32, 2) for _ in range(10)]).reshape(2, 5, 32, 32)
+    scored = torch.ones(2, 5, dtype=torch.bool)
+    scored[1, 2:] = False  # clip 1 has 2 scored frames, clip 0 has 5
+    m = BinaryMetrics()
+    m.update(torch.from_numpy(preds).float(), torch.from_numpy(gts).long(), scored)
+    r = m.compute()
+    clip0 = np.mean([_ref_boundary_f(preds[0, t], gts[0, t]) for t in range(5)])
+    clip1 = np.mean([_ref_boundary_f(preds[1, t], gts[1, t]) for t in range(2)])
+    assert r["F_boundary"] == pytest.approx((clip0 + clip1) / 2, abs=1e-12)
+    assert r["JF_boundary"] == pytest.approx((r["J"] + r["F_boundary"]) / 2)
+
+
+# ---------------------------------------------------------------- official AVSS padding
+
+
+def test_official_avss_padding_equals_scoring_padded_frames() -> None:
+    """``pad_to=10`` scores each clip's missing frames as all-background GT and prediction: the same J, F,
+    J_present and F_present as feeding those padded frames through the metric; FDR and the dataset-level scores
+    stay on the real frames."""
+    gen = torch.Generator().manual_seed(5)
+    classes = torch.tensor([0, 3, 7, 9])
+    masks = classes[torch.randint(0, 4, (3, 10, 12, 12), generator=gen)]
+    pred = torch.where(torch.rand(3, 10, 12, 12, generator=gen) < 0.6, masks, classes[torch.randint(0, 4, (3, 10, 12, 12), generator=gen)])
+    real = torch.ones(3, 10, dtype=torch.bool)
+    real[0, 5:] = real[2, 5:] = False  # clips 0 and 2 are 5-frame (v1s/v1m) clips, clip 1 a 10-frame v2 clip
+    official = SemanticMetrics(71, pad_to=10)
+    official.update(pred, masks, real, real=real)
+    plain = SemanticMetrics(71)
+    plain.update(pred, masks, real)
+    literal = SemanticMetrics(71)
+    literal.update(pred * real[..., None, None], masks * real[..., None, None], torch.ones(3, 10, dtype=torch.bool))
+    a, b, c = official.compute(), literal.compute(), plain.compute()
+    for key in ("J", "F", "J_present", "F_present"):
+        assert a[key] == pytest.approx(b[key], abs=1e-12), key
+    assert a["J"] != pytest.approx(c["J"])  # the padding moves the official J (background IoU ≈ 1 on 10 more frames)
+    for key in ("FDR", "J_dh", "F_dh", "n_frames"):
+        assert a[key] == c[key], key
+    assert a["n_padded"] == 10 and "n_padded" not in c and "F_boundary" not in c  # boundary F: binary tasks only
+    assert isinstance(make_metrics("avss", avss_padding="official"), SemanticMetrics)
+    assert make_metrics("avss", avss_padding="official").pad_to == 10
+    with pytest.raises(ValueError, match="AVSS only"):
+        make_metrics("s4", avss_padding="official")

@@ -58,7 +58,7 @@ def test_s4_score_equals_the_metric_code(tmp_path: Path, mode: str) -> None:
         torch.ones(5, 5, dtype=torch.bool),
     )
     expected = ref.compute()
-    for key in ("J", "F", "JF", "FDR", "n_frames"):
+    for key in ("J", "F", "JF", "FDR", "n_frames", "F_boundary", "JF_boundary"):
         assert r[key] == pytest.approx(expected[key], abs=1e-12), key
     assert r["n_clips"] == 5 and 0.3 < r["J"] < 1.0
 
@@ -137,3 +137,30 @@ def test_cli_json_and_errors(tmp_path: Path) -> None:
 
     code, output = _cli("--dataset", "s4", "--root", str(root), "--pred", str(pred), "--f-mode", "best")
     assert code == 2 and "--f-mode" in output
+
+
+def test_avss_official_padding_in_score(tmp_path: Path) -> None:
+    """``--avss-padding official``: the 5-frame v1s clip gets 5 all-background frames, the 10-frame v2 clip none; the
+    numbers are those of the metric fed the literally padded clip; S4/MS3 refuse the switch; JSON names protocols."""
+    root, pred, frames = _avss_tree(tmp_path)
+    r = score_predictions("avss", root, pred, "test", avss_padding="official")
+    ref = SemanticMetrics(71)
+    zeros = np.zeros((H, W), dtype=np.int64)
+    for p, g in frames + [(zeros, zeros)] * 5:
+        ref.update(torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None].long(), torch.ones(1, 1, dtype=torch.bool))
+    expected = ref.compute()
+    for key in ("J", "F", "J_present", "F_present"):
+        assert r[key] == pytest.approx(expected[key], abs=1e-12), key
+    assert r["n_padded"] == 5 and r["n_frames"] == 15
+    assert r["J"] != pytest.approx(score_predictions("avss", root, pred, "test")["J"])
+
+    code, output = _cli("--dataset", "avss", "--root", str(root), "--pred", str(pred), "--avss-padding", "official", "--json")
+    assert code == 0, output
+    payload = json.loads(output)
+    assert payload["n_padded"] == 5 and "official avss/test.py" in payload["protocols"]["J"]
+    assert {k for k, v in payload.items() if isinstance(v, float)} <= payload["protocols"].keys()
+    s4_root, s4_pred, _, _ = _s4_tree(tmp_path / "s4", n_test=1)
+    code, output = _cli("--dataset", "s4", "--root", str(s4_root), "--pred", str(s4_pred), "--avss-padding", "official")
+    assert code == 2 and "applies to AVSS only" in output
+    code, output = _cli("--dataset", "s4", "--root", str(s4_root), "--pred", str(s4_pred), "--json")
+    assert code == 0 and "DAVIS" in json.loads(output)["protocols"]["F_boundary"]

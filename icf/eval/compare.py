@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # the CLI imports this module at start-up: torch loads only w
     from icf.eval.evaluate import Perturbation, Predictor
 
 METRICS = ("J", "F", "J_present", "F_present", "FDR", "J_dh", "F_dh")  # J_dh, F_dh: DDESeg's protocol
+BOUNDARY_METRICS = ("F_boundary", "JF_boundary")  # QDFormer's DAVIS F and J&F, shown when compared runs have them (S4/MS3)
 NEGATIVE_METRICS = ("FPR_frame", "FPR_pixel", "HM")  # shown when a negative-audio setting is compared
 # run.json keys that do not make two runs different methods/configurations
 SEED_KEYS = (("train", "seed"),)
@@ -154,14 +156,15 @@ def steps_done(run: Path) -> int | None:
 
 
 def evaluate_runs(runs: Sequence[Path], split: str, settings: Sequence[EvalSetting],
-                  on_eval: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-    """Every run under every setting: ``[{run, doc, steps, results: {label: metrics}}]`` in input order."""
+                  on_eval: Callable[[], None] | None = None, which: str = "auto") -> list[dict[str, Any]]:
+    """Every run under every setting: ``[{run, doc, steps, loaded, results: {label: metrics}}]`` in input order;
+    ``which`` picks each run's checkpoint (`icf.train.run.checkpoint_path`), ``loaded`` says which was scored."""
     from icf.eval.evaluate import model_predictor
     from icf.train.run import load_trained
 
     out = []
     for run in runs:
-        model, shards, doc, model_cfg, train_cfg = load_trained(run)
+        model, shards, doc, model_cfg, train_cfg = load_trained(run, which=which)
         device = next(model.parameters()).device
         predict = model_predictor(model)
         results = {}
@@ -169,7 +172,7 @@ def evaluate_runs(runs: Sequence[Path], split: str, settings: Sequence[EvalSetti
             results[s.label] = s.run(predict, shards, split, model_cfg.image_size, device)
             if on_eval is not None:
                 on_eval()
-        out.append({"run": str(run), "doc": doc, "seed": train_cfg.seed, "steps": steps_done(run),
+        out.append({"run": str(run), "doc": doc, "seed": train_cfg.seed, "steps": steps_done(run), "loaded": doc["loaded"],
                     "planned_steps": train_cfg.max_steps, "results": results})
     return out
 
@@ -227,18 +230,19 @@ def run_dataset(runs: Sequence[Path]) -> str:
 
 
 def comparison(runs: Sequence[Path], split: str, settings: Sequence[EvalSetting],
-               on_eval: Callable[[], None] | None = None) -> dict[str, Any]:
+               on_eval: Callable[[], None] | None = None, which: str = "auto") -> dict[str, Any]:
     """The whole comparison as one JSON-able document (``dataset``, ``groups`` and the per-run ``runs``)."""
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
         raise UserError(f"settings repeat: {labels}")
     dataset = run_dataset(runs)
-    evaluated = evaluate_runs(runs, split, settings, on_eval)
+    evaluated = evaluate_runs(runs, split, settings, on_eval, which)
     found = {k for r in evaluated for res in r["results"].values() for k in res}
-    metrics = [*METRICS, *(m for m in NEGATIVE_METRICS if m in found)]
+    metrics = [*METRICS, *(m for m in (*BOUNDARY_METRICS, *NEGATIVE_METRICS) if m in found)]
     return {
         "dataset": dataset,
         "split": split,
+        "checkpoint": which,
         "settings": labels,
         "metrics": metrics,
         "groups": group_runs(evaluated, labels, metrics),
@@ -362,16 +366,19 @@ def compare_command(
     setting: list[str] = typer.Option([], "--setting", help=f"Also evaluate a named setting NAME[=VALUE] ({', '.join(SETTINGS)})."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as one JSON object instead of a table."),
     out_dir: Path | None = typer.Option(None, "--out", help="Write compare.json, compare.csv and compare.png here."),
+    which: str = typer.Option("auto", "--checkpoint", help="Weights of every run: best (best.pt), last (checkpoint.pt) "
+                              "or auto (best when a run validated, else last); the JSON's runs say which was loaded."),
 ) -> None:
     """Evaluate several runs on one split under clean and robustness settings; mean ± std over seeds."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from icf.clitools import console, out
-    from icf.train.run import find_run
+    from icf.train.run import checkpoint_path, find_run
 
     runs = [find_run(r, work) for r in runs]
     if split not in ("val", "test"):
         raise UserError(f"--split must be val or test, got {split!r}")
+    loaded = [checkpoint_path(r, which).name for r in runs]  # refuses --checkpoint best of a run that never validated
     chosen = settings_from_options(snr_db, frame_mix, [*split_values(negative), *setting])
     if any(s.label.startswith("snr ") for s in chosen):
         check_noisable(list(runs))
@@ -379,12 +386,13 @@ def compare_command(
                    TimeRemainingColumn(), console=console, disable=as_json)
     with bar:
         task = bar.add_task("compare", total=len(runs) * len(chosen))
-        doc = comparison(runs, split, chosen, lambda: bar.advance(task))
+        doc = comparison(runs, split, chosen, lambda: bar.advance(task), which)
     if out_dir is not None:
         paths = write_outputs(doc, out_dir)
     if as_json:
         print_json(doc)
         return
-    out.print(table(doc, title=f"{len(runs)} {doc['dataset']} runs, {split} split (×100, mean ± std over seeds)"))
+    weights = ", ".join(f"{n} {name}" for name, n in sorted(Counter(loaded).items()))
+    out.print(table(doc, title=f"{len(runs)} {doc['dataset']} runs ({weights}), {split} split (×100, mean ± std over seeds)"))
     if out_dir is not None:
         out.print("wrote " + ", ".join(str(p) for p in paths))

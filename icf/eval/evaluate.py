@@ -74,11 +74,13 @@ def evaluate(
     limit: int | None = None,
     device: torch.device | str = "cpu",
     negative: Negative | None = None,
+    avss_padding: str = "real",
 ) -> dict[str, Any]:
     """Metrics of ``predict`` on ``split`` (see :mod:`icf.eval.metrics` for the keys); with ``negative``,
-    ``FPR_frame``, ``FPR_pixel``, ``n_frames`` and ``skipped`` (clips given no negative) instead."""
+    ``FPR_frame``, ``FPR_pixel``, ``n_frames`` and ``skipped`` (clips given no negative) instead.
+    ``avss_padding="official"`` scores AVSS clips padded to 10 frames as the official test does."""
     if negative is None:
-        metrics = make_metrics(shards.dataset, shards.num_classes, f_mode)
+        metrics = make_metrics(shards.dataset, shards.num_classes, f_mode, avss_padding)
     else:
         metrics = FalsePositiveMetrics(binary=shards.dataset != "avss")
     seen = kept = 0
@@ -91,7 +93,7 @@ def evaluate(
             continue
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         pred = predict(moved).cpu()
-        metrics.update(pred, batch["masks"], batch["gt"] & batch["valid"], order=batch.get("order"))
+        metrics.update(pred, batch["masks"], batch["gt"] & batch["valid"], order=batch.get("order"), real=batch["valid"])
     if negative is not None:
         return {**metrics.compute(), "skipped": seen - kept, "split": split, "setting": negative.kind}
     return {**metrics.compute(), "split": split, "setting": perturbation.describe()}
@@ -106,10 +108,11 @@ def evaluate_negatives(
     f_mode: str = "official",
     limit: int | None = None,
     device: torch.device | str = "cpu",
+    avss_padding: str = "real",
 ) -> dict[str, dict[str, Any]]:
     """``{"clean": metrics, kind: FPRs + HM, ...}``: the clean split once, then each negative setting,
     its ``HM`` combining the clean J on positives with its ``FPR_frame`` (:func:`negative_score`)."""
-    clean = evaluate(predict, shards, split, image_size, f_mode, limit=limit, device=device)
+    clean = evaluate(predict, shards, split, image_size, f_mode, limit=limit, device=device, avss_padding=avss_padding)
     rows = {"clean": clean}
     for neg in negatives:
         r = evaluate(predict, shards, split, image_size, f_mode, limit=limit, device=device, negative=neg)
@@ -121,3 +124,9 @@ def model_predictor(model: torch.nn.Module) -> Predictor:
     """``model.predict`` in eval mode."""
     model.eval()
     return lambda batch: model.predict(batch)
+
+
+def validate(model: torch.nn.Module, shards: ShardSet, split: str, image_size: int, device: torch.device) -> dict[str, Any]:
+    """The trainer's validation (`icf.train.select.Validator`): ``icf eval``'s clean, official-protocol metrics of
+    ``model`` on ``split``; the model is left in eval mode (the next training step switches it back)."""
+    return evaluate(model_predictor(model), shards, split, image_size, device=device)

@@ -16,6 +16,12 @@ S4 / MS3 (binary, :class:`BinaryMetrics`, Decisions D2), on foreground probabili
   batches). ``dataset`` mode: one mean curve over every non-empty frame of the split, then its maximum
   (the batch-size independent fix); J is the plain mean over frames.
 
+* F_boundary (QDFormer's F, "contour accuracy F as defined in [54]" = DAVIS ``db_eval_boundary``): per frame,
+  the boundary maps (``seg2bmap``) of ``prob > 0.5`` and of the GT, each dilated by a disk of radius
+  ``ceil(0.008 · image diagonal)``; boundary precision and recall, F = 2PR / (P + R); averaged per clip, then
+  over clips (DAVIS: per sequence, then over sequences). ``JF_boundary`` = (J + F_boundary) / 2 is QDFormer's
+  J&F. Source: davisvideochallenge/davis2017-evaluation ``davis2017/metrics.py`` (``f_measure``, ``_seg2bmap``).
+
 AVSS (71 classes incl. background, :class:`SemanticMetrics`, Decisions D2), on class-index maps:
 
 * per frame and per class c: IoU_c = inter / (2.22e-16 + union), F_c = F_β(P_c, R_c) with NaN → 0; the
@@ -24,8 +30,10 @@ AVSS (71 classes incl. background, :class:`SemanticMetrics`, Decisions D2), on c
 * ``J_present`` / ``F_present``: the same per-class means averaged over the classes that occur in the
   split's ground truth (Decisions D3; the official mean caps a split holding k classes at (k + 1) / 71).
 * Padded frames: the official AVSS test pads v1s/v1m clips to 10 frames with all-background labels and
-  all-background predictions and scores them, which inflates the background IoU. Here only frames with
-  ground truth are scored (``gt``; padded frames never have GT), as COMBO-AVS does.
+  all-background predictions and scores them, which inflates the background IoU. By default (``avss_padding``
+  ``real``) only frames with ground truth are scored (``gt``; padded frames never have GT), as COMBO-AVS does;
+  ``official`` adds each clip's missing frames up to 10 as such frames (J, F and their present-class versions
+  move; FDR and the dataset-level scores stay on the real frames).
 
 FDR (both tasks; CAVP ``ForegroundDetect``, Decisions D4): a dataset-level pixel confusion matrix over the
 scored frames (rows GT, columns prediction; binary tasks use the two classes background/foreground at the
@@ -58,6 +66,7 @@ Every returned value is a fraction in [0, 1] (papers print ×100).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +82,8 @@ J_EPS = 1e-7
 SEM_EPS = 2.220446049250313e-16
 OFFICIAL_CLIPS_PER_BATCH = 4
 F_MODES = ("official", "dataset")
+BOUNDARY_TH = 0.008  # DAVIS db_eval_boundary: tolerance as a fraction of the image diagonal
+AVSS_PADDINGS = ("real", "official")  # AVSS frames scored: the real ones, or v1s/v1m padded to 10 (official test)
 
 
 def f_thresholds(n: int = N_THRESHOLDS) -> torch.Tensor:
@@ -129,6 +140,66 @@ def binary_frame_fcurves(probs: torch.Tensor, masks: torch.Tensor, n: int = N_TH
     recall = torch.where(n_gt > 0, tp / n_gt.clamp_min(1), torch.zeros_like(tp))
     f = (1 + F_BETA2) * precision * recall / (F_BETA2 * precision + recall)
     return torch.nan_to_num(f, nan=0.0)
+
+
+def seg2bmap(masks: torch.Tensor) -> torch.Tensor:
+    """DAVIS ``seg2bmap`` at the mask's own size: a pixel is on the boundary when it differs from its east, south
+    or south-east neighbour; the last row compares east only, the last column south only, the corner is off.
+
+    Args:
+        masks: ``(N, H, W)`` bool.
+    Returns:
+        ``(N, H, W)`` bool boundary maps.
+    """
+    seg = masks.bool()
+    e, s, se = torch.zeros_like(seg), torch.zeros_like(seg), torch.zeros_like(seg)
+    e[:, :, :-1] = seg[:, :, 1:]
+    s[:, :-1, :] = seg[:, 1:, :]
+    se[:, :-1, :-1] = seg[:, 1:, 1:]
+    b = (seg ^ e) | (seg ^ s) | (seg ^ se)
+    b[:, -1, :] = seg[:, -1, :] ^ e[:, -1, :]
+    b[:, :, -1] = seg[:, :, -1] ^ s[:, :, -1]
+    b[:, -1, -1] = False
+    return b
+
+
+def boundary_radius(height: int, width: int, bound_th: float = BOUNDARY_TH) -> int:
+    """DAVIS tolerance in pixels: ``ceil(bound_th · image diagonal)`` (``bound_th`` ≥ 1 is already pixels)."""
+    return int(bound_th) if bound_th >= 1 else math.ceil(bound_th * math.hypot(height, width))
+
+
+def dilate_disk(maps: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation of ``(N, H, W)`` bool maps by the disk ``x² + y² ≤ radius²`` (skimage ``disk``), zeros
+    outside the image."""
+    r = torch.arange(-radius, radius + 1)
+    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2).float()[None, None]
+    hits = torch.nn.functional.conv2d(maps.float()[:, None], disk, padding=radius)[:, 0]
+    return hits > 0.5
+
+
+def binary_frame_boundary_f(probs: torch.Tensor, masks: torch.Tensor, bound_th: float = BOUNDARY_TH) -> torch.Tensor:
+    """DAVIS contour accuracy F (``db_eval_boundary``) per frame of ``probs > 0.5`` against the GT.
+
+    Boundaries by :func:`seg2bmap`; a predicted boundary pixel is matched when a GT boundary pixel lies within
+    the disk of :func:`boundary_radius` around it, and vice versa; precision = matched predicted / predicted,
+    recall = matched GT / GT boundary pixels, F = 2PR / (P + R) (0 when P + R = 0). Empty boundaries follow
+    DAVIS: none predicted and none in the GT → P = R = 1; none predicted → P 1, R 0; none in the GT → P 0, R 1.
+
+    Args:
+        probs: ``(N, H, W)`` foreground probabilities.
+        masks: ``(N, H, W)`` 0/1 ground truth.
+    Returns:
+        ``(N,)`` float64 F.
+    """
+    fg, gt = seg2bmap(probs.float() > 0.5), seg2bmap(masks.bool())
+    radius = boundary_radius(*masks.shape[-2:], bound_th)
+    n_fg, n_gt = fg.flatten(1).sum(1).double(), gt.flatten(1).sum(1).double()
+    fg_match = (fg & dilate_disk(gt, radius)).flatten(1).sum(1).double()
+    gt_match = (gt & dilate_disk(fg, radius)).flatten(1).sum(1).double()
+    precision = torch.where(n_fg > 0, fg_match / n_fg.clamp_min(1), torch.ones_like(n_fg))
+    recall = torch.where(n_gt > 0, gt_match / n_gt.clamp_min(1), torch.ones_like(n_gt))
+    total = precision + recall
+    return torch.where(total > 0, 2 * precision * recall / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -225,6 +296,7 @@ class _ClipStats:
     n_frames: int
     f_sum: torch.Tensor  # (255,) sum of F curves over the clip's non-empty-GT frames
     n_nonempty: int
+    boundary_sum: float  # sum of the frames' DAVIS contour accuracy
 
 
 @dataclass
@@ -250,7 +322,8 @@ class BinaryMetrics:
 
     @torch.no_grad()
     def update(
-        self, probs: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor, order: Sequence[int | None] | None = None
+        self, probs: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor, order: Sequence[int | None] | None = None,
+        real: torch.Tensor | None = None,
     ) -> None:
         """Add a batch.
 
@@ -259,6 +332,7 @@ class BinaryMetrics:
             masks: ``(B, T, H, W)`` 0/1 ground truth.
             gt: ``(B, T)`` bool, frames that have ground truth (only those are scored).
             order: per clip, its CSV position (the official batching order), or None if unknown.
+            real: accepted for symmetry with :class:`SemanticMetrics` and ignored (no padding protocol here).
         """
         _check(probs, masks, gt)
         if order is not None and len(order) != probs.shape[0]:
@@ -278,6 +352,7 @@ class BinaryMetrics:
                     n_frames=int(p.shape[0]),
                     f_sum=curves.sum(0),
                     n_nonempty=int(nonempty.sum()),
+                    boundary_sum=float(binary_frame_boundary_f(p, m).sum()),
                 )
             )
             self.hard.cm += confusion_matrix((p.float() > 0.5).long(), m.long(), 2)
@@ -294,7 +369,8 @@ class BinaryMetrics:
         return [clips[i : i + n] for i in range(0, len(clips), n)]
 
     def compute(self) -> dict[str, float | int | str]:
-        """``J``, ``F``, ``JF`` = (J + F) / 2, ``FDR``, ``J_dh``, ``F_dh``, ``JF_dh``, ``n_frames``, ``f_mode``."""
+        """``J``, ``F``, ``JF`` = (J + F) / 2, ``F_boundary``, ``JF_boundary`` = (J + F_boundary) / 2, ``FDR``,
+        ``J_dh``, ``F_dh``, ``JF_dh``, ``n_frames``, ``f_mode``."""
         if not self.clips:
             raise ValueError("no frame with ground truth was scored")
         if self.f_mode == "official":
@@ -308,10 +384,13 @@ class BinaryMetrics:
             j = sum(c.iou_sum for c in self.clips) / sum(c.n_frames for c in self.clips)
             n_ne = sum(c.n_nonempty for c in self.clips)
             f = float((sum(c.f_sum for c in self.clips) / n_ne).max()) if n_ne else 0.0
+        boundary = float(np.mean([c.boundary_sum / c.n_frames for c in self.clips]))  # DAVIS: per clip, then over clips
         return {
             "J": j,
             "F": f,
             "JF": (j + f) / 2,
+            "F_boundary": boundary,
+            "JF_boundary": (j + boundary) / 2,
             "FDR": false_discovery_rate(self.hard.cm),
             **self.hard.compute(),
             "n_frames": sum(c.n_frames for c in self.clips),
@@ -330,6 +409,8 @@ class SemanticMetrics:
     gt_area: torch.Tensor = field(init=False)
     hard: DatasetHardMetrics = field(init=False)  # FDR's and DDESeg's confusion matrix
     n_frames: int = 0
+    pad_to: int = 0  # official AVSS test: every clip padded to this many frames (0: real frames only)
+    n_padded: int = 0
 
     def __post_init__(self) -> None:
         k = self.num_classes
@@ -341,7 +422,8 @@ class SemanticMetrics:
 
     @torch.no_grad()
     def update(
-        self, pred: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor, order: Sequence[int | None] | None = None
+        self, pred: torch.Tensor, masks: torch.Tensor, gt: torch.Tensor, order: Sequence[int | None] | None = None,
+        real: torch.Tensor | None = None,
     ) -> None:
         """Add a batch.
 
@@ -351,9 +433,15 @@ class SemanticMetrics:
             gt: ``(B, T)`` bool, frames that have ground truth (only those are scored).
             order: accepted for symmetry with :class:`BinaryMetrics` and ignored: these sums over frames do
                 not depend on how clips are batched.
+            real: ``(B, T')`` bool, each clip's real frames (default ``gt``; only their count per clip is read);
+                with ``pad_to``, each clip is scored with ``pad_to − real frames`` more all-background frames
+                predicted all-background.
         """
         _check(pred, masks, gt)
         gt = gt.detach().cpu().bool()
+        if self.pad_to:
+            n_real = (gt if real is None else real.detach().cpu().bool()).sum(1)
+            self._pad(int((self.pad_to - n_real).clamp_min(0).sum()), masks.shape[-2] * masks.shape[-1])
         pred, masks = pred.detach().cpu()[gt].long(), masks.detach().cpu()[gt].long()
         if pred.shape[0] == 0:
             return
@@ -371,6 +459,17 @@ class SemanticMetrics:
         self.gt_area += area_lab.sum(0).long()
         self.hard.cm += confusion_matrix(pred, masks, k)
         self.n_frames += int(pred.shape[0])
+
+    def _pad(self, frames: int, pixels: int) -> None:
+        """Score ``frames`` padded frames of ``pixels`` pixels, all background in GT and prediction (the official
+        AVSS test): only the background's sums move (inter = union = pred = GT area, so P = R = 1)."""
+        if not frames:
+            return
+        self.iou_sum[0] += frames * (pixels / (SEM_EPS + pixels))
+        self.f_sum[0] += frames * ((1 + F_BETA2) / (F_BETA2 + 1))
+        self.count[0] += frames
+        self.gt_area[0] += frames * pixels
+        self.n_padded += frames
 
     def per_class(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class mean IoU and F ``(K,)``: sum over frames / frames where the class occurs (0 if never)."""
@@ -396,6 +495,7 @@ class SemanticMetrics:
             "FDR": false_discovery_rate(self.hard.cm),
             **self.hard.compute(),
             "n_frames": self.n_frames,
+            **({"n_padded": self.n_padded} if self.pad_to else {}),
             "present_classes": present.nonzero().flatten().tolist(),
         }
 
@@ -412,7 +512,8 @@ class FalsePositiveMetrics:
 
     @torch.no_grad()
     def update(
-        self, pred: torch.Tensor, masks: torch.Tensor, scored: torch.Tensor, order: Sequence[int | None] | None = None
+        self, pred: torch.Tensor, masks: torch.Tensor, scored: torch.Tensor, order: Sequence[int | None] | None = None,
+        real: torch.Tensor | None = None,
     ) -> None:
         """Add a batch of negatives.
 
@@ -420,7 +521,7 @@ class FalsePositiveMetrics:
             pred: ``(B, T, H, W)`` foreground probabilities (binary) or class ids.
             masks: ``(B, T, H, W)`` the (empty) targets; only their shape is checked.
             scored: ``(B, T)`` bool, the frames to count (the real frames).
-            order: accepted for symmetry with the other accumulators and ignored.
+            order, real: accepted for symmetry with the other accumulators and ignored.
         """
         _check(pred, masks, scored)
         pred = pred.detach().cpu()[scored.detach().cpu().bool()]
@@ -450,8 +551,64 @@ def negative_score(j_positive: float, fpr_frame: float) -> float:
     return 0.0 if j_positive + silent == 0 else 2.0 * j_positive * silent / (j_positive + silent)
 
 
-def make_metrics(task: str, num_classes: int | None = None, f_mode: str = "official") -> BinaryMetrics | SemanticMetrics:
+def make_metrics(task: str, num_classes: int | None = None, f_mode: str = "official",
+                 avss_padding: str = "real") -> BinaryMetrics | SemanticMetrics:
     """The accumulator for a dataset: binary ones (S4, MS3) → :class:`BinaryMetrics`, AVSS →
-    :class:`SemanticMetrics` over ``num_classes`` (default: the dataset's 71)."""
+    :class:`SemanticMetrics` over ``num_classes`` (default: the dataset's 71), with ``avss_padding="official"``
+    padding every clip to the dataset's longest (10 frames) as the official AVSS test does."""
     info = load_info(task)
-    return BinaryMetrics(f_mode=f_mode) if info.binary else SemanticMetrics(num_classes=num_classes or info.num_classes)
+    if avss_padding not in AVSS_PADDINGS:
+        raise ValueError(f"avss_padding must be one of {AVSS_PADDINGS}, got {avss_padding!r}")
+    if info.binary:
+        if avss_padding != "real":
+            raise ValueError(f"avss_padding={avss_padding!r} applies to AVSS only, not {task}")
+        return BinaryMetrics(f_mode=f_mode)
+    pad_to = info.max_frames if avss_padding == "official" else 0
+    return SemanticMetrics(num_classes=num_classes or info.num_classes, pad_to=pad_to)
+
+
+_AVSS_FRAMES = {"real": "frames with ground truth only (COMBO-AVS)",
+                "official": "real frames plus v1s/v1m clips padded to 10 all-background frames, predicted background "
+                            "(official avss/test.py)"}
+_OFFICIAL_BATCHES = {"official": "per official test batch of 4 clips in CSV order, then the mean over batches",
+                     "dataset": "over the whole split (batch-size independent)"}
+
+
+def protocols(result: dict[str, Any], binary: bool, f_mode: str = "official", avss_padding: str = "real") -> dict[str, str]:
+    """For each metric key of ``result``, the protocol it follows and its source (``icf eval --json``'s
+    ``protocols``)."""
+    if binary:
+        text = {
+            "J": "AVSBench J: per-frame IoU of prob > 0.5 (empty GT: background IoU), mean "
+                 f"{_OFFICIAL_BATCHES[f_mode]} (avs_scripts/avs_s4/utils/utility.py mask_iou)",
+            "F": "AVSBench F: F_beta (beta^2 0.3) over 255 thresholds, max of the mean curve of non-empty-GT frames "
+                 f"{_OFFICIAL_BATCHES[f_mode]} (utility.py Eval_Fmeasure)",
+            "JF": "(J + F) / 2 with the AVSBench F",
+            "F_boundary": "DAVIS contour accuracy F (db_eval_boundary: seg2bmap boundaries, disk dilation of "
+                          "ceil(0.008 x image diagonal) px, boundary precision/recall F1) of prob > 0.5, mean per clip "
+                          "then over clips; QDFormer's F",
+            "JF_boundary": "(J + F_boundary) / 2: QDFormer's J&F (DAVIS-style)",
+        }
+    else:
+        frames = _AVSS_FRAMES[avss_padding]
+        text = {
+            "J": "AVSBench-semantic mIoU: per-frame per-class IoU, per-class mean over frames where the class is in "
+                 f"prediction or GT, mean over all classes incl. background; {frames} "
+                 "(avss/utils/compute_color_metrics.py, avss/test.py)",
+            "F": f"AVSBench-semantic F: per-frame per-class F_beta (beta^2 0.3), averaged as J; {frames}",
+            "JF": "(J + F) / 2",
+            "J_present": f"J's per-class means averaged over the classes present in the split's GT (Decisions D3); {frames}",
+            "F_present": f"F's per-class means averaged over the classes present in the split's GT (Decisions D3); {frames}",
+        }
+    text.update({
+        "FDR": "CAVP ForegroundDetect: FP / (FP + TP) per class of the split's hard pixel confusion matrix, "
+               "NaN-mean over classes (Decisions D4)",
+        "J_dh": "DDESeg/CAVP dataset-level IoU of hard predictions, mean over classes with a non-empty union, "
+                "background included",
+        "F_dh": "DDESeg/CAVP dataset-level F_beta (beta^2 0.3) of hard predictions, classes as J_dh",
+        "JF_dh": "(J_dh + F_dh) / 2: DDESeg's J&F",
+        "FPR_frame": "negative audio: frames with any pixel predicted sounding / frames (AVSBench-Robust)",
+        "FPR_pixel": "negative audio: pixels predicted sounding / pixels",
+        "HM": "harmonic mean of J on positives and 1 - FPR_frame on negatives (project)",
+    })
+    return {k: v for k, v in text.items() if k in result}

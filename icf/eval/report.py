@@ -8,9 +8,9 @@ from rich.table import Table
 
 from icf.clitools import out, print_json
 
-COUNTS = ("n_frames", "skipped")
-COLUMNS = ("J", "F", "JF", "J_present", "F_present", "FDR", "J_dh", "F_dh", "JF_dh", "FPR_frame", "FPR_pixel", "HM",
-           "n_frames", "skipped")
+COUNTS = ("n_frames", "n_padded", "skipped")
+COLUMNS = ("J", "F", "JF", "F_boundary", "JF_boundary", "J_present", "F_present", "FDR", "J_dh", "F_dh", "JF_dh",
+           "FPR_frame", "FPR_pixel", "HM", "n_frames", "n_padded", "skipped")
 
 
 DATASET_HARD = ("J_dh", "F_dh", "JF_dh")  # DDESeg's protocol (icf.eval.metrics.DatasetHardMetrics)

@@ -68,14 +68,16 @@ def read_prediction(path: Path, dataset: str, shape: tuple[int, int], resize: bo
 
 
 def score_predictions(
-    dataset: str, root: str | Path, pred: str | Path, split: str = "test", f_mode: str = "official", resize: bool = False
+    dataset: str, root: str | Path, pred: str | Path, split: str = "test", f_mode: str = "official", resize: bool = False,
+    avss_padding: str = "real",
 ) -> dict:
     """Score the PNG predictions under ``pred`` against the ``split`` ground truth under ``root``.
 
-    Returns the metric dict of :mod:`icf.eval.metrics` (``J``, ``F``, ``JF``, ``FDR``, ``n_frames``; AVSS
-    also ``J_present``, ``F_present``) plus ``n_clips``. Raises ``UserError`` (one line) when a
-    prediction is missing or malformed, a ground-truth mask cannot be read, or every S4/MS3 prediction
-    holds only 0 and 1 (hard masks saved as 0/1, which would score as near-empty probabilities).
+    Returns the metric dict of :mod:`icf.eval.metrics` (``J``, ``F``, ``JF``, ``FDR``, ``n_frames``; S4/MS3 also
+    ``F_boundary``, ``JF_boundary``; AVSS also ``J_present``, ``F_present``, and ``n_padded`` with
+    ``avss_padding="official"``, which pads each clip's ``n_frames`` to 10) plus ``n_clips``. Raises ``UserError``
+    (one line) when a prediction is missing or malformed, a ground-truth mask cannot be read, or every S4/MS3
+    prediction holds only 0 and 1 (hard masks saved as 0/1, which would score as near-empty probabilities).
     """
     data_root = check_root(root)
     pred_root = Path(pred).expanduser()
@@ -93,9 +95,9 @@ def score_predictions(
         shown = ", ".join(missing[:MAX_LISTED]) + (", ..." if len(missing) > MAX_LISTED else "")
         raise UserError(f"{len(missing)} prediction file(s) missing (expected at PRED/<mask path relative to root>): {shown}")
     info = load_info(dataset)
-    metrics = make_metrics(dataset, info.num_classes, f_mode)
+    metrics = make_metrics(dataset, info.num_classes, f_mode, avss_padding)
     top = 0.0  # the largest probability of any S4/MS3 prediction
-    for clip in pairs:
+    for sample, clip in zip(samples, pairs):
         masks, preds = [], []
         for mask_path, pred_path in clip:
             try:
@@ -107,7 +109,8 @@ def score_predictions(
         if len({m.shape for m in masks}) > 1:
             raise UserError(f"{clip[0][0].parent}: ground-truth masks of one clip differ in size")
         p, m = torch.from_numpy(np.stack(preds))[None], torch.from_numpy(np.stack(masks))[None]
-        metrics.update(p, m, torch.ones(1, len(clip), dtype=torch.bool))
+        real = torch.ones(1, sample.n_frames, dtype=torch.bool)  # all of the clip's frames, GT or not (padding)
+        metrics.update(p, m, torch.ones(1, len(clip), dtype=torch.bool), real=real)
         top = max(top, float(p.max())) if info.binary else top
     if 0 < top <= 1.5 / 255:
         raise UserError(f"{pred_root}: every prediction holds only the values 0 and 1 (0/1 hard masks?); "

@@ -61,6 +61,13 @@ def make(cfg: ModelConfig, options: TPAVIOptions) -> TPAVISegmenter:
 PAPER_EPOCHS = {"s4": 15, "ms3": 30, "avss": 60}  # train.py default (S4); --max_epoches in ms3 / avss train.sh
 
 
+# the official train.py loops validate after 0-based epoch e when e >= start_eval_epoch and e % eval_interval == 0
+# and test the best-val-mIoU weights (icf.train.select): S4/MS3 every epoch; AVSS train.sh --start_eval_epoch 15
+# --eval_interval 2
+OFFICIAL_VALIDATION = {"s4": {"val_every": 1, "val_start_epoch": 0}, "ms3": {"val_every": 1, "val_start_epoch": 0},
+                       "avss": {"val_every": 2, "val_start_epoch": 15}}
+
+
 def presets(name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig, dict]:
     """The official AVSBench recipe on ``paper-r50`` / ``paper-pvt`` (module docstring); ``tiny`` unchanged."""
     if name == "tiny":
@@ -69,7 +76,7 @@ def presets(name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelCon
         raise ValueError(f"method tpavi: unknown preset {name!r}")
     official = dataclasses.replace(
         train, lr=1e-4, weight_decay=0.0, schedule="constant", warmup_steps=0, backbone_lr_mult=1.0, batch_size=4,
-        epochs=PAPER_EPOCHS[model.dataset], amp=False, grad_clip=0.0)
+        epochs=PAPER_EPOCHS[model.dataset], amp=False, grad_clip=0.0, **OFFICIAL_VALIDATION[model.dataset])
     return dataclasses.replace(model, freeze_audio=True), official, {}
 
 

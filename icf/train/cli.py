@@ -34,6 +34,9 @@ def train_command(
         None, "--config", help="TOML file of overrides: [model], [train] and [method] tables (before --set)."),
     set_: list[str] = typer.Option([], "--set", help="Override key=value (train.lr=3e-4, method.segmenter=tpavi); repeatable."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save a checkpoint every N steps."),
+    val_every: int | None = typer.Option(
+        None, "--val-every", help="Validate on the val split every N epochs (train.val_every; from train.val_start_epoch) "
+        "and keep the best checkpoint as best.pt; 0 = never."),
 ) -> None:
     """Train a method on the shards of WORK/<dataset>/shards.json; writes checkpoints, metrics.jsonl and loss.png."""
     from icf.train.run import RunSpec
@@ -50,6 +53,9 @@ def train_command(
     check_at_least("--checkpoint-every", checkpoint_every, 1)
     check_at_least("--loader-workers", loader_workers, 0)
     check_at_least("--ray-workers", ray_workers, 0)
+    check_at_least("--val-every", val_every, 0)
+    if val_every is not None and resume is not None:
+        raise UserError("--val-every applies to a new run; a --resume run keeps the configs in its run.json")
     if config is not None and resume is not None:
         raise UserError("--config applies to a new run; a --resume run keeps the configs in its run.json")
     if resume is not None and not resume.is_dir():
@@ -62,7 +68,8 @@ def train_command(
     spec = RunSpec(
         dataset=dataset or "", preset=preset_name, method=method, work=root, out=run, epochs=epochs, max_steps=max_steps,
         ablate=frozenset(a.strip() for a in ablate.split(",") if a.strip()), seed=seed, workers=loader_workers,
-        overrides=list(set_), checkpoint_every=checkpoint_every, config=config,
+        overrides=[*set_, *([f"train.val_every={val_every}"] if val_every is not None else [])],
+        checkpoint_every=checkpoint_every, config=config,
     )
     if ray_workers:
         from icf.train.ray_train import train_ray

@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from icf.train.run import RunSpec
+from icf.train.select import Validator, registered_validator
 from icf.train.trainer import Dist, train
 
 ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM")
 
 
-def _spec_to_config(spec: RunSpec, resume: bool) -> dict[str, Any]:
+def _spec_to_config(spec: RunSpec, resume: bool, validate: Validator | None = None) -> dict[str, Any]:
     raw = dataclasses.asdict(spec)
     raw.update(work=str(spec.work), out=str(spec.out), ablate=sorted(spec.ablate))
-    return {"spec": raw, "resume": resume}
+    return {"spec": raw, "resume": resume, "validate": validate}
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -37,12 +38,15 @@ def _worker_loop(config: dict[str, Any]) -> None:
     def wrap(model):
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
-    train(spec, resume=config["resume"], dist=Dist(rank=ctx.get_world_rank(), world=ctx.get_world_size(), wrap=wrap))
+    train(spec, resume=config["resume"], dist=Dist(rank=ctx.get_world_rank(), world=ctx.get_world_size(), wrap=wrap),
+          validate=config.get("validate"))
     ray.train.report({"done": 1})
 
 
-def train_ray(spec: RunSpec, num_workers: int, resume: bool = False, address: str | None = None) -> Path:
-    """Train ``spec`` on ``num_workers`` Ray Train workers (an embedded local Ray unless ``address``)."""
+def train_ray(spec: RunSpec, num_workers: int, resume: bool = False, address: str | None = None,
+              validate: Validator | None = None) -> Path:
+    """Train ``spec`` on ``num_workers`` Ray Train workers (an embedded local Ray unless ``address``); rank 0
+    validates with ``validate`` (default: the registered validator, when there is one)."""
     import ray
     import torch
     from ray.train import RunConfig, ScalingConfig
@@ -57,7 +61,7 @@ def train_ray(spec: RunSpec, num_workers: int, resume: bool = False, address: st
     use_gpu = torch.cuda.is_available()
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config=_spec_to_config(spec, resume),
+        train_loop_config=_spec_to_config(spec, resume, validate or registered_validator()),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="ray-train", storage_path=str((spec.out / "ray").resolve())),
     )

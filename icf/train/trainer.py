@@ -30,7 +30,7 @@ from icf.data.frame_stream import FrameStream
 from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
 from icf.augment.frames import clip_transform
 from icf.augment.negatives import training_negatives
-from icf.train import checkpoint
+from icf.train import checkpoint, select
 from icf.train.logs import METRICS_FILE, append_metrics, plot_losses, progress_bar, trim_metrics
 from icf.train.run import RUN_FILE, RunSpec, build_model, pick_device, read_run_file, seed_everything, shards_path, write_run_file
 
@@ -193,11 +193,13 @@ def save_checkpoint(path: Path, *args: Any) -> None:
                         "checkpoint is intact, free space and --resume") from None
 
 
-def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
+def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist(), validate: select.Validator | None = None) -> Path:
     """Train (or, with ``resume``, continue the run in ``spec.out``) and return the run folder.
 
     A new run refuses a folder that already holds one (``run.json``, ``metrics.jsonl`` or a checkpoint);
     SIGINT / SIGTERM save a checkpoint after the current step and stop; ``max_steps`` 0 takes no step.
+    With ``train.val_every`` > 0, rank 0 validates at the ends of epochs and keeps ``best.pt`` (`icf.train.select`;
+    ``validate`` defaults to the registered one).
     """
     run = spec.out
     if resume:
@@ -248,6 +250,8 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
             trim_metrics(run, step)
     net = dist.wrap(model) if dist.wrap is not None else model
     negatives = training_negatives(train_cfg, shards, device)  # identity unless train.negative_fraction > 0
+    selection = select.start(run, train_cfg, model_cfg.method, shards, model_cfg.image_size, device, validate) \
+        if dist.main else None
 
     if dist.main:
         console.print(f"[bold]run[/] {run}  device {device.type}  workers {dist.world}  {steps_per_epoch} steps/epoch  steps {step}→{stop}")
@@ -269,7 +273,8 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist()) -> Path:
                 if dist.main:
                     append_metrics(run, {"step": step, "epoch": position.epoch, "time": round(time.time() - t0, 3), **record})
                     bar.update(task, completed=step, loss=record["total"])
-                    if step % every == 0 or step == stop:
+                    validated = selection is not None and position.batch == 0 and selection.after_epoch(model, step, position.epoch)
+                    if step % every == 0 or step == stop or validated:
                         save_checkpoint(ckpt_path, model, optimizer, scheduler, step, position.to_dict())
                 if step >= stop:
                     break

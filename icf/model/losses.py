@@ -40,13 +40,22 @@ def binary_losses(logits: Tensor, target: Tensor, gamma: float, alpha: float) ->
 
 
 def multiclass_losses(logits: Tensor, target: Tensor, gamma: float) -> dict[str, Tensor]:
-    """logits ``(N, K, H, W)``, target ``(N, H, W)`` class ids → mean CE, Dice (over classes) and softmax focal loss."""
-    ce = F.cross_entropy(logits, target, reduction="none")
-    prob = logits.softmax(1)
-    p_y = prob.gather(1, target[:, None]).squeeze(1)
+    """logits ``(N, K, H, W)``, target ``(N, H, W)`` class ids → mean CE, Dice (over classes) and softmax focal loss.
+
+    One log-softmax serves the three terms, and Dice's per-class sums Σ p·y and Σ y are scatter-adds of p_y and 1
+    over the target ids instead of products with a one-hot map: the same values as `dice_loss` on a one-hot target,
+    without the K-fold one-hot tensor (these full-resolution passes were most of a tiny AVSS training step)."""
+    n, k = logits.shape[:2]
+    logp = logits.log_softmax(1)
+    logp_y = logp.gather(1, target[:, None]).squeeze(1)  # (N, H, W)
+    ce, p_y = -logp_y, logp_y.exp()
     focal = (1 - p_y).pow(gamma) * ce
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
-    return {"bce": ce.mean(), "dice": dice_loss(prob, onehot).mean(), "focal": focal.mean()}
+    ids = target.flatten(1)
+    inter = p_y.new_zeros(n, k).scatter_add(1, ids, p_y.flatten(1))  # Σ p·y per class
+    count = p_y.new_zeros(n, k).scatter_add_(1, ids, p_y.new_ones(ids.shape))  # Σ y per class
+    total = logp.exp().flatten(2).sum(-1) + count  # Σ p + Σ y
+    dice = 1 - (2 * inter + 1.0) / (total + 1.0)  # `dice_loss` with smooth = 1
+    return {"bce": ce.mean(), "dice": dice.mean(), "focal": focal.mean()}
 
 
 def segmentation_loss(logits: Tensor, masks: Tensor, gt: Tensor, valid: Tensor, cfg: ModelConfig) -> dict[str, Tensor]:

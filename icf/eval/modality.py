@@ -87,7 +87,6 @@ class BlankFrame:
         the tower's preprocessing, its embedding L2-normalised, stored as float16)."""
         import numpy as np
 
-        from icf.augment.negatives import _float16
         from icf.data.shards import IMAGENET_MEAN, IMAGENET_STD
         from icf.encoders import EncoderSpec
         from icf.methods.icf import frozen_towers
@@ -97,7 +96,7 @@ class BlankFrame:
         image = np.broadcast_to(np.array(BLANK_RGB, dtype=np.uint8), (1, 64, 64, 3)).copy()  # uniform: any size
         clip = frozen_towers(EncoderSpec.from_dict(shards.encoders), str(device)).clip
         emb = torch.nn.functional.normalize(clip.encode_images(image).float().cpu(), dim=-1)[0]
-        return cls(pixel, _float16(emb.numpy()))
+        return cls(pixel, emb.half().float())  # stored as float16, read back as float32
 
 
 def blank_vision(batch: dict[str, Any], blank: BlankFrame) -> dict[str, Any]:

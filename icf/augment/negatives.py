@@ -328,13 +328,10 @@ def take(batch: Batch, idx: Sequence[int]) -> Batch:
     return out
 
 
-def with_negatives(batch: Batch, audio: Mapping[int, Audio]) -> Batch:
-    """A copy of ``batch`` where each clip ``i`` of ``audio`` has that audio (padding stays zero) and an
-    empty target: all-background ``masks``, no ``labels``, and ``gt`` = ``valid`` (the empty target is
-    known on every real frame)."""
-    if not audio:
-        return dict(batch)
-    out = {k: batch[k].clone() for k in ("masks", "gt", "labels", *AUDIO_KEYS) if k in batch}
+def with_audio(batch: Batch, audio: Mapping[int, Audio]) -> Batch:
+    """A copy of ``batch`` where each clip ``i`` of ``audio`` has that audio in every audio key (padding stays
+    zero); the target is unchanged. Refuses an audio key the clip's audio does not replace."""
+    out = {k: batch[k].clone() for k in AUDIO_KEYS if k in batch}
     for i, clip in audio.items():
         check_audio_keys(batch, clip)
         for k, v in clip.items():
@@ -348,6 +345,17 @@ def with_negatives(batch: Batch, audio: Mapping[int, Audio]) -> Batch:
             else:  # per-frame (T, ...) into (T_max, ...): zero padding as the loader's
                 out[k][i] = 0
                 out[k][i, : v.shape[0]] = v.to(out[k].dtype)
+    return {**batch, **out}
+
+
+def with_negatives(batch: Batch, audio: Mapping[int, Audio]) -> Batch:
+    """A copy of ``batch`` where each clip ``i`` of ``audio`` has that audio (`with_audio`) and an empty target:
+    all-background ``masks``, no ``labels``, and ``gt`` = ``valid`` (the empty target is known on every real frame)."""
+    if not audio:
+        return dict(batch)
+    batch = with_audio(batch, audio)
+    out = {k: batch[k].clone() for k in ("masks", "gt", "labels") if k in batch}
+    for i in audio:
         out["masks"][i] = 0
         out["gt"][i] = batch["valid"][i]
         if "labels" in out:

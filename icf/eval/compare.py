@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the CLI imports this module at start-up: torch loads only w
 METRICS = ("J", "F", "J_present", "F_present", "FDR", "J_dh", "F_dh")  # J_dh, F_dh: DDESeg's protocol
 BOUNDARY_METRICS = ("F_boundary", "JF_boundary")  # QDFormer's DAVIS F and J&F, shown when compared runs have them (S4/MS3)
 NEGATIVE_METRICS = ("FPR_frame", "FPR_pixel", "HM")  # shown when a negative-audio setting is compared
+MODALITY_METRICS = ("phi_audio", "phi_vision")  # shown when the modality setting is compared (icf.eval.modality)
 # run.json keys that do not make two runs different methods/configurations
 SEED_KEYS = (("train", "seed"),)
 IGNORED_KEYS = ("checkpoint_every",)
@@ -103,7 +104,18 @@ SETTINGS: dict[str, Callable[[str | None], EvalSetting]] = {
     "silence": lambda _v: EvalSetting("negative: silence", negative_eval("silence")),
     "noise": lambda _v: EvalSetting("negative: noise", negative_eval("noise")),
     "offscreen": lambda _v: EvalSetting("negative: offscreen", negative_eval("offscreen")),
+    "modality": lambda v: modality_setting(v or "J"),
 }
+
+
+def modality_setting(metric: str) -> EvalSetting:
+    """``modality[=METRIC]``: the Shapley values of audio and vision for ``metric`` (default J;
+    `icf.eval.modality`), with the clean metrics in the row's other columns."""
+    from icf.eval.modality import modality_eval
+
+    if metric not in METRICS:
+        raise UserError(f"setting modality={metric}: expected one of {', '.join(METRICS)}")
+    return EvalSetting(f"modality Shapley ({metric})", modality_eval(metric))
 
 
 def parse_setting(text: str) -> EvalSetting:
@@ -238,7 +250,7 @@ def comparison(runs: Sequence[Path], split: str, settings: Sequence[EvalSetting]
     dataset = run_dataset(runs)
     evaluated = evaluate_runs(runs, split, settings, on_eval, which)
     found = {k for r in evaluated for res in r["results"].values() for k in res}
-    metrics = [*METRICS, *(m for m in (*BOUNDARY_METRICS, *NEGATIVE_METRICS) if m in found)]
+    metrics = [*METRICS, *(m for m in (*BOUNDARY_METRICS, *NEGATIVE_METRICS, *MODALITY_METRICS) if m in found)]
     return {
         "dataset": dataset,
         "split": split,

@@ -20,6 +20,7 @@ from icf.model.audio import AudioEncoder
 from icf.model.backbone import Backbone
 from icf.model.decoder import MaskHead, QueryDecoder
 from icf.model.pixel_decoder import PixelDecoder
+from icf.model.resize import resize_bilinear
 from icf.model.segmenter import Batch, Encoded, Segmenter, TextTokens, frame_features
 
 
@@ -56,6 +57,6 @@ class BidirSegmenter(Segmenter):
         hook = (lambda i, q: self.read_text(i, q, text)) if text is not None else None
         queries, levels = self.decoder(levels, level_pos, enc.audio, valid, hook)
         pixels = self.pixel_decoder.mask_features(levels, enc.state["lateral"])
-        logits = F.interpolate(self.mask_head(queries, pixels), size=frames.shape[-2:], mode="bilinear", align_corners=False)
+        logits = resize_bilinear(self.mask_head(queries, pixels), frames.shape[-2:])  # = F.interpolate(bilinear), faster on CPU
         aud = F.normalize(queries[:, -self.decoder.num_audio :].mean(1).view(b, t, -1), dim=-1)
         return {"logits": logits.view(b, t, *logits.shape[1:]), "vis_feat": frame_features(pixels, b), "aud_feat": aud}

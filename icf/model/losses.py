@@ -8,6 +8,7 @@ annotation (S4 train frames 2–5, AVSS v1s frames 1–4) and padding never cont
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -39,14 +40,63 @@ def binary_losses(logits: Tensor, target: Tensor, gamma: float, alpha: float) ->
     return {"bce": bce.mean(), "dice": dice_loss(prob, target).mean(), "focal": focal.mean()}
 
 
+class _SoftmaxLosses(torch.autograd.Function):
+    """CE, Dice and focal loss of softmax(logits) as one autograd node with a closed-form backward.
+
+    The forward keeps p = softmax(z) and per-pixel / per-class sums; the backward writes dL/dz in a few passes
+    over ``(N, K, H, W)`` instead of autograd's chain through log-softmax, gather, exp and sum (these
+    full-resolution passes were the largest part of a tiny AVSS training step). With u = 1 − p_y, M pixels,
+    D = Σp + Σy + 1 and I = Σ p·y per (frame, class):
+
+    * ∂CE_i/∂z_k = p_k − δ_ky;  ∂focal_i/∂z_k = (p_k − δ_ky)·(u^γ + γ·u^(γ−1)·p_y·CE_i);
+    * ∂dice_nk/∂p_j = A_nk·δ_jy·δ_jk + B_nk with A = −2/D, B = (2I + 1)/D², pulled back through the softmax
+      Jacobian p_k(δ_jk − p_j).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, gamma: float) -> Tensor:
+        n, k = logits.shape[:2]
+        p = logits.log_softmax(1)
+        logp_y = p.gather(1, target[:, None]).squeeze(1)  # (N, H, W)
+        ce, p_y = -logp_y, logp_y.exp()
+        u = 1 - p_y
+        focal = u.pow(gamma) * ce
+        p = p.exp_()
+        ids = target.flatten(1)
+        inter = p_y.new_zeros(n, k).scatter_add_(1, ids, p_y.flatten(1))  # Σ p·y per class
+        count = p_y.new_zeros(n, k).scatter_add_(1, ids, p_y.new_ones(ids.shape))  # Σ y per class
+        denom = p.flatten(2).sum(-1) + count + 1.0  # Σ p + Σ y + smooth
+        dice = 1 - (2 * inter + 1.0) / denom  # `dice_loss` with smooth = 1
+        ctx.save_for_backward(p, target, p_y, ce, u, inter, denom)
+        ctx.gamma = gamma
+        return torch.stack([ce.mean(), dice.mean(), focal.mean()])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        p, target, p_y, ce, u, inter, denom = ctx.saved_tensors
+        gamma = ctx.gamma
+        n, k = p.shape[:2]
+        g_ce, g_dice, g_focal = grad.unbind()
+        f = u.pow(gamma)
+        if gamma != 0:
+            f = f + gamma * torch.where(u > 0, u.clamp_min(1e-30).pow(gamma - 1), 0.0) * p_y * ce
+        c = (g_ce + g_focal * f) / p_y.numel()  # (N, H, W): weight of (p_k − δ_ky)
+        w = g_dice / (n * k)
+        a, b = -2 / denom, (2 * inter + 1.0) / denom**2  # (N, K)
+        a_y = a.gather(1, target.flatten(1)).view_as(p_y)
+        shared = torch.einsum("nk,nkhw->nhw", b, p) + a_y * p_y  # Σ_j p_j·∂dice/∂p_j, per pixel
+        out = p * ((c - w * shared)[:, None] + w * b[..., None, None])
+        out.scatter_add_(1, target[:, None], (w * a_y * p_y - c)[:, None])  # the δ_ky terms
+        return out, None, None
+
+
 def multiclass_losses(logits: Tensor, target: Tensor, gamma: float) -> dict[str, Tensor]:
-    """logits ``(N, K, H, W)``, target ``(N, H, W)`` class ids → mean CE, Dice (over classes) and softmax focal loss."""
-    ce = F.cross_entropy(logits, target, reduction="none")
-    prob = logits.softmax(1)
-    p_y = prob.gather(1, target[:, None]).squeeze(1)
-    focal = (1 - p_y).pow(gamma) * ce
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
-    return {"bce": ce.mean(), "dice": dice_loss(prob, onehot).mean(), "focal": focal.mean()}
+    """logits ``(N, K, H, W)``, target ``(N, H, W)`` class ids → mean CE, Dice (over classes) and softmax focal loss.
+
+    The values of CE, `dice_loss` on the one-hot target and (1 − p_y)^γ·CE, computed by `_SoftmaxLosses` (one
+    softmax, Dice's per-class sums Σ p·y and Σ y as scatter-adds over the target ids, a closed-form backward)."""
+    ce, dice, focal = _SoftmaxLosses.apply(logits, target, gamma).unbind()
+    return {"bce": ce, "dice": dice, "focal": focal}
 
 
 def segmentation_loss(logits: Tensor, masks: Tensor, gt: Tensor, valid: Tensor, cfg: ModelConfig) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,12 @@ def load_trained(run: Path, device: torch.device | None = None, which: str = "au
     doc = {**doc, "loaded": {"checkpoint": path.name, "step": int(state.get("step", 0))},
            **({"other_shards": other} if other else {})}
     return model.eval(), shards, doc, model_cfg, train_cfg
+
+
+def run_lock(run: Path) -> AbstractContextManager[None]:
+    """Hold ``RUN/.lock`` while training into ``run`` (one trainer per run folder); ``UserError`` naming the
+    holder's pid and host when another process trains there."""
+    from icf.pipeline.lock import folder_lock
+
+    return folder_lock(run, lambda holder: f"{run}: another trainer is using this run ({holder}); wait for it to "
+                       "finish, or train into another --out")

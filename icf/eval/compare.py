@@ -288,7 +288,8 @@ def table(doc: dict[str, Any], title: str = ""):
     for g in doc["groups"]:
         for i, lab in enumerate(doc["settings"]):
             head = [g["name"] if i == 0 else "", *((g["method"] or "",) if show_method else ()),
-                    *((g["shards_key"] if i == 0 else "",) if show_keys else ()), str(len(g["seeds"])) if i == 0 else "", _steps(g) if i == 0 else "", lab]
+                    *((g["shards_key"] if i == 0 else "",) if show_keys else ()),
+                    str(len(g["seeds"])) if i == 0 else "", _steps(g) if i == 0 else "", lab]
             t.add_row(*head, *(_cell(g["settings"][lab][m]) for m in doc["metrics"]))
     return t
 

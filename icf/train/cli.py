@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import click
 import typer
-from click.core import ParameterSource
 
 from icf.clitools import (
     UserError, WorkOption, check_at_least, check_dataset, dataset_option, ensure_writable, resolve_dataset, user_errors,
@@ -21,13 +19,13 @@ RESUME_IGNORES = {"method": "--method", "preset_name": "--preset", "epochs": "--
                   "val_every": "--val-every"}
 
 
-def given(ctx: click.Context, name: str) -> bool:
+def given(ctx: typer.Context, name: str) -> bool:
     """Whether option ``name`` was given on the command line (or by its environment variable)."""
     source = ctx.get_parameter_source(name)
-    return source is not None and source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def check_resume_options(ctx: click.Context, resume: Path, dataset: str | None, work: Path | None) -> None:
+def check_resume_options(ctx: typer.Context, resume: Path, dataset: str | None, work: Path | None) -> None:
     """``UserError`` naming every option a ``--resume`` would ignore (finding D2): the run keeps the configs, seed,
     dataset and shards of its run.json; ``--max-steps`` (which extends the run), ``--loader-workers`` and the Ray
     options apply. ``--dataset`` and ``--work`` are accepted when they name the run's own."""

@@ -3,8 +3,6 @@ would run a payload is one ``error:`` line and exit 2 at every entry point, and 
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +12,7 @@ from typer.testing import CliRunner
 
 from icf.cli import app
 from icf.train import checkpoint
-from icf.train.run import RunSpec
-from icf.train.trainer import train
-from test_train import FAST
+from test_run_binding import _clone, trained  # noqa: F401  (the fixture: a one-step run on tiny AVSS shards)
 
 
 class Payload:
@@ -27,23 +23,6 @@ class Payload:
 
     def __reduce__(self):
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, avss_shards) -> Path:
-    work = tmp_path_factory.mktemp("work")
-    avss_shards(work, n_train=4, n_val=2)
-    return train(RunSpec(dataset="avss", preset="tiny", work=work, out=work / "runs" / "r", epochs=3, max_steps=1,
-                         overrides=FAST, seed=2))
-
-
-def _clone(run: Path, tmp: Path) -> tuple[Path, Path]:
-    """A copy of the run and of its workspace (run.json pointing at the copy): (run, WORK/avss)."""
-    doc = json.loads((run / "run.json").read_text())
-    shutil.copytree(Path(doc["shards"]).parent, tmp / "work" / "avss")
-    shutil.copytree(run, tmp / "run")
-    (tmp / "run" / "run.json").write_text(json.dumps({**doc, "shards": str(tmp / "work" / "avss" / "shards.json")}))
-    return tmp / "run", tmp / "work" / "avss"
 
 
 def _commands(run: Path, tmp: Path) -> list[list[str]]:
@@ -75,9 +54,9 @@ def test_a_crafted_checkpoint_is_refused_at_every_entry_point_and_never_runs(tra
 
 
 def test_a_crafted_text_bank_is_refused_and_never_runs(trained: Path, tmp_path: Path) -> None:
-    run, dataset_dir = _clone(trained, tmp_path)
+    run, shards_json = _clone(trained, tmp_path)
     marker = tmp_path / "pwned"
-    bank = dataset_dir / "text_bank.npz"
+    bank = shards_json.parent / "text_bank.npz"
     with np.load(bank) as npz:
         arrays = {k: npz[k] for k in npz.files}
     np.savez(bank, **arrays, evil=np.array([Payload(marker)], dtype=object))  # an object array is a pickle

@@ -14,21 +14,10 @@ from typer.testing import CliRunner
 from icf.cli import app
 from icf.train import checkpoint
 from icf.train.logs import read_metrics
+from test_train_ray import ray_session  # noqa: F401  (the fixture: an in-process Ray with 3 CPUs)
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--set", "train.batch_size=2", "--set", "model.image_size=32"]
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 def test_relative_work_and_out_and_a_worker_user_error(tmp_path: Path, ray_session, avss_shards,

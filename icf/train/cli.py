@@ -66,7 +66,7 @@ def train_command(
     method: str = typer.Option("icf", "--method", help="A registered method: icf | bidir | tpavi | … (icf/methods)."),
     preset_name: str = typer.Option("tiny", "--preset", help="tiny | paper-r50 | paper-pvt"),
     work: Path | None = WorkOption,
-    out: Path | None = typer.Option(None, "--out", help="Run folder (default WORK/runs/<dataset>-<preset>-<time>)."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default WORK/runs/<dataset>-<method>-<preset>-<time>, -2, -3, … when taken)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many steps (the schedule is unchanged)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default: the preset's); sets the schedule length."),
     ablate: str = typer.Option("", "--ablate", help="Switch the method's components off (icf: comma list of mit, sc, cdcl)."),

@@ -142,3 +142,15 @@ def test_the_refusal_names_the_stage_command_that_brings_the_old_shards_back(tmp
     again = _invoke("eval", "--run", str(run), "--split", "val", "--json")
     assert again.exit_code == 0 and "warning" not in again.output, again.output
     assert json.loads(again.output.strip().splitlines()[-1]) == json.loads(first.output.strip().splitlines()[-1])
+
+
+def test_an_imported_run_is_bound_to_no_shards(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    from icf.data.shards import ShardSet
+    from icf.train.binding import check_shards
+
+    doc = json.loads((trained / "run.json").read_text())
+    shards = ShardSet.load(doc["shards"])
+    imported = {k: v for k, v in doc.items() if k != "data"} | {"imported": {"from": "x.pth", "format": "tpavi"}}
+    assert check_shards(trained, imported, shards) is None and "warning" not in capsys.readouterr().err
+    legacy = {k: v for k, v in doc.items() if k != "data"}
+    assert check_shards(trained, legacy, shards) is None and "warning:" in capsys.readouterr().err

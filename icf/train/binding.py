@@ -68,7 +68,8 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _diff(name: str, old: Any, new: Any) -> list[str]:
     a, b = _flat(old), _flat(new)
-    return [f"{name}.{k} {json.dumps(a.get(k))} → {json.dumps(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [f"{name}.{k} {json.dumps(a.get(k))} → {json.dumps(b.get(k))}" for k in differ]
 
 
 def changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -105,10 +106,11 @@ def restage_command(recorded: dict[str, Any], shards: ShardSet) -> str:
     flags: list[str] = []
     encoders = dict(recorded.get("encoders") or {})
     seedless = {k: v for k, v in encoders.items() if k != "seed"}
-    for preset, spec in (("tiny", EncoderSpec.tiny()), ("default", EncoderSpec())):
+    for preset_flags, spec in ((["--encoders tiny"], EncoderSpec.tiny()), ([], EncoderSpec())):
         if seedless == {k: v for k, v in spec.to_dict().items() if k != "seed"}:
-            flags += [] if preset == "default" else ["--encoders tiny"]
-            flags += [f"--encoder-seed {encoders['seed']}"] if encoders.get("seed", spec.seed) != spec.seed else []
+            flags += preset_flags
+            if encoders.get("seed", spec.seed) != spec.seed:
+                flags.append(f"--encoder-seed {encoders['seed']}")
             break
     else:
         flags.append("--encoders FILE (FILE: a JSON file holding data.encoders of the run's run.json)")
@@ -131,8 +133,9 @@ def check_shards(run: Path, doc: dict[str, Any], shards: ShardSet, allow_other_s
 
     Returns None when they are the same, when the run was imported (``icf import``: its weights were trained
     elsewhere, on no shards of this workspace), or when the run predates the binding (then a one-line warning is
-    printed); else, with ``allow_other_shards``, the note a report carries (also printed as a warning); without it raises a
-    one-line ``UserError`` naming what changed and how to get the old shards back."""
+    printed). Otherwise, with ``allow_other_shards``, returns the note a report carries (also printed as a
+    warning); without it raises a one-line ``UserError`` naming what changed and how to get the old shards back
+    (``action``: ``evaluate`` offers ``--allow-other-shards``, ``resume`` does not)."""
     recorded = doc.get(DATA_KEY)
     if "imported" in doc and recorded is None:
         return None

@@ -225,10 +225,10 @@ def test_compare_shows_boundary_f_when_runs_have_it(monkeypatch: pytest.MonkeyPa
     """S4/MS3 runs carry QDFormer's F_boundary / JF_boundary: ``icf compare`` adds those columns (mean ± std)."""
     from icf.eval import compare
 
-    def fake(runs, split, settings, on_eval=None, which="auto"):
+    def fake(runs, split, settings, on_eval=None, which="auto", allow_other_shards=False):
         doc = {"method": "qdformer", "preset": "tiny", "train": {"seed": 0}}
         return [{"run": r, "doc": {**doc, "train": {"seed": i}}, "seed": i, "steps": 1, "planned_steps": 1,
-                 "loaded": {"checkpoint": "best.pt", "step": 1},
+                 "loaded": {"checkpoint": "best.pt", "step": 1}, "shards_key": "k",
                  "results": {"clean": {"J": 0.5, "F": 0.6, "F_boundary": 0.2 + 0.2 * i, "JF_boundary": 0.35 + 0.1 * i}}}
                 for i, r in enumerate(runs)]
 

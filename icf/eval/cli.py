@@ -17,6 +17,9 @@ PaddingOption = typer.Option(
 CheckpointOption = typer.Option(
     "auto", "--checkpoint", help="Weights to load: best (best.pt, chosen on val), last (checkpoint.pt), or auto "
     "(best when the run validated, else last).")
+AllowOtherShardsOption = typer.Option(
+    False, "--allow-other-shards", help="Evaluate even when the workspace's shards differ from those the run trained on "
+    "(the report says so).")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -98,6 +101,7 @@ def eval_command(
     avss_padding: str = PaddingOption,
     which: str = CheckpointOption,
     as_json: bool = JsonOption,
+    allow_other_shards: bool = AllowOtherShardsOption,
 ) -> None:
     """Official metrics of a trained run on the val/test shards, optionally under the robustness settings
     or with negative audio (false-positive rates per setting, and HM: harmonic mean of J and 1 − FPR_frame)."""
@@ -117,9 +121,10 @@ def eval_command(
         _check_choice("--negative", kind, NEGATIVE_KINDS)
     if snr_db is not None:
         check_noisable([run])
-    model, shards, doc, model_cfg, _ = load_trained(run, which=which)
+    model, shards, doc, model_cfg, _ = load_trained(run, which=which, allow_other_shards=allow_other_shards)
     device = next(model.parameters()).device
-    title = f"{run} ({shards.dataset} {split}; {_loaded_text(doc['loaded'])})"
+    other = {"other_shards": doc["other_shards"]} if "other_shards" in doc else {}
+    title = f"{run} ({shards.dataset} {split}; {_loaded_text(doc['loaded'])})" + (f" — {other['other_shards']}" if other else "")
     if negative:
         catalog = _synth_catalog(shards.dataset, synth) if synth else None
         settings = [build_negative(kind, shards, split, device, seed, catalog) for kind in dict.fromkeys(negative)]
@@ -128,7 +133,8 @@ def eval_command(
     else:
         rows = {pert.describe(): evaluate(model_predictor(model), shards, split, model_cfg.image_size, f_mode, pert, limit,
                                           device, avss_padding=avss_padding)}
-    rows = {k: {**_with_protocols(r, shards.dataset, f_mode, avss_padding), "loaded": doc["loaded"]} for k, r in rows.items()}
+    rows = {k: {**_with_protocols(r, shards.dataset, f_mode, avss_padding), "loaded": doc["loaded"], **other}
+            for k, r in rows.items()}
     print_results(rows, as_json, title=title)
 
 
@@ -159,6 +165,7 @@ def predict_command(
         None, "--seconds", help="With --video: window length = frames per clip (default the dataset's longest clip)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
     which: str = CheckpointOption,
+    allow_other_shards: bool = AllowOtherShardsOption,
 ) -> None:
     """PNG panels per clip: frames, ground truth and predicted masks overlaid in palette colours; with --video, the
     run on any video file: overlay.mp4 (masks over the frames, with the original audio) and a panel per window."""
@@ -175,7 +182,7 @@ def predict_command(
         from icf.eval.video import predict_video
 
         check_at_least("--seconds", seconds, 1)
-        summary = predict_video(run, video, out, audio, seconds, which)
+        summary = predict_video(run, video, out, audio, seconds, which, allow_other_shards=allow_other_shards)
         if json_out:
             print_json(summary)
         else:
@@ -184,12 +191,13 @@ def predict_command(
         return
     from icf.eval.visualize import write_panels
 
-    model, shards, doc, model_cfg, _ = load_trained(run, which=which)
+    model, shards, doc, model_cfg, _ = load_trained(run, which=which, allow_other_shards=allow_other_shards)
     paths = write_panels(model, shards, split, model_cfg, out, limit)
+    other = {"other_shards": doc["other_shards"]} if "other_shards" in doc else {}
     if json_out:
-        print_json({"run": str(run), "split": split, "panels": [str(p) for p in paths], "loaded": doc["loaded"]})
+        print_json({"run": str(run), "split": split, "panels": [str(p) for p in paths], "loaded": doc["loaded"], **other})
     else:
-        typer.echo(f"{len(paths)} panels in {out} ({_loaded_text(doc['loaded'])})")
+        typer.echo(f"{len(paths)} panels in {out} ({_loaded_text(doc['loaded'])})" + (f" ({other['other_shards']})" if other else ""))
 
 
 def validate(model, shards, split: str, image_size: int, device):  # noqa: ANN001, ANN201 (types live in torch)

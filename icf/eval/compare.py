@@ -168,15 +168,18 @@ def steps_done(run: Path) -> int | None:
 
 
 def evaluate_runs(runs: Sequence[Path], split: str, settings: Sequence[EvalSetting],
-                  on_eval: Callable[[], None] | None = None, which: str = "auto") -> list[dict[str, Any]]:
-    """Every run under every setting: ``[{run, doc, steps, loaded, results: {label: metrics}}]`` in input order;
-    ``which`` picks each run's checkpoint (`icf.train.run.checkpoint_path`), ``loaded`` says which was scored."""
+                  on_eval: Callable[[], None] | None = None, which: str = "auto",
+                  allow_other_shards: bool = False) -> list[dict[str, Any]]:
+    """Every run under every setting: ``[{run, doc, steps, loaded, shards_key, results: {label: metrics}}]`` in
+    input order; ``which`` picks each run's checkpoint (`icf.train.run.checkpoint_path`), ``loaded`` says which was
+    scored; ``other_shards`` says what differs when ``allow_other_shards`` let a run be evaluated on shards other
+    than those it trained on (`icf.train.binding`)."""
     from icf.eval.evaluate import model_predictor
     from icf.train.run import load_trained
 
     out = []
     for run in runs:
-        model, shards, doc, model_cfg, train_cfg = load_trained(run, which=which)
+        model, shards, doc, model_cfg, train_cfg = load_trained(run, which=which, allow_other_shards=allow_other_shards)
         device = next(model.parameters()).device
         predict = model_predictor(model)
         results = {}
@@ -185,6 +188,7 @@ def evaluate_runs(runs: Sequence[Path], split: str, settings: Sequence[EvalSetti
             if on_eval is not None:
                 on_eval()
         out.append({"run": str(run), "doc": doc, "seed": train_cfg.seed, "steps": steps_done(run), "loaded": doc["loaded"],
+                    "shards_key": shards.cache_key, "other_shards": doc.get("other_shards"),
                     "planned_steps": train_cfg.max_steps, "results": results})
     return out
 
@@ -212,6 +216,7 @@ def group_runs(evaluated: Sequence[dict[str, Any]], labels: Sequence[str], metri
         out.append({
             "name": name if names[name] == 1 else f"{name} #{names[name]}",
             "method": members[0]["doc"].get("method"),
+            "shards_key": ",".join(dict.fromkeys(m["shards_key"] for m in members)),
             "runs": [m["run"] for m in members],
             "seeds": [m["seed"] for m in members],
             "steps": [m["steps"] for m in members],
@@ -242,13 +247,14 @@ def run_dataset(runs: Sequence[Path]) -> str:
 
 
 def comparison(runs: Sequence[Path], split: str, settings: Sequence[EvalSetting],
-               on_eval: Callable[[], None] | None = None, which: str = "auto") -> dict[str, Any]:
+               on_eval: Callable[[], None] | None = None, which: str = "auto",
+               allow_other_shards: bool = False) -> dict[str, Any]:
     """The whole comparison as one JSON-able document (``dataset``, ``groups`` and the per-run ``runs``)."""
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
         raise UserError(f"settings repeat: {labels}")
     dataset = run_dataset(runs)
-    evaluated = evaluate_runs(runs, split, settings, on_eval, which)
+    evaluated = evaluate_runs(runs, split, settings, on_eval, which, allow_other_shards)
     found = {k for r in evaluated for res in r["results"].values() for k in res}
     metrics = [*METRICS, *(m for m in (*BOUNDARY_METRICS, *NEGATIVE_METRICS, *MODALITY_METRICS) if m in found)]
     return {
@@ -278,32 +284,39 @@ def _steps(group: dict[str, Any]) -> str:
 
 
 def table(doc: dict[str, Any], title: str = ""):
-    """A rich table: one row per (group, setting); metrics ×100 as mean ± std over the group's seeds."""
+    """A rich table: one row per (group, setting); metrics ×100 as mean ± std over the group's seeds. The title
+    names the shards' cache key; a ``shards`` column appears instead when the groups' keys differ."""
     from rich.table import Table
 
     show_method = any(g["method"] for g in doc["groups"])
-    t = Table(title=title or None)
-    for col in ("group", *(("method",) if show_method else ()), "seeds", "steps", "setting"):
+    keys = sorted({g["shards_key"] for g in doc["groups"]})
+    show_keys = len(keys) > 1
+    shards = "shards per group" if show_keys else f"shards {keys[0]}"
+    t = Table(title=f"{title}, {shards}" if title else shards)
+    for col in ("group", *(("method",) if show_method else ()), *(("shards",) if show_keys else ()), "seeds", "steps", "setting"):
         t.add_column(col)
     for m in doc["metrics"]:
         t.add_column(f"{m} ×100", justify="right")
     for g in doc["groups"]:
         for i, lab in enumerate(doc["settings"]):
             head = [g["name"] if i == 0 else "", *((g["method"] or "",) if show_method else ()),
+                    *((g["shards_key"] if i == 0 else "",) if show_keys else ()),
                     str(len(g["seeds"])) if i == 0 else "", _steps(g) if i == 0 else "", lab]
             t.add_row(*head, *(_cell(g["settings"][lab][m]) for m in doc["metrics"]))
     return t
 
 
 def csv_text(doc: dict[str, Any]) -> str:
-    """One CSV row per (group, setting): group, method, runs, setting, then ``<metric>_mean`` and ``_std``."""
+    """One CSV row per (group, setting): group, method, dataset, shards key, runs, setting, then ``<metric>_mean``
+    and ``_std``."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["group", "method", "runs", "setting", *(f"{m}_{s}" for m in doc["metrics"] for s in ("mean", "std"))])
+    w.writerow(["group", "method", "dataset", "shards_key", "runs", "setting",
+                *(f"{m}_{s}" for m in doc["metrics"] for s in ("mean", "std"))])
     for g in doc["groups"]:
         for lab in doc["settings"]:
             stats = g["settings"][lab]
-            w.writerow([g["name"], g["method"] or "", len(g["runs"]), lab,
+            w.writerow([g["name"], g["method"] or "", doc["dataset"], g["shards_key"], len(g["runs"]), lab,
                         *(f"{stats[m][s]:.6f}" for m in doc["metrics"] for s in ("mean", "std"))])
     return buf.getvalue()
 
@@ -380,6 +393,9 @@ def compare_command(
     out_dir: Path | None = typer.Option(None, "--out", help="Write compare.json, compare.csv and compare.png here."),
     which: str = typer.Option("auto", "--checkpoint", help="Weights of every run: best (best.pt), last (checkpoint.pt) "
                               "or auto (best when a run validated, else last); the JSON's runs say which was loaded."),
+    allow_other_shards: bool = typer.Option(
+        False, "--allow-other-shards", help="Evaluate runs even on shards other than those they trained on (the "
+        "table says so)."),
 ) -> None:
     """Evaluate several runs on one split under clean and robustness settings; mean ± std over seeds."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -398,7 +414,7 @@ def compare_command(
                    TimeRemainingColumn(), console=console, disable=as_json)
     with bar:
         task = bar.add_task("compare", total=len(runs) * len(chosen))
-        doc = comparison(runs, split, chosen, lambda: bar.advance(task), which)
+        doc = comparison(runs, split, chosen, lambda: bar.advance(task), which, allow_other_shards)
     if out_dir is not None:
         paths = write_outputs(doc, out_dir)
     if as_json:
@@ -406,5 +422,8 @@ def compare_command(
         return
     weights = ", ".join(f"{n} {name}" for name, n in sorted(Counter(loaded).items()))
     out.print(table(doc, title=f"{len(runs)} {doc['dataset']} runs ({weights}), {split} split (×100, mean ± std over seeds)"))
+    for r in doc["runs"]:
+        if r["other_shards"]:
+            out.print(f"{r['run']}: evaluated {r['other_shards']}", highlight=False)
     if out_dir is not None:
         out.print("wrote " + ", ".join(str(p) for p in paths))

@@ -204,14 +204,14 @@ def write_overlay_video(path: Path, images: list[np.ndarray], wave: np.ndarray) 
 
 @torch.no_grad()
 def predict_video(run: Path, video: Path, out: Path, audio: Path | None = None, seconds: int | None = None,
-                  which: str = "auto") -> dict[str, Any]:
+                  which: str = "auto", allow_other_shards: bool = False) -> dict[str, Any]:
     """Run ``run`` on ``video``; write ``out/overlay.mp4`` and ``out/window-XXX.png``; return a summary."""
     from icf.data.datasets import load_info
     from icf.data.shards import collate
     from icf.eval.visualize import overlay, panel_palette, save_panels
     from icf.train.run import load_trained
 
-    model, shards, doc, model_cfg, _ = load_trained(run, which=which)
+    model, shards, doc, model_cfg, _ = load_trained(run, which=which, allow_other_shards=allow_other_shards)
     info = load_info(shards.dataset)
     seconds = seconds or info.max_frames
     subset = subset_for(shards.dataset, seconds)

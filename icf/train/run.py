@@ -1,5 +1,6 @@
-"""A run folder and what reads it: ``run.json`` (dataset, method, preset, shards path, both configs), the
-model of a run's method, and `load_trained` (used by eval, predict, compare and the demo).
+"""A run folder and what reads it: ``run.json`` (dataset, method, preset, shards path, both configs, and under
+``data`` the shards it trained on: `icf.train.binding`), the model of a run's method, and `load_trained` (used by
+eval, predict, compare and the demo).
 
 A run folder holds ``run.json``, ``checkpoint.pt`` (latest), ``best.pt`` (best on validation, when the run
 validated; ``run.json``'s ``best`` names its epoch and value), ``metrics.jsonl`` (one JSON object per step,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,8 @@ def shards_path(work: Path, dataset: str) -> Path:
 
 
 def write_run_file(run: Path, spec: RunSpec, model_cfg: ModelConfig, train_cfg: TrainConfig, **extra: Any) -> None:
-    """``run.json``; ``extra``: further top-level keys (an imported run's ``imported``)."""
+    """``run.json``; ``extra``: further top-level keys (``data``: the shards binding,
+    `icf.train.binding.shard_binding`; an imported run's ``imported``)."""
     run.mkdir(parents=True, exist_ok=True)
     doc = {
         "dataset": spec.dataset,
@@ -115,8 +118,11 @@ def build_model(model_cfg: ModelConfig, shards: ShardSet, device: torch.device) 
         raise UserError(problem)
     bank = None
     if shards.text_bank.is_file():
-        with np.load(shards.text_bank) as npz:
-            bank = {k: npz[k] for k in npz.files}
+        try:
+            with np.load(shards.text_bank, allow_pickle=False) as npz:
+                bank = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as err:  # not an npz; an object array (a pickle) is refused, never loaded
+            raise UserError(f"{shards.text_bank}: unreadable text bank ({str(err).strip().splitlines()[0]})") from None
     elif "clip" in method.requires:
         raise UserError(f"{shards.text_bank}: text bank not found (named by {shards.path})")
     try:
@@ -142,19 +148,34 @@ def checkpoint_path(run: Path, which: str = "auto") -> Path:
     return best if which == "best" or (which == "auto" and best.is_file()) else run / checkpoint.CHECKPOINT
 
 
-def load_trained(run: Path, device: torch.device | None = None, which: str = "auto",
+def load_trained(run: Path, device: torch.device | None = None, which: str = "auto", allow_other_shards: bool = False,
                  ) -> tuple[nn.Module, ShardSet, dict[str, Any], ModelConfig, TrainConfig]:
     """A trained run's model (eval mode, the checkpoint ``which`` names: `checkpoint_path`), its shards and configs.
 
     The returned document is ``run.json`` plus ``"loaded": {"checkpoint": file name, "step": its step}``, so every
-    report can say which weights it scored."""
+    report can say which weights it scored. Shards other than those the run trained on are refused
+    (`icf.train.binding.check_shards`) unless ``allow_other_shards``; the document then says what differs under
+    ``"other_shards"``."""
+    from icf.train.binding import check_shards
+
     device = device or pick_device()
     doc, model_cfg, train_cfg = read_run_file(run)
     shards = ShardSet.load(doc["shards"])
+    other = check_shards(run, doc, shards, allow_other_shards)
     seed_everything(train_cfg.seed)
     model = build_model(model_cfg, shards, device)
     path = checkpoint_path(run, which)
     state = checkpoint.load(path)
     checkpoint.load_model_state(model, state["model"], path)
-    doc = {**doc, "loaded": {"checkpoint": path.name, "step": int(state.get("step", 0))}}
+    doc = {**doc, "loaded": {"checkpoint": path.name, "step": int(state.get("step", 0))},
+           **({"other_shards": other} if other else {})}
     return model.eval(), shards, doc, model_cfg, train_cfg
+
+
+def run_lock(run: Path) -> AbstractContextManager[None]:
+    """Hold ``RUN/.lock`` while training into ``run`` (one trainer per run folder); ``UserError`` naming the
+    holder's pid and host when another process trains there."""
+    from icf.pipeline.lock import folder_lock
+
+    return folder_lock(run, lambda holder: f"{run}: another trainer is using this run ({holder}); wait for it to "
+                       "finish, or train into another --out")

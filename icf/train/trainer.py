@@ -31,6 +31,7 @@ from icf.data.shards import DataPosition, ShardSet, ShardStream, make_loader
 from icf.augment.frames import clip_transform
 from icf.augment.negatives import training_negatives
 from icf.train import checkpoint, select
+from icf.train.binding import check_shards, shard_binding
 from icf.train.logs import METRICS_FILE, append_metrics, plot_losses, progress_bar, trim_metrics
 from icf.train.run import RUN_FILE, RunSpec, build_model, pick_device, read_run_file, seed_everything, shards_path, write_run_file
 
@@ -208,6 +209,7 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist(), validate: se
         if spec.max_steps is not None:
             train_cfg.max_steps = spec.max_steps
         shards = ShardSet.load(doc["shards"])
+        check_shards(run, doc, shards, action="resume")
         every = int(doc.get("checkpoint_every", spec.checkpoint_every))
     else:
         if dist.main and any((run / name).exists() for name in RUN_MARKERS):
@@ -217,7 +219,7 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist(), validate: se
         if problem := methods.preflight(model_cfg, shards):
             raise UserError(f"{shards.path}: {problem}")
         if dist.main:
-            write_run_file(run, spec, model_cfg, train_cfg)
+            write_run_file(run, spec, model_cfg, train_cfg, data=shard_binding(shards))
         every = spec.checkpoint_every
     seed_everything(train_cfg.seed)
     device = pick_device()

@@ -111,9 +111,9 @@ def eval_command(
     from icf.train.run import checkpoint_path, find_run, load_trained, read_run_file
 
     run = find_run(run, work)
+    _check_eval_options(snr_db, frame_mix, limit)  # the options alone first: a bad value is named before any file is read
     _check_protocol(read_run_file(run)[1].dataset, f_mode, avss_padding)
     checkpoint_path(run, which)  # an unknown choice, or best of a run that never validated: refused before the model loads
-    _check_eval_options(snr_db, frame_mix, limit)
     pert = Perturbation(snr_db=snr_db, frame_mix=frame_mix, shuffle_audio=shuffle_audio, seed=seed)
     if negative and pert != Perturbation(seed=seed):
         raise UserError("--negative cannot be combined with --snr-db, --frame-mix or --shuffle-audio")

@@ -188,6 +188,9 @@ def test_import_then_eval_and_predict_run_unchanged(released: dict, tmp_path: Pa
             assert metrics["n_frames"] == 10 + 5 + 10 and 0.0 <= metrics["J"] <= 1.0  # the user's staged val clips
     pred = CliRunner().invoke(app, ["predict", "--run", str(run), "--out", str(tmp_path / "panels"), "--limit", "1"])
     assert pred.exit_code == 0, pred.output
+    # an imported run holds weights only: resuming it is one line, not a traceback
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run), "--max-steps", "1"])
+    assert resumed.exit_code == 2 and "cannot be resumed" in resumed.output and "Traceback" not in resumed.output
     # a second import into the same run folder is refused, the run untouched
     again = _import(released, run)
     assert again.exit_code == 2 and "already a run folder" in again.output

@@ -206,6 +206,9 @@ def train(spec: RunSpec, resume: bool = False, dist: Dist = Dist(), validate: se
     run = spec.out
     if resume:
         doc, model_cfg, train_cfg = read_run_file(run)
+        if "imported" in doc:
+            raise UserError(f"{run}: imported from {doc['imported'].get('from')} (weights only, no optimiser state): "
+                            "it cannot be resumed; evaluate it, or train a new run")
         if spec.max_steps is not None:
             train_cfg.max_steps = spec.max_steps
         shards = ShardSet.load(doc["shards"])

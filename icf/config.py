@@ -37,6 +37,8 @@ _CHOICES = {
     "text_injection": ("auto", "xattn", "none"),
     "sc_detach": ("auto", "always", "never"),
     "text_distribution": ("frames", "point"),
+    "cdcl_visual": ("pre_relu", "post_relu"),
+    "text_negatives": ("counterfactual", "counterfactual+batch"),
 }
 
 
@@ -100,6 +102,11 @@ class ModelConfig:
     gamma: float = 0.1  # entropy weight γ in Eq. 15
     cov_eps: float = 1e-4  # ε of the Σ + εI regulariser (and the text Gaussians' covariance)
     entropy_per_dim: bool = True  # use H/d in Eq. 15 (d-independent scale)
+    # --- CDCL signal (issue 24; ARCHITECTURE.md faithfulness table, measured)
+    cdcl_visual: str = "pre_relu"  # F^v tap: the per-pixel embedding "pre_relu" (signed) | "post_relu" (positive orthant)
+    text_tau: float = 0.1  # Eq. 17's own temperature (L_v↔l, L_a↔l); τ stays Eq. 16's
+    text_negatives: str = "counterfactual"  # Eq. 17's negatives: ℓ^cf only | "counterfactual+batch" (+ other clips' texts)
+    grad_share_every: int = 25  # log each loss term's gradient share at the segmenter every N training steps (0: never)
     # --- losses (Eq. 10, 11, 18, 19; supplement Table 1)
     lambda_bce: float = 1.0
     lambda_dice: float = 1.0
@@ -125,6 +132,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
         if not 0.0 <= self.cf_degree_floor <= 1.0:
             raise ValueError(f"cf_degree_floor must lie in [0, 1], not {self.cf_degree_floor}")
+        if not self.text_tau > 0:
+            raise ValueError(f"text_tau must be above 0, not {self.text_tau}")
+        if isinstance(self.grad_share_every, bool) or not isinstance(self.grad_share_every, int) or self.grad_share_every < 0:
+            raise ValueError(f"grad_share_every must be an integer >= 0, not {self.grad_share_every!r}")
         if not 0 < self.cf_start_step <= self.diffusion_train_steps:
             raise ValueError("cf_start_step must lie in (0, diffusion_train_steps]")
         if self.d_model % self.num_heads:

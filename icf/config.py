@@ -104,8 +104,8 @@ class ModelConfig:
     entropy_per_dim: bool = True  # use H/d in Eq. 15 (d-independent scale)
     # --- CDCL signal (issue 24; ARCHITECTURE.md faithfulness table, measured)
     cdcl_visual: str = "pre_relu"  # F^v tap: the per-pixel embedding "pre_relu" (signed) | "post_relu" (positive orthant)
-    text_tau: float = 0.1  # Eq. 17's own temperature (L_v↔l, L_a↔l); τ stays Eq. 16's
-    text_negatives: str = "counterfactual"  # Eq. 17's negatives: ℓ^cf only | "counterfactual+batch" (+ other clips' texts)
+    text_tau: float = 0.5  # Eq. 17's own temperature (L_v↔l, L_a↔l; was τ = 0.1: saturated by step 5); τ stays Eq. 16's
+    text_negatives: str = "counterfactual+batch"  # Eq. 17's negatives: ℓ^cf plus the other clips' texts | "counterfactual" (paper)
     grad_share_every: int = 25  # log each loss term's gradient share at the segmenter every N training steps (0: never)
     # --- losses (Eq. 10, 11, 18, 19; supplement Table 1)
     lambda_bce: float = 1.0

@@ -22,7 +22,8 @@ Everything is computed without a d×d square root or determinant:
   ≥ ε², so values and gradients stay finite.
 
 Losses (Eq. 16–17) use logits −D/τ: the paper prints exp(D/τ), a sign slip, since D is a distance and
-positives must get closer (ARCHITECTURE.md, faithfulness table).
+positives must get closer (ARCHITECTURE.md, faithfulness table). Eq. 17's negatives can join the sample's
+counterfactual points with the other clips' text Gaussians (`other_clips`, `join_negatives`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ two halves. ICF plugs in between them and after them:
   shares the candidates' common component, so raw cosines all pass θ and the loss is identically 0). Text is a
   distribution (``text_distribution = "frames"``): the Gaussian of the points ẑ + (ẑ_t − mean ẑ_t), mean z and the
   spread of the per-frame texts; counterfactuals are points (εI), so the Bures and entropy terms of Eq. 17 differ
-  between the positive and the negatives.
+  between the positive and the negatives. Eq. 17 runs at its own temperature ``text_tau`` and, with
+  ``text_negatives = "counterfactual+batch"`` (default), also contrasts against the other clips' text distributions
+  (with ℓ^cf alone at τ 0.1 both terms saturate within a few steps; ARCHITECTURE.md, Eq. 17 row).
 
 Fallbacks ("when text information is not provided, the CDCL degenerates into visual-audio distribution
 contrast"): without MIT, L_v↔a's anchor is the cached CLAP clip embedding (centred alike) and L_v↔l, L_a↔l are

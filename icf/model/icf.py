@@ -147,8 +147,9 @@ class ICF(SegModel):
             parts.update(self._contrast(out, batch))
         parts["total"] = total_loss(parts, cfg, seg=seg)
         parts.update(self._diagnostics(out))
-        if self._shares_due():
-            parts.update(gradient_shares(weighted_terms(parts, cfg, seg), list(self.segmenter.parameters())))
+        terms = weighted_terms(parts, cfg, seg)
+        if len(terms) > 1 and self._shares_due():  # the baseline row (L_Seg alone) has nothing to share
+            parts.update(gradient_shares(terms, list(self.segmenter.parameters())))
         return parts
 
     def _shares_due(self) -> bool:

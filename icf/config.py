@@ -82,6 +82,7 @@ class ModelConfig:
     mit_tau: float = 0.1  # Eq. 1 temperature
     select_tau: float = 0.07  # Eq. 3 matching temperature (and the bank-mode selection softmax)
     lambda_mit: float = 0.2  # weight of Eq. 3's matching objective (not in the paper's Table 1)
+    mit_detach_visual: bool = True  # the segmenter's descriptors enter MIT's queries detached (Eq. 3 never changes F^v)
     text_injection: str = "auto"  # "auto" (xattn when MIT is on and CDCL off) | "xattn" | "none"  (§4.2)
     segment_div: int = 2
     # --- SC (Eq. 6-12)

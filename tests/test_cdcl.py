@@ -266,3 +266,28 @@ def test_visual_tap_before_the_last_relu_is_signed_and_leaves_the_logits() -> No
     assert float(post["vis_feat"].min()) >= 0
     assert float((pre["vis_feat"] < 0).float().mean()) > 0.2
     torch.testing.assert_close(pre["vis_feat"].norm(dim=-1), torch.ones(2, cfg.frames))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_which_terms_reach_the_segmenter(detach: bool) -> None:
+    """`gradient_shares` on the full tiny model (MIT's query projections non-zero, as after the first steps): the
+    CDCL terms reach the segmenter; L_cf never does with CDCL on (z, v detached); Eq. 3's matching loss does only
+    when the segmenter's descriptors enter MIT attached (``mit_detach_visual=False``)."""
+    import dataclasses
+
+    import icf.encoders as enc
+    from icf.model.losses import gradient_shares, weighted_terms
+    from test_model import make_batch, make_icf, tiny
+
+    torch.manual_seed(3)
+    encoders = enc.load(enc.EncoderSpec.tiny())
+    cfg = dataclasses.replace(tiny("s4"), mit_detach_visual=detach, grad_share_every=0)
+    model = make_icf(cfg, encoders).train()
+    for proj in model.mit.query_proj.values():
+        torch.nn.init.normal_(proj.weight, std=0.1)
+    batch = make_batch(cfg, encoders, b=4)
+    parts = model.loss(model(batch), batch)
+    shares = gradient_shares(weighted_terms(parts, cfg), list(model.segmenter.parameters()))
+    assert float(shares["gs_cf"]) == 0.0
+    assert min(float(shares[f"gs_{k}"]) for k in ("v_a", "v_l", "a_l")) > 0
+    assert (float(shares["gs_mit"]) == 0.0) == detach

@@ -30,7 +30,7 @@ CF_COS_TOLERANCE = 0.15  # |mean cos(ℓ^cf, z) − √(1 − c)| per step (meas
 
 SIGNAL_STEPS, SIGNAL_FROM = 40, 15  # the Eq. 17 check: steps trained, first step of the window it reads
 OLD_SWITCHES = ('model.cdcl_visual="post_relu"', "model.text_tau=0.1", 'model.text_negatives="counterfactual"')
-# Measured on this check (steps 15–40): defaults v_l 0.822, a_l 0.813, gs_v_l + gs_a_l 0.016; old switches v_l 0.010,
+# Measured on this check (steps 15–40): defaults v_l 0.822, a_l 0.818, gs_v_l + gs_a_l 0.021; old switches v_l 0.010,
 # a_l 0.013, share 0.014. The share separates only later, once z differs between clips (ARCHITECTURE.md, Eq. 17 row).
 TEXT_FLOOR = 0.1  # mean L_v↔l and L_a↔l over the window
 SHARE_FLOOR = 0.01  # mean gs_v_l + gs_a_l (share of the gradient norm at the segmenter) over the window

@@ -44,6 +44,8 @@ _CHOICES = {
     "text_injection": ("auto", "xattn", "none"),
     "sc_detach": ("auto", "always", "never"),
     "text_distribution": ("frames", "point"),
+    "cdcl_visual": ("pre_relu", "post_relu"),
+    "text_negatives": ("counterfactual", "counterfactual+batch"),
 }
 
 
@@ -87,6 +89,7 @@ class ModelConfig:
     mit_tau: float = 0.1  # Eq. 1 temperature
     select_tau: float = 0.07  # Eq. 3 matching temperature (and the bank-mode selection softmax)
     lambda_mit: float = 0.2  # weight of Eq. 3's matching objective (not in the paper's Table 1)
+    mit_detach_visual: bool = True  # the segmenter's descriptors enter MIT's queries detached (Eq. 3 never changes F^v)
     text_injection: str = "auto"  # "auto" (xattn when MIT is on and CDCL off) | "xattn" | "none"  (§4.2)
     segment_div: int = 2
     # --- SC (Eq. 6-12)
@@ -107,6 +110,11 @@ class ModelConfig:
     gamma: float = 0.1  # entropy weight γ in Eq. 15
     cov_eps: float = 1e-4  # ε of the Σ + εI regulariser (and the text Gaussians' covariance)
     entropy_per_dim: bool = True  # use H/d in Eq. 15 (d-independent scale)
+    # --- CDCL signal (issue 24; ARCHITECTURE.md faithfulness table, measured)
+    cdcl_visual: str = "pre_relu"  # F^v tap: the per-pixel embedding "pre_relu" (signed) | "post_relu" (positive orthant)
+    text_tau: float = 0.5  # Eq. 17's own temperature (L_v↔l, L_a↔l; was τ = 0.1: saturated by step 5); τ stays Eq. 16's
+    text_negatives: str = "counterfactual+batch"  # Eq. 17's negatives: ℓ^cf plus the other clips' texts | "counterfactual" (paper)
+    grad_share_every: int = 25  # log each loss term's gradient share at the segmenter every N training steps (0: never)
     # --- losses (Eq. 10, 11, 18, 19; supplement Table 1)
     lambda_bce: float = 1.0
     lambda_dice: float = 1.0
@@ -132,6 +140,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
         if not 0.0 <= self.cf_degree_floor <= 1.0:
             raise ValueError(f"cf_degree_floor must lie in [0, 1], not {self.cf_degree_floor}")
+        if not self.text_tau > 0:
+            raise ValueError(f"text_tau must be above 0, not {self.text_tau}")
+        if isinstance(self.grad_share_every, bool) or not isinstance(self.grad_share_every, int) or self.grad_share_every < 0:
+            raise ValueError(f"grad_share_every must be an integer >= 0, not {self.grad_share_every!r}")
         if not 0 < self.cf_start_step <= self.diffusion_train_steps:
             raise ValueError("cf_start_step must lie in (0, diffusion_train_steps]")
         if self.d_model % self.num_heads:

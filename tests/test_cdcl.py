@@ -186,3 +186,108 @@ def test_text_loss_sign_and_weights() -> None:
     # the text Gaussian (T = 1) has covariance εI: its entropy is the constant ½·d·log(2πeε)
     z = _rand(3, 1, 8, seed=16)
     torch.testing.assert_close(cdcl.gaussian_entropy(z, EPS), torch.full((3,), 0.5 * 8 * np.log(2 * np.pi * np.e * EPS), dtype=torch.float64))
+
+
+def test_in_batch_text_negatives_are_the_other_clips() -> None:
+    """`other_clips`: row i holds every clip but i, in order, with weights 1/(B − 1)."""
+    text = _rand(4, 3, 8, seed=30)
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False], [True, True, True]])
+    neg, neg_mask, w = cdcl.other_clips(text, mask)
+    assert neg.shape == (4, 3, 3, 8) and neg_mask.shape == (4, 3, 3)
+    for i in range(4):
+        others = [j for j in range(4) if j != i]
+        torch.testing.assert_close(neg[i], text[others])
+        assert torch.equal(neg_mask[i], mask[others])
+    torch.testing.assert_close(w, torch.full((4, 3), 1 / 3, dtype=torch.float64))
+
+
+def test_joined_negatives_keep_each_sets_distances() -> None:
+    """`join_negatives` pads point negatives (T = 1) to the text sets' T with masked rows: D to every negative is
+    the one computed on the unpadded set, so padding adds nothing to a Gaussian."""
+    x = _rand(2, 5, 8, seed=31)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    points = _rand(2, 2, 1, 8, seed=32)
+    texts = _rand(2, 3, 5, 8, seed=33)
+    groups = [(points, torch.ones(2, 2, 1, dtype=torch.bool), torch.full((2, 2), 0.5, dtype=torch.float64)),
+              (texts, torch.ones(2, 3, 5, dtype=torch.bool), torch.full((2, 3), 1 / 3, dtype=torch.float64))]
+    neg, mask, w = cdcl.join_negatives(groups)
+    assert neg.shape == (2, 5, 5, 8) and w.shape == (2, 5)
+    kw = dict(eps=EPS, gamma=0.1, per_dim=True, paired=True)
+
+    def dist(n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        k = n.shape[1]
+        return cdcl.distribution_distance(x.repeat_interleave(k, 0), n.flatten(0, 1), x_mask=valid.repeat_interleave(k, 0),
+                                          y_mask=m.flatten(0, 1), **kw).view(2, k)
+
+    expect = torch.cat([dist(points, groups[0][1]), dist(texts, groups[1][1])], 1)
+    torch.testing.assert_close(dist(neg, mask), expect)
+
+
+def test_gradient_shares_against_hand_computed_gradients() -> None:
+    """`gradient_shares` on terms with known gradients: L_seg = a·p (∇ = a), L_x = b·p + c·q (∇ = (b, c)),
+    L_y = ‖p‖²/2 at p (∇ = p); shares are the norms over their sum, gcos the cosine to a (zero on q)."""
+    from icf.model.losses import gradient_shares
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    a, b, c = (torch.randn(n, generator=g, dtype=torch.float64) for n in (5, 5, 3))
+    terms = {"seg": (a * p).sum(), "x": (b * p).sum() + (c * q).sum(), "y": 0.5 * p.pow(2).sum()}
+    got = gradient_shares(terms, [p, q])
+    grads = {"seg": torch.cat([a, torch.zeros(3, dtype=torch.float64)]), "x": torch.cat([b, c]),
+             "y": torch.cat([p.detach(), torch.zeros(3, dtype=torch.float64)])}
+    norms = {k: v.norm() for k, v in grads.items()}
+    for k in grads:
+        assert abs(float(got[f"gs_{k}"]) - float(norms[k] / sum(norms.values()))) < 1e-6
+    for k in ("x", "y"):
+        assert abs(float(got[f"gcos_{k}"]) - float(grads[k] @ grads["seg"] / (norms[k] * norms["seg"]))) < 1e-6
+    assert "gcos_seg" not in got
+    assert abs(sum(float(got[f"gs_{k}"]) for k in grads) - 1) < 1e-6
+
+
+def test_visual_tap_before_the_last_relu_is_signed_and_leaves_the_logits() -> None:
+    """``cdcl_visual``: "post_relu" frame features lie in the positive orthant, "pre_relu" ones do not; the
+    segmentation forward (logits) is the same whichever map CDCL reads."""
+    import dataclasses
+
+    from icf.config import preset
+    from icf.model.bidir import BidirSegmenter
+
+    cfg = dataclasses.replace(preset("tiny", "s4")[0], cdcl_visual="pre_relu")
+    g = torch.Generator().manual_seed(0)
+    batch = {"frames": torch.randn(2, cfg.frames, 3, 64, 64, generator=g), "mel": torch.randn(2, cfg.frames, 96, 64, generator=g),
+             "valid": torch.ones(2, cfg.frames, dtype=torch.bool)}
+    torch.manual_seed(0)
+    model = BidirSegmenter(cfg).train()
+    pre = model(batch)
+    model.cfg = dataclasses.replace(cfg, cdcl_visual="post_relu")
+    post = model(batch)
+    torch.testing.assert_close(pre["logits"], post["logits"])
+    assert float(post["vis_feat"].min()) >= 0
+    assert float((pre["vis_feat"] < 0).float().mean()) > 0.2
+    torch.testing.assert_close(pre["vis_feat"].norm(dim=-1), torch.ones(2, cfg.frames))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_which_terms_reach_the_segmenter(detach: bool) -> None:
+    """`gradient_shares` on the full tiny model (MIT's query projections non-zero, as after the first steps): the
+    CDCL terms reach the segmenter; L_cf never does with CDCL on (z, v detached); Eq. 3's matching loss does only
+    when the segmenter's descriptors enter MIT attached (``mit_detach_visual=False``)."""
+    import dataclasses
+
+    import icf.encoders as enc
+    from icf.model.losses import gradient_shares, weighted_terms
+    from test_model import make_batch, make_icf, tiny
+
+    torch.manual_seed(3)
+    encoders = enc.load(enc.EncoderSpec.tiny())
+    cfg = dataclasses.replace(tiny("s4"), mit_detach_visual=detach, grad_share_every=0)
+    model = make_icf(cfg, encoders).train()
+    for proj in model.mit.query_proj.values():
+        torch.nn.init.normal_(proj.weight, std=0.1)
+    batch = make_batch(cfg, encoders, b=4)
+    parts = model.loss(model(batch), batch)
+    shares = gradient_shares(weighted_terms(parts, cfg), list(model.segmenter.parameters()))
+    assert float(shares["gs_cf"]) == 0.0
+    assert min(float(shares[f"gs_{k}"]) for k in ("v_a", "v_l", "a_l")) > 0
+    assert (float(shares["gs_mit"]) == 0.0) == detach

@@ -6,8 +6,9 @@ cross-attention and self-attention to enhance the spatiotemporal context modelli
 audio-conditioned bidirectional query decoder (the modality interaction; its text hook is one zero-gated
 cross-attention per decoder layer) → mask head, on frames ``(B, T, 3, H, W)`` and log-Mel ``(B, T, 96, 64)``.
 
-``vis_feat`` (CDCL, note 3) is the per-frame mean of the decoder-updated per-pixel embedding, ``aud_feat`` the
-per-frame mean of the decoded audio queries, both L2-normalised.
+``vis_feat`` (CDCL, note 3) is the per-frame mean of the decoder-updated per-pixel embedding, taken before its
+final ReLU (``cdcl_visual = "pre_relu"``; after it every mean lies in the positive orthant, which compresses the
+distances between clips), ``aud_feat`` the per-frame mean of the decoded audio queries, both L2-normalised.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class BidirSegmenter(Segmenter):
         level_pos = self.pixel_decoder.level_positions([lv.shape[-2:] for lv in levels], enc.audio)
         hook = (lambda i, q: self.read_text(i, q, text)) if text is not None else None
         queries, levels = self.decoder(levels, level_pos, enc.audio, valid, hook)
-        pixels = self.pixel_decoder.mask_features(levels, enc.state["lateral"])
+        pixels, pre = self.pixel_decoder.mask_features_tapped(levels, enc.state["lateral"])
         logits = resize_bilinear(self.mask_head(queries, pixels), frames.shape[-2:])  # = F.interpolate(bilinear), faster on CPU
         aud = F.normalize(queries[:, -self.decoder.num_audio :].mean(1).view(b, t, -1), dim=-1)
-        return {"logits": logits.view(b, t, *logits.shape[1:]), "vis_feat": frame_features(pixels, b), "aud_feat": aud}
+        vis = frame_features(pre if self.cfg.cdcl_visual == "pre_relu" else pixels, b)
+        return {"logits": logits.view(b, t, *logits.shape[1:]), "vis_feat": vis, "aud_feat": aud}

@@ -22,7 +22,8 @@ Everything is computed without a d×d square root or determinant:
   ≥ ε², so values and gradients stay finite.
 
 Losses (Eq. 16–17) use logits −D/τ: the paper prints exp(D/τ), a sign slip, since D is a distance and
-positives must get closer (ARCHITECTURE.md, faithfulness table).
+positives must get closer (ARCHITECTURE.md, faithfulness table). Eq. 17's negatives can join the sample's
+counterfactual points with the other clips' text Gaussians (`other_clips`, `join_negatives`).
 """
 
 from __future__ import annotations
@@ -179,13 +180,34 @@ def counterfactual_weights(alpha: Tensor) -> Tensor:
     return root / root.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+def other_clips(text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """In-batch text negatives: for every clip i the other clips' text points, their masks and uniform weights 1/(B − 1).
+
+    text ``(B, T', d)``, mask ``(B, T')`` → ``(B, B − 1, T', d)``, ``(B, B − 1, T')``, ``(B, B − 1)``; B ≥ 2.
+    """
+    b = text.shape[0]
+    others = ~torch.eye(b, dtype=torch.bool, device=text.device)
+    negatives = text[None].expand(b, *text.shape)[others].view(b, b - 1, *text.shape[1:])
+    neg_mask = mask[None].expand(b, *mask.shape)[others].view(b, b - 1, mask.shape[1])
+    return negatives, neg_mask, text.new_full((b, b - 1), 1.0 / (b - 1))
+
+
+def join_negatives(groups: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate negative sets ``(B, K_g, T_g, d)`` / masks ``(B, K_g, T_g)`` / weights ``(B, K_g)`` along K, padding
+    each set's points to the largest T_g with masked-out rows (a padded point adds nothing to its Gaussian)."""
+    t = max(n.shape[2] for n, _, _ in groups)
+    pad = [(torch.nn.functional.pad(n, (0, 0, 0, t - n.shape[2])), torch.nn.functional.pad(m, (0, t - m.shape[2]))) for n, m, _ in groups]
+    return (torch.cat([n for n, _ in pad], 1), torch.cat([m for _, m in pad], 1), torch.cat([w for _, _, w in groups], 1))
+
+
 def loss_text(pos_dist: Tensor, neg_dist: Tensor, neg_weight: Tensor, tau: float) -> Tensor:
     """Eq. 17, L_v↔l (and L_a↔l): −mean_i log(e^{−D_i⁺/τ} / (e^{−D_i⁺/τ} + Σ_k w_k·e^{−D_ik/τ})).
 
     Args:
         pos_dist: ``(B,)`` D(F_i, z_i) to the factual text.
-        neg_dist: ``(B, K)`` D(F_i, ℓ^cf_ik) to the sample's own counterfactuals (no in-batch negatives).
-        neg_weight: ``(B, K)`` w_k.
+        neg_dist: ``(B, K)`` D(F_i, ℓ^cf_ik) to the sample's own counterfactuals (and, with ``text_negatives =
+            "counterfactual+batch"``, to the other clips' texts).
+        neg_weight: ``(B, K)`` w_k (1/(B − 1) for the other clips' texts).
     """
     pos = -pos_dist / tau
     neg = -neg_dist / tau + neg_weight.clamp_min(1e-12).log()

@@ -17,7 +17,9 @@ two halves. ICF plugs in between them and after them:
   shares the candidates' common component, so raw cosines all pass θ and the loss is identically 0). Text is a
   distribution (``text_distribution = "frames"``): the Gaussian of the points ẑ + (ẑ_t − mean ẑ_t), mean z and the
   spread of the per-frame texts; counterfactuals are points (εI), so the Bures and entropy terms of Eq. 17 differ
-  between the positive and the negatives.
+  between the positive and the negatives. Eq. 17 runs at its own temperature ``text_tau`` and, with
+  ``text_negatives = "counterfactual+batch"`` (default), also contrasts against the other clips' text distributions
+  (with ℓ^cf alone at τ 0.1 both terms saturate within a few steps; ARCHITECTURE.md, Eq. 17 row).
 
 Fallbacks ("when text information is not provided, the CDCL degenerates into visual-audio distribution
 contrast"): without MIT, L_v↔a's anchor is the cached CLAP clip embedding (centred alike) and L_v↔l, L_a↔l are
@@ -25,7 +27,9 @@ off; without SC, the negatives of L_v↔l / L_a↔l are the other clips' text di
 
 Diagnostics (in ``loss``'s output, no gradient; the trainer logs them to ``metrics.jsonl``): ``pos_frac`` (fraction
 of positive pairs in L_v↔a), ``z_xcos`` (mean cross-clip cosine of z), ``cf_degree`` (mean c), ``cf_cos`` (mean
-cos(ℓ^cf, z)), ``cf_cos_mix`` (the same for the mixed z' before diffusion).
+cos(ℓ^cf, z)), ``cf_cos_mix`` (the same for the mixed z' before diffusion) and, every ``grad_share_every`` training
+steps, ``gs_<term>`` / ``gcos_<term>`` (each weighted term's share of the gradient norm at the segmenter's parameters
+and its cosine to L_Seg's gradient, `icf.model.losses.gradient_shares`).
 
 The frozen text towers are not parameters of this module and are not saved in its ``state_dict``; rebuild them
 from the run's `EncoderSpec` (``icf.encoders.load``) on the training device.
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from icf.model import cdcl
-from icf.model.losses import contrast_sum, total_loss
+from icf.model.losses import contrast_sum, gradient_shares, total_loss, weighted_terms
 from icf.model.mit import LEVELS, ImplicitText, MultiGranularityText
 from icf.model.sc import SemanticCounterfactual
 from icf.model.segmenter import Batch, SegModel, Segmenter, TextTokens
@@ -143,7 +147,18 @@ class ICF(SegModel):
             parts.update(self._contrast(out, batch))
         parts["total"] = total_loss(parts, cfg, seg=seg)
         parts.update(self._diagnostics(out))
+        terms = weighted_terms(parts, cfg, seg)
+        if len(terms) > 1 and self._shares_due():  # the baseline row (L_Seg alone) has nothing to share
+            parts.update(gradient_shares(terms, list(self.segmenter.parameters())))
         return parts
+
+    def _shares_due(self) -> bool:
+        """Whether this training-mode loss call logs `gradient_shares` (every ``grad_share_every``-th call, from the first)."""
+        every = self.cfg.grad_share_every
+        if not (every > 0 and self.training and torch.is_grad_enabled()):
+            return False
+        self._loss_calls = getattr(self, "_loss_calls", 0) + 1
+        return (self._loss_calls - 1) % every == 0
 
     def _contrast(self, out: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """Eq. 15–17 (module docstring for the anchors, the text distribution and the fallbacks)."""
@@ -163,7 +178,7 @@ class ICF(SegModel):
                     for name, x in (("v_l", v), ("a_l", a)):
                         pos = cdcl.distribution_distance(x, text, x_mask=valid, y_mask=text_mask, paired=True, **kw)
                         neg = self._paired_to_many(x, valid, negatives, neg_mask, kw)
-                        parts[name] = cdcl.loss_text(pos, neg, weights, cfg.tau)  # Eq. 17
+                        parts[name] = cdcl.loss_text(pos, neg, weights, cfg.text_tau)  # Eq. 17
         parts = {k: p.to(out["vis_feat"].dtype) for k, p in parts.items()}
         parts["pos_frac"] = parts["pos_frac"].detach()
         parts["cdcl"] = contrast_sum(parts, cfg)
@@ -179,20 +194,17 @@ class ICF(SegModel):
         mean = cdcl.gaussian_moments(zt, valid)[0]
         return z[:, None] + zt - mean[:, None], valid
 
-    @staticmethod
-    def _text_negatives(out: Mapping[str, Tensor], text: Tensor, mask: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def _text_negatives(self, out: Mapping[str, Tensor], text: Tensor, mask: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """Negatives ``(B, K, T', d)`` with mask ``(B, K, T')`` and weights ``(B, K)``: ℓ^cf (points) with w_k when SC
-        is on, else the other clips' text distributions with uniform weights."""
+        is on, plus (``text_negatives = "counterfactual+batch"``) or else the other clips' text distributions with
+        weights 1/(B − 1)."""
+        groups = []
         if "cf" in out:
             cf = out["cf"].double()[:, :, None]
-            return cf, torch.ones(cf.shape[:3], dtype=torch.bool, device=cf.device), cdcl.counterfactual_weights(out["cf_alpha"].double())
-        b = text.shape[0]
-        if b < 2:
-            return None, None, None
-        others = ~torch.eye(b, dtype=torch.bool, device=text.device)
-        negatives = text[None].expand(b, *text.shape)[others].view(b, b - 1, *text.shape[1:])
-        neg_mask = mask[None].expand(b, *mask.shape)[others].view(b, b - 1, mask.shape[1])
-        return negatives, neg_mask, text.new_full((b, b - 1), 1.0 / (b - 1))
+            groups.append((cf, torch.ones(cf.shape[:3], dtype=torch.bool, device=cf.device), cdcl.counterfactual_weights(out["cf_alpha"].double())))
+        if text.shape[0] > 1 and (not groups or self.cfg.text_negatives == "counterfactual+batch"):
+            groups.append(cdcl.other_clips(text, mask))
+        return cdcl.join_negatives(groups) if groups else (None, None, None)
 
     @staticmethod
     def _paired_to_many(x: Tensor, valid: Tensor, texts: Tensor, mask: Tensor, kw: dict) -> Tensor:

@@ -8,6 +8,8 @@ annotation (S4 train frames 2–5, AVSS v1s frames 1–4) and padding never cont
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -119,21 +121,59 @@ def segmentation_loss(logits: Tensor, masks: Tensor, gt: Tensor, valid: Tensor, 
     return parts
 
 
+CONTRAST_TERMS = ("v_a", "v_l", "a_l")
+
+
+def _contrast_weights(cfg: ModelConfig) -> dict[str, float]:
+    return {"v_a": cfg.lambda_va, "v_l": cfg.lambda_vl, "a_l": cfg.lambda_al}
+
+
 def contrast_sum(parts: dict[str, Tensor], cfg: ModelConfig) -> Tensor:
     """Σ_{p,q} λ_{p↔q}·L_{p↔q} of Eq. 19 over the contrast terms present (``v_a``, ``v_l``, ``a_l``)."""
-    weights = {"v_a": cfg.lambda_va, "v_l": cfg.lambda_vl, "a_l": cfg.lambda_al}
-    return sum(weights[k] * parts[k] for k in weights if k in parts)
+    weights = _contrast_weights(cfg)
+    return sum(weights[k] * parts[k] for k in CONTRAST_TERMS if k in parts)
+
+
+def weighted_terms(parts: dict[str, Tensor], cfg: ModelConfig, seg: Tensor | None = None) -> dict[str, Tensor]:
+    """The summands of `total_loss` by name, each with its weight applied: ``seg`` (L_Seg, or ``seg`` when given),
+    ``mit`` (λ_mit·L_mit), ``cf`` (λ_cf·L_cf) and ``v_a``, ``v_l``, ``a_l`` (λ_CDCL·λ_{p↔q}·L_{p↔q}), over the
+    terms present in ``parts``."""
+    terms = {"seg": parts["seg"] if seg is None else seg}
+    for key, weight in (("mit", cfg.lambda_mit), ("cf", cfg.lambda_cf)):
+        if key in parts:
+            terms[key] = weight * parts[key]
+    weights = _contrast_weights(cfg)
+    for key in CONTRAST_TERMS:
+        if key in parts:
+            terms[key] = cfg.lambda_cdcl * weights[key] * parts[key]
+    return terms
 
 
 def total_loss(parts: dict[str, Tensor], cfg: ModelConfig, seg: Tensor | None = None) -> Tensor:
-    """Eq. 19: L_Seg + λ_cf·L_cf + λ_CDCL·``cdcl`` (the `contrast_sum`), over the terms present, plus
+    """Eq. 19: L_Seg + λ_cf·L_cf + λ_CDCL·Σ λ_{p↔q}·L_{p↔q}, over the terms present (`weighted_terms`), plus
     λ_mit·``mit`` (Eq. 3's matching objective; not in Eq. 19, which leaves Eq. 3's argmax implicit). ``seg``
     replaces ``parts["seg"]`` as L_Seg (a segmenter's own objective, e.g. AVSBench's BCE + AVM)."""
-    total = parts["seg"] if seg is None else seg
-    if "mit" in parts:
-        total = total + cfg.lambda_mit * parts["mit"]
-    if "cf" in parts:
-        total = total + cfg.lambda_cf * parts["cf"]
-    if "cdcl" in parts:
-        total = total + cfg.lambda_cdcl * parts["cdcl"]
-    return total
+    return sum(weighted_terms(parts, cfg, seg).values())
+
+
+def gradient_shares(terms: Mapping[str, Tensor], params: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Where each loss term pushes ``params`` (the segmenter's): for every term k of ``terms`` (`weighted_terms`)
+    ``gs_k`` = ‖∇L_k‖ / Σ_j ‖∇L_j‖ (the shares sum to 1) and, for k ≠ ``seg``, ``gcos_k`` = cos(∇L_k, ∇L_seg)
+    (< 0: the term pulls against segmentation). Detached scalars; one extra backward pass per term, the graph kept
+    for the caller's own backward."""
+    params = [p for p in params if p.requires_grad]
+    grads = {}
+    for key, term in terms.items():
+        if not term.requires_grad:
+            continue
+        got = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        grads[key] = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, got)]
+    norms = {k: torch.sqrt(sum(g.double().pow(2).sum() for g in gs)) for k, gs in grads.items()}
+    total = sum(norms.values())
+    out = {f"gs_{k}": n / total.clamp_min(1e-30) for k, n in norms.items()}
+    if "seg" in grads:
+        for key, gs in grads.items():
+            if key != "seg":
+                dot = sum((g.double() * s.double()).sum() for g, s in zip(gs, grads["seg"]))
+                out[f"gcos_{key}"] = dot / (norms[key] * norms["seg"]).clamp_min(1e-30)
+    return {k: v.float() for k, v in out.items()}

@@ -21,6 +21,9 @@ plus a zero-initialised projection of the MIT descriptor — is inverted into k^
 textual inversion) that go through the level's **frozen** text tower; the level's text is the mean of the k^t
 encodings (Eq. 3's (1/k^t)Σ_i). `matching_loss` is Eq. 3's "argmax sim" as an objective: an InfoNCE that
 matches each clip's query with its own text against the other clips' texts (a constant text cannot satisfy it).
+The segmenter's descriptors enter the query detached (``mit_detach_visual``, default): Eq. 3 picks the text for a
+given F^v and never changes F^v; attached, λ_mit·L_mit's gradient at the segmenter's backbone exceeded L_Seg's
+(ARCHITECTURE.md, Eq. 3 row).
 With ``text_mode = "bank"`` (no towers) the text is a softmax selection among the cached class prompts
 (`BankSelection`).
 
@@ -360,6 +363,7 @@ class MultiGranularityText(nn.Module):
             cached = cached[:, None] if cached.ndim == 2 else cached
             if cached.shape[1] < feat.shape[1]:
                 raise ValueError(f"batch['{CACHED[key]}'] has {cached.shape[1]} entries per clip, MIT needs {feat.shape[1]}")
+            feat = feat.detach() if self.cfg.mit_detach_visual else feat  # Eq. 3 selects l for a given F^v
             query = cached[:, : feat.shape[1]].to(feat.dtype) + self.query_proj[key](feat)
             level = "audio" if key.startswith("audio") else key
             text = self._level(level, query, real)  # Eq. 3

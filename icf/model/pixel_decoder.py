@@ -124,7 +124,7 @@ class PixelDecoder(nn.Module):
 
     ``forward`` returns ``(levels, lateral)``: ``levels`` a list of ``(N, d, h_l, w_l)`` ordered fine → coarse,
     ``lateral`` ``(N, d, H/4, W/4)``. ``mask_features(levels, lateral)`` gives the per-pixel embedding
-    ``(N, d, H/4, W/4)``.
+    ``(N, d, H/4, W/4)`` (``mask_features_tapped`` also its pre-ReLU map).
     """
 
     def __init__(self, in_channels: list[int], dim: int, ffn: int, layers: int, heads: int, points: int, dropout: float):
@@ -167,5 +167,10 @@ class PixelDecoder(nn.Module):
 
     def mask_features(self, levels: list[Tensor], lateral: Tensor) -> Tensor:
         """FPN step: stride-4 lateral + upsampled stride-8 level → 3×3 conv → ``(N, d, H/4, W/4)``."""
+        return self.mask_features_tapped(levels, lateral)[0]
+
+    def mask_features_tapped(self, levels: list[Tensor], lateral: Tensor) -> tuple[Tensor, Tensor]:
+        """`mask_features` and the same map before its final ReLU (signed; CDCL's ``cdcl_visual = "pre_relu"`` tap)."""
         up = F.interpolate(levels[0], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-        return self.output(lateral + up)
+        pre = self.output[0](lateral + up)
+        return F.relu(pre), pre

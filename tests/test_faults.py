@@ -213,11 +213,13 @@ def _fake_run(folder: Path, dataset: str) -> Path:
     return folder
 
 
-def test_d16_compare_refuses_a_run_given_twice_and_runs_of_two_datasets(tmp_path):
+def test_d16_compare_counts_a_run_given_twice_once_and_refuses_runs_of_two_datasets(tmp_path):
     """``compare r2 r2`` counted one run as two seeds (mean ± 0), and ``compare avss-run s4-run`` put AVSS mIoU
-    beside S4 J with no dataset anywhere. Both refuse now, before evaluating; the output names the dataset."""
+    beside S4 J with no dataset anywhere. A run given twice (by any path) now counts once; mixed datasets refuse
+    before evaluating; the output names the dataset."""
+    from icf.eval.compare import distinct_runs
+
     avss, s4 = _fake_run(tmp_path / "a", "avss"), _fake_run(tmp_path / "b", "s4")
-    twice = CliRunner().invoke(app, ["compare", str(avss), str(tmp_path / "." / "a"), "--split", "val"])
-    assert twice.exit_code == 2 and "given twice" in twice.output and "Traceback" not in twice.output
+    assert distinct_runs([avss, tmp_path / "." / "a", s4, avss]) == [avss, s4]
     mixed = CliRunner().invoke(app, ["compare", str(avss), str(s4), "--split", "val"])
     assert mixed.exit_code == 2 and "different datasets" in mixed.output and f"{s4} (s4)" in mixed.output

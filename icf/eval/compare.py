@@ -229,16 +229,23 @@ def group_runs(evaluated: Sequence[dict[str, Any]], labels: Sequence[str], metri
 # ---------------------------------------------------------------------------------------------- output
 
 
+def distinct_runs(runs: Sequence[Path]) -> list[Path]:
+    """``runs`` in order with a run given twice (the same folder by any path) kept once, so that it counts as one
+    seed, not two."""
+    seen: set[Path] = set()
+    kept = []
+    for run in runs:
+        if Path(run).resolve() not in seen:
+            seen.add(Path(run).resolve())
+            kept.append(run)
+    return kept
+
+
 def run_dataset(runs: Sequence[Path]) -> str:
-    """The one dataset ``runs`` were trained on; ``UserError`` for a run given twice (it would count as two
-    seeds) or runs of different datasets (their numbers do not compare), before anything is evaluated."""
+    """The one dataset ``runs`` were trained on; ``UserError`` for runs of different datasets (their numbers do not
+    compare), before anything is evaluated."""
     from icf.train.run import read_run_file
 
-    seen: dict[Path, Path] = {}
-    for run in runs:
-        if run.resolve() in seen:
-            raise UserError(f"{run}: given twice (as {seen[run.resolve()]}); each run counts as one seed")
-        seen[run.resolve()] = run
     datasets = {run: read_run_file(run)[1].dataset for run in runs}
     if len(set(datasets.values())) > 1:
         listed = ", ".join(f"{run} ({d})" for run, d in datasets.items())
@@ -253,6 +260,7 @@ def comparison(runs: Sequence[Path], split: str, settings: Sequence[EvalSetting]
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
         raise UserError(f"settings repeat: {labels}")
+    runs = distinct_runs(runs)
     dataset = run_dataset(runs)
     evaluated = evaluate_runs(runs, split, settings, on_eval, which, allow_other_shards)
     found = {k for r in evaluated for res in r["results"].values() for k in res}
@@ -403,7 +411,10 @@ def compare_command(
     from icf.clitools import console, out
     from icf.train.run import checkpoint_path, find_run
 
-    runs = [find_run(r, work) for r in runs]
+    given = [find_run(r, work) for r in runs]
+    runs = distinct_runs(given)
+    if len(runs) < len(given):
+        console.print(f"note: {len(given) - len(runs)} run(s) given twice, counted once", highlight=False)
     if split not in ("val", "test"):
         raise UserError(f"--split must be val or test, got {split!r}")
     loaded = [checkpoint_path(r, which).name for r in runs]  # refuses --checkpoint best of a run that never validated

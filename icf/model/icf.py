@@ -77,6 +77,8 @@ class ICF(SegModel):
         super().__init__()
         cfg = self.cfg = segmenter.cfg
         self.segmenter = segmenter
+        # training loss calls so far: a buffer, so that a resumed run logs the gradient shares at the same steps
+        self.register_buffer("loss_calls", torch.zeros((), dtype=torch.long))
         self.mit: MultiGranularityText | None = None
         self.sc: SemanticCounterfactual | None = None
         if cfg.uses("mit"):
@@ -157,8 +159,8 @@ class ICF(SegModel):
         every = self.cfg.grad_share_every
         if not (every > 0 and self.training and torch.is_grad_enabled()):
             return False
-        self._loss_calls = getattr(self, "_loss_calls", 0) + 1
-        return (self._loss_calls - 1) % every == 0
+        self.loss_calls += 1
+        return (int(self.loss_calls) - 1) % every == 0
 
     def _contrast(self, out: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """Eq. 15–17 (module docstring for the anchors, the text distribution and the fallbacks)."""

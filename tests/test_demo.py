@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from icf.cli import app
-from icf.demo import steps_note
+from icf.demo import Clock, steps_note
 
 
 def test_demo_small(tmp_path: Path) -> None:
@@ -19,6 +19,9 @@ def test_demo_small(tmp_path: Path) -> None:
     for row in ("icf tiny", "icf tiny, shuffled audio", "every visible object (oracle)"):
         assert row in res.output
     assert "semantic towers, 2 steps" in res.output and "towers (trained" in res.output
+    timing = next(line for line in res.output.splitlines() if line.startswith("total "))
+    for phase in ("synth", "towers", "stages", "train", "eval"):  # where the demo's minutes went
+        assert f"{phase} " in timing, timing
     run = next((tmp_path / "runs").glob("demo-*"))
     assert (run / "loss.png").is_file() and (run / "checkpoint.pt").is_file()
     assert len(list((run / "viz").glob("*.png"))) >= 1
@@ -30,3 +33,12 @@ def test_steps_note_says_when_training_stopped_early(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
     assert steps_note(tmp_path, 3) == "3 steps"
     assert steps_note(tmp_path, 10) == "3 of 10 planned steps (stopped by --minutes)"
+
+
+def test_clock_adds_up_phases_in_order() -> None:
+    clock = Clock()
+    for phase in ("a", "b", "a"):
+        with clock(phase):
+            pass
+    assert list(clock.seconds) == ["a", "b"] and all(v >= 0 for v in clock.seconds.values())
+    assert clock.line().startswith("total ") and "(a 0 s · b 0 s)" in clock.line()

@@ -6,6 +6,9 @@ the tiny random towers) the synthetic tree is staged into its own workspace, the
     baseline (no MIT/SC/CDCL), MIT, CDCL, MIT+SC, MIT+CDCL, full, and ``lambda_mit=0`` (full, Eq. 3's matching
     objective off: does MIT's text help only through its own loss?)
 
+(``--rows`` also takes the per-term controls ``lambda_cf=0``, ``lambda_va=0``, ``lambda_vl=0``, ``lambda_al=0``,
+``lambda_z=0``, ``lambda_ortho=0``: full ICF with that one loss weight off)
+
 is trained with each seed for the same number of steps, and ``icf compare`` evaluates them all on one
 split, clean and under background noise (``--snr-db``) and frame mixing (``--frame-mix``). The tables
 (mean ± std over seeds, ×100) are printed and written as ``compare.json/csv/png`` per kind, plus
@@ -46,6 +49,10 @@ ROWS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
     "full": (frozenset(), ()),
     "lambda_mit=0": (frozenset(), ("model.lambda_mit=0",)),
 }
+# Per-term controls (issue 24, item 3): full ICF with one loss weight of Eq. 19 (or Eq. 3's) set to 0.
+TERMS = ("cf", "va", "vl", "al", "z", "ortho")
+ROWS.update({f"lambda_{t}=0": (frozenset(), (f"model.lambda_{t}=0",)) for t in TERMS})
+TABLE2 = ("baseline", "MIT", "CDCL", "MIT+SC", "MIT+CDCL", "full", "lambda_mit=0")
 TOWERS = ("semantic", "random")
 
 
@@ -57,7 +64,11 @@ def stage(data: Path, work: Path, towers: str, size: int, seed: int, tower_epoch
 
 
 def finished(run: Path, steps: int) -> bool:
-    """The run's latest checkpoint is at ``steps``."""
+    """The run's latest checkpoint is at ``steps``; refuses a run planned for another budget (its learning-rate
+    schedule differs: use another ``--work`` for another ``--steps``)."""
+    planned = json.loads((run / "run.json").read_text())["train"]["max_steps"] if (run / "run.json").is_file() else steps
+    if planned != steps:
+        raise SystemExit(f"error: {run} was trained for {planned} steps, not --steps {steps}; use another --work")
     path = run / checkpoint.CHECKPOINT
     return path.is_file() and checkpoint.load(path)["step"] >= steps
 
@@ -114,7 +125,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=600, help="Training steps of every run (equal budgets).")
-    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--rows", default=",".join(TABLE2), help=f"Comma-separated rows of: {', '.join(ROWS)}.")
     p.add_argument("--towers", default=",".join(TOWERS))
     p.add_argument("--tower-epochs", type=int, default=TOWER_EPOCHS)
     p.add_argument("--split", default="val")

@@ -171,3 +171,18 @@ def test_a_method_refuses_a_preset_it_has_no_backbone_for() -> None:
 
     with pytest.raises(UserError, match="ddeseg has no paper-swin-t preset"):
         resolved("ddeseg", "paper-swin-t", "avss")
+
+
+@pytest.mark.parametrize("method", sorted(methods.registry()))
+def test_batches_of_single_gt_frames_only_for_a_frame_level_method(method: str) -> None:
+    """``train.batch_unit=gt_frames`` makes every clip a one-frame clip: fine for DDESeg (frame-level, its authors'
+    unit), wrong for a temporal model, which is refused by name instead of training on T=1 clips."""
+    from icf.clitools import UserError
+
+    spec = RunSpec(dataset="avss", preset="tiny", work=Path("."), out=Path("."), method=method,
+                   overrides=["train.batch_unit=gt_frames"])
+    if methods.get(method).frame_level:
+        assert build_configs(spec)[1].batch_unit == "gt_frames"
+    else:
+        with pytest.raises(UserError, match=f"method {method} is temporal"):
+            build_configs(spec)

@@ -10,7 +10,7 @@ import pkgutil
 from functools import cache
 from typing import TYPE_CHECKING
 
-from icf.config import ModelConfig
+from icf.config import ModelConfig, TrainConfig
 from icf.methods.base import MethodSpec
 
 if TYPE_CHECKING:
@@ -40,9 +40,13 @@ def get(name: str) -> MethodSpec:
     return methods[name]
 
 
-def validate(cfg: ModelConfig) -> object:
-    """Check ``cfg`` against its method (known method, ``ablate`` ⊆ its components, options) → parsed options."""
+def validate(cfg: ModelConfig, train: TrainConfig | None = None) -> object:
+    """Check ``cfg`` (and ``train``, when given) against its method (known method, ``ablate`` ⊆ its components,
+    options, batches of GT frames only for a frame-level method) → parsed options."""
     spec = get(cfg.method)
+    if train is not None and train.batch_unit == "gt_frames" and not spec.frame_level:
+        raise ValueError(f"method {spec.name} is temporal (it reads a clip's frames together), so it cannot train on "
+                         "train.batch_unit=gt_frames (batches of single frames); use train.batch_unit=clips")
     unknown = cfg.ablate - spec.components
     if unknown:
         allowed = sorted(spec.components) or "nothing"

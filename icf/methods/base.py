@@ -53,6 +53,9 @@ class MethodSpec:
             (`icf.methods.official.OfficialFormat`), or None when it cannot.
         preflight: ``(model_cfg, options, shards) -> problem or None``: a check of the workspace when a training
             run starts (not at evaluation), e.g. DDESeg's ``method.memory=avss``.
+        frame_level: the model treats every frame on its own, so it may train on batches of single GT frames
+            (``train.batch_unit=gt_frames``, DDESeg's official unit); a temporal model (attention over a clip's
+            frames, clip-level embeddings) refuses them.
     """
 
     name: str
@@ -67,6 +70,7 @@ class MethodSpec:
     presets: Callable[[str, ModelConfig, TrainConfig], tuple[ModelConfig, TrainConfig, dict[str, Any]]] | None = None
     import_official: OfficialFormat | None = None
     preflight: Callable[[ModelConfig, Any, ShardSet], str | None] | None = None
+    frame_level: bool = False
 
     def preset(self, name: str, model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
         """The configs of project preset ``name`` with this method's preset applied (its default options under

@@ -145,4 +145,5 @@ METHOD = MethodSpec(
     build=build,
     presets=presets,
     preflight=memory_problem,
+    frame_level=True,
 )

@@ -52,7 +52,7 @@ def build_configs(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
         switches = {"seed": spec.seed, "epochs": spec.epochs, "max_steps": spec.max_steps}
         model_cfg = dataclasses.replace(model_cfg, ablate=frozenset(spec.ablate))
         train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in switches.items() if v is not None})
-        methods.validate(model_cfg)
+        methods.validate(model_cfg, train_cfg)
         return model_cfg, train_cfg
     except ValueError as err:
         raise UserError(str(err)) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -79,19 +80,32 @@ class ModelToy(Toy):
 
 
 class DiesOnce(Toy):
-    """Kills its worker process the first time it sees a unit holding 'c03' (marker file makes it once)."""
+    """Ends its worker process the first time it sees a unit holding 'c03' (a marker file holding the pid makes
+    it once), ``how``: ``os._exit(1)``, ``sys.exit(3)`` or SIGKILL."""
 
     name = "diesonce"
 
     @dataclass(frozen=True)
     class Config:
         marker: str = ""
+        how: str = "_exit"
 
     def process(self, samples, inputs):
         if any(s.uid == "c03" for s in samples) and not Path(self.cfg.marker).exists():
-            Path(self.cfg.marker).write_text("died")
+            Path(self.cfg.marker).write_text(str(os.getpid()))
+            if self.cfg.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.cfg.how == "exit":
+                sys.exit(3)
             os._exit(1)
         return [Result.success(s.uid, x=np.array([len(s.uid)], np.float32)) for s in samples]
+
+
+class ModelDiesOnce(DiesOnce):
+    """`DiesOnce` as a model stage: its actor dies, Ray restarts it and resends the unit."""
+
+    name = "modeldiesonce"
+    uses_model = True
 
 
 class WhereAmI(Stage):
@@ -385,12 +399,46 @@ def test_ray_tasks_write_the_same_units_as_local(tmp_path, ray_cluster):
     assert unit_files(local_ws, "double", d_local.cache_key) == unit_files(ray_ws, "double", d_ray.cache_key)
 
 
-def test_ray_task_retry_survives_a_dying_worker(tmp_path, ray_cluster):
+def _one_restart(s, marker, said):
+    """Every clip done once, and the one death reported with its cause and the dead worker's pid."""
+    assert marker.exists()  # a worker really died
+    assert s.counts == {"ok": 14} and s.computed == 14 and s.resent == 1  # the resent unit is counted once
+    assert [(r["pid"], r["cause"]) for r in s.restarts] == [(int(marker.read_text()), said)]
+    assert s.line().endswith(f"; 1 worker restart (1 unit resent): {said} (pid {marker.read_text()})")
+    doc = json.loads(json.dumps(s.to_dict()))  # what --json prints
+    assert doc["units_resent"] == 1 and doc["restarts"][0]["cause"] == said
+    assert doc["restarts"][0]["exit_type"] == "SYSTEM_ERROR"
+
+
+@pytest.mark.parametrize("how, said", [("_exit", "ended abruptly: SIGKILL, a crash or os._exit"),
+                                       ("exit", "exited with code 3")])
+def test_ray_task_retry_survives_a_dying_worker_and_says_why(tmp_path, ray_cluster, how, said):
     ws = make_ws(tmp_path)
     marker = tmp_path / "died"
-    s = run(ws, DiesOnce(DiesOnce.Config(marker=str(marker))), executor="ray")
-    assert marker.exists()  # a worker really died
-    assert s.counts == {"ok": 14} and s.computed == 14
+    s = run(ws, DiesOnce(DiesOnce.Config(marker=str(marker), how=how)), executor="ray")
+    _one_restart(s, marker, said)
+    again = run(ws, DiesOnce(DiesOnce.Config(marker=str(marker), how=how)), executor="ray", force=True)
+    assert again.computed == 14 and again.restarts == [] and "restart" not in again.line()
+
+
+def test_a_killed_actor_is_restarted_its_unit_resent_and_the_kill_reported(tmp_path, ray_cluster):
+    ws = make_ws(tmp_path)
+    marker = tmp_path / "died"
+    s = run(ws, ModelDiesOnce(ModelDiesOnce.Config(marker=str(marker), how="kill")), executor="ray", workers=2)
+    _one_restart(s, marker, "ended abruptly: SIGKILL, a crash or os._exit")
+
+
+def test_a_worker_dying_more_often_than_ray_retries_is_named_in_the_error(tmp_path, ray_cluster, monkeypatch):
+    import ray
+
+    import icf.pipeline.engine as engine
+    from icf.pipeline.runners import RayRunner
+
+    monkeypatch.setattr(engine, "make_runner", lambda *args: RayRunner(max_retries=0))
+    marker = tmp_path / "died"
+    with pytest.raises(ray.exceptions.RayError) as caught:
+        run(make_ws(tmp_path), DiesOnce(DiesOnce.Config(marker=str(marker), how="exit")), executor="ray")
+    assert caught.value.__notes__ == [f"while the stage ran: 1 worker restart: exited with code 3 (pid {marker.read_text()})"]
 
 
 def test_model_stage_loads_once_per_actor(tmp_path, ray_cluster):
@@ -405,6 +453,7 @@ def test_model_stage_loads_once_per_actor(tmp_path, ray_cluster):
     assert 1 <= len(loaded) <= 2  # at most one setup per actor, for 5 units
     assert all(int(o["loaded"]) == int(o["pid"]) for o in outs.values())  # processed where it was loaded
     assert os.getpid() not in loaded
+    assert s.restarts == [] and s.resent == 0  # the actors ray.kill stops at the end are no restarts
 
 
 class RefusesWeights(ModelToy):

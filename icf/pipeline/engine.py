@@ -22,6 +22,7 @@ from icf.pipeline.ledger import (
     FAILED, OK, PENDING, SKIPPED, SampleStatus, Workspace, count_unit, is_done, read_stats, read_status, unit_problem,
 )
 from icf.pipeline.plan import Unit, cache_key, digest, group_units
+from icf.pipeline.restarts import phrase
 from icf.pipeline.runners import make_runner
 from icf.pipeline.stage import FinishContext, Stage
 from icf.pipeline.store import CorruptFile, atomic_write_json, read_json, sweep_temp_files
@@ -44,7 +45,11 @@ class RunOptions:
 
 @dataclass
 class StageSummary:
-    """What a stage run did; ``line()`` is the one-line summary printed at the end."""
+    """What a stage run did; ``line()`` is the one-line summary printed at the end.
+
+    ``restarts`` (`icf.pipeline.restarts.Restart` dicts) are the Ray workers that died while the stage ran,
+    with their causes; ``resent`` counts the units Ray resent meanwhile (each is in ``computed`` once).
+    """
 
     stage: str
     cache_key: str
@@ -55,6 +60,8 @@ class StageSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     finish: dict[str, Any] = field(default_factory=dict)
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    resent: int = 0
 
     @property
     def failed(self) -> int:
@@ -66,7 +73,7 @@ class StageSummary:
             f"{self.stage} [{self.cache_key}]: {c.get(OK, 0)} ok, {c.get(FAILED, 0)} failed, "
             f"{c.get(SKIPPED, 0)} skipped, {c.get(PENDING, 0)} pending; {self.computed} computed in "
             f"{self.units_run}/{self.units} units, {self.seconds:.1f}s"
-        )
+        ) + (f"; {phrase(self.restarts, self.resent)}" if self.restarts else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +86,8 @@ class StageSummary:
             "failures": [{"uid": u, "error": e} for u, e in self.failures],
             "seconds": round(self.seconds, 3),
             "finish": self.finish,
+            "restarts": self.restarts,
+            "units_resent": self.resent,
         }
 
 
@@ -352,15 +361,18 @@ def run_stage(
     summary = StageSummary(stage.name, key, units=len(units), units_run=len(jobs))
     total = sum(job.n_compute for job in jobs)
     hint, started = stage.cpu_hint(), time.perf_counter()
+    runner = make_runner(opts.executor, opts.workers, opts.ray_address)
     with progress_bar(console, opts.progress and total > 0) as progress:
         bar = progress.add_task(f"{ws.dataset} {stage.name}", total=total)
-        for report in make_runner(opts.executor, opts.workers, opts.ray_address).run(stage, jobs):
+        for report in runner.run(stage, jobs):
             if hint and summary.computed == 0 and report.computed and not gpu_available():
                 pace = (time.perf_counter() - started) / report.computed
                 progress.console.print(f"[yellow]note:[/] {hint}; at the first unit's pace ({pace:.1f} s a clip) "
                                        f"the {total} clips take about {_duration(pace * total)}", highlight=False)
             summary.computed += report.computed
             progress.advance(bar, report.computed)
+    summary.restarts = [r.to_dict() for r in getattr(runner, "restarts", ())]
+    summary.resent = getattr(runner, "resent", 0)
     ok_units = _tally(folder, units, summary)
     if summary.counts.get(PENDING, 0) == 0 and type(stage).finish is not Stage.finish:
         summary.finish = _finish(ws, stage, key, ups, ok_units, finish_signature(folder, view, ok_units), opts.force)

@@ -5,12 +5,15 @@
   died). Model stages: a pool of long-lived actors, so ``setup()`` loads weights once per worker, with
   ``num_gpus=1`` each when the cluster has GPUs (``max_restarts`` / ``max_task_retries`` bring a dead
   actor back and resend its unit). Tasks and actors use the SPREAD strategy so units fan out over nodes.
+  Workers that died while the stage ran are named with their cause in ``RayRunner.restarts``
+  (`icf.pipeline.restarts`), for the summary line.
 
 The workspace must be a path every node sees (one machine, or a shared filesystem on a cluster).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -21,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from icf.clitools import UserError
+from icf.pipeline.restarts import Restart, RestartWatch, phrase
 from icf.pipeline.stage import Stage
 from icf.pipeline.worker import UnitJob, UnitReport, run_unit
 
@@ -53,10 +57,20 @@ class LocalRunner:
             torch.set_num_threads(threads)
 
 
+def _attempt() -> int:
+    """How often Ray resent the task running in this worker (0 on its first try, and when unknown)."""
+    try:
+        import ray
+
+        return int(ray._private.worker.global_worker.core_worker.get_current_task_attempt_number())
+    except Exception:  # noqa: BLE001 - a private call: a Ray without it only loses the resend count
+        return 0
+
+
 def _task(stage: Stage, job: UnitJob) -> UnitReport:
     """Body of a Ray task: a CPU stage's setup is cheap, so it runs per unit."""
     stage.setup()
-    return run_unit(stage, job)
+    return dataclasses.replace(run_unit(stage, job), attempt=_attempt())
 
 
 class _StageActor:
@@ -76,7 +90,7 @@ class _StageActor:
     def run(self, job: UnitJob) -> UnitReport:
         if self.setup_error is not None:
             raise self.setup_error
-        return run_unit(self.stage, job)
+        return dataclasses.replace(run_unit(self.stage, job), attempt=_attempt())
 
 
 def _user_errors(reports: Iterator[UnitReport]) -> Iterator[UnitReport]:
@@ -178,18 +192,42 @@ class RayRunner:
         address: the cluster to join, see :func:`connect`; Ray starts only when there is a unit to run,
             so a rerun with nothing to do costs no Ray start-up.
         max_retries: how often a unit is resent after its worker or actor died.
+
+    After a run: ``restarts``, the workers that died while it ran, with their causes (`RestartWatch`), and
+    ``resent``, how often Ray resent a unit (each unit is still reported, and counted, once).
     """
 
     def __init__(self, workers: int | None = None, address: str | None = None, max_retries: int = MAX_RETRIES) -> None:
         self.workers = workers
         self.address = address
         self.max_retries = max_retries
+        self.restarts: list[Restart] = []
+        self.resent = 0
 
     def run(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
+        self.restarts, self.resent = [], 0
         if not jobs:
             return iter(())
         connect(self.address)
-        return _user_errors(self._actors(stage, jobs) if stage.uses_model else self._tasks(stage, jobs))
+        return self._watched(_user_errors(self._actors(stage, jobs) if stage.uses_model else self._tasks(stage, jobs)))
+
+    def _watched(self, reports: Iterator[UnitReport]) -> Iterator[UnitReport]:
+        """``reports``, noting the resent units and, at the end, the workers that died meanwhile. When Ray
+        gives up on a unit (its worker died ``max_retries + 1`` times), the error gets those deaths as a note."""
+        import ray
+
+        watch = RestartWatch.begin()  # before the first unit is submitted
+        try:
+            for report in reports:
+                self.resent += report.attempt
+                yield report
+        except ray.exceptions.RayError as err:
+            if not isinstance(err, ray.exceptions.RayTaskError):  # a dead worker, not an error in the unit
+                self.restarts = watch.end(self.resent)
+                if self.restarts:
+                    err.add_note(f"while the stage ran: {phrase(self.restarts, self.resent)}")
+            raise
+        self.restarts = watch.end(self.resent)
 
     def _tasks(self, stage: Stage, jobs: Sequence[UnitJob]) -> Iterator[UnitReport]:
         import ray

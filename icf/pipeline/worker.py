@@ -67,9 +67,13 @@ class UnitJob:
 
 @dataclass(frozen=True)
 class UnitReport:
+    """What a worker hands back for one unit: its id, how many clips it computed, the stats it wrote, and
+    ``attempt``: how often Ray had resent the unit before this run (0 on the first try; set by the Ray runner)."""
+
     unit: int
     computed: int
     stats: dict
+    attempt: int = 0
 
 
 def _non_finite(outputs: Mapping[str, Output]) -> str | None:

@@ -9,9 +9,9 @@ from icf.pipeline import restarts
 from icf.pipeline.engine import StageSummary
 from icf.pipeline.restarts import UNKNOWN, Restart, RestartWatch, cause, fatal_signal, phrase
 
-# exit details as Ray 2.60 wrote them for a worker that ...
+# exit details as Ray 2.60 wrote them for a worker that ... (EOF_DETAIL: SIGKILL, os._exit or SIGSEGV alike)
 EOF_DETAIL = ("Worker unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) "
-              "the process was killed by the OOM killer due to high memory usage, (2) ray stop --force was called")  # SIGKILL, os._exit, SIGSEGV
+              "the process was killed by the OOM killer due to high memory usage, (2) ray stop --force was called")
 LEASED = ("The leased worker has unrecoverable failure. Worker is requested to be destroyed when it is returned. RPC "
           "error: Socket closed")  # the same, seen from the task's owner
 EXIT_4 = "Worker exits unexpectedly. Worker exits with an exit code 4."  # sys.exit(4) in an actor

@@ -15,7 +15,7 @@ log holding a fatal-signal report (``*** SIGSEGV received``: a crash), and the k
 
 The worker table is read with Ray's GCS state accessor (``ray._private.state``): the public state API
 (``ray.util.state.list_workers``) needs the dashboard, which icf's embedded Ray does not start
-(``include_dashboard=False``), so it is only the fallback (a cluster joined with ``ray://``). Every read is
+(``include_dashboard=False``), so it is only the fallback, for a Ray whose accessor fails. Every read is
 guarded: diagnostics that fail leave the restart count to the units Ray resent (their attempt numbers), with
 "cause unknown", and never fail the stage.
 """
@@ -109,7 +109,7 @@ def phrase(restarts: Iterable[Restart | dict], resent: int = 0) -> str:
         out += f" ({resent} unit{'' if resent == 1 else 's'} resent)"
     groups: dict[tuple[str, str], list[str]] = {}
     for r in items:
-        pids = groups.setdefault((r["cause"], r["node"] if r.get("remote") else ""), [])
+        pids = groups.setdefault((r["cause"], r.get("node", "") if r.get("remote") else ""), [])
         if r.get("pid"):
             pids.append(str(r["pid"]))
     parts = []
@@ -247,7 +247,7 @@ class RestartWatch:
         more units than that (or the table is unreadable), one "cause unknown" restart for each unexplained
         resend."""
         found = self._died()
-        for _ in range(4 if self.ok else 0):  # the raylet may report a death a moment after the resend
+        for _ in range(8 if self.ok else 0):  # the raylet may report a death a moment after the resend
             if len(found) >= resent:
                 break
             time.sleep(0.25)

@@ -223,7 +223,7 @@ class RayRunner:
                 yield report
         except ray.exceptions.RayError as err:
             if not isinstance(err, ray.exceptions.RayTaskError):  # a dead worker, not an error in the unit
-                self.restarts = watch.end(self.resent)
+                self.restarts = watch.end(self.resent + 1)  # + the death Ray gave up after
                 if self.restarts:
                     err.add_note(f"while the stage ran: {phrase(self.restarts, self.resent)}")
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import Tensor, nn
 
 from icf.config import ModelConfig
@@ -50,10 +51,13 @@ class AudioEncoder(nn.Module):
         else:
             self.body = _small_cnn(cfg.audio_channels)
             width = cfg.audio_channels[-1]
+        self.body.to(memory_format=torch.channels_last)  # see `forward`
         self.proj = nn.Sequential(nn.Linear(width, cfg.d_model), nn.LayerNorm(cfg.d_model)) if project else nn.Identity()
         self.width = cfg.d_model if project else width
 
     def forward(self, mel: Tensor) -> Tensor:
         b, t = mel.shape[:2]
-        feats = self.body(mel.reshape(b * t, 1, *mel.shape[2:]))
+        # channels-last (NHWC) weights and input: the same values, but CPU max-pooling and BatchNorm over NCHW maps
+        # with few channels are several times slower (tiny preset: the audio CNN took a fifth of a training step)
+        feats = self.body(mel.reshape(b * t, 1, *mel.shape[2:]).contiguous(memory_format=torch.channels_last))
         return self.proj(feats).view(b, t, -1)

@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import make_batch  # noqa: E402
 
+from icf.train.host_memory import keep_freed_memory  # noqa: E402
+
 GROUPS = {  # module path prefix in ICF → group name
     "segmenter.backbone": "backbone", "segmenter.pixel_decoder": "pixel decoder", "segmenter.audio": "audio CNN",
     "segmenter.context": "channel context (Eq. 1-2)", "segmenter.decoder": "query decoder (fusion)",
@@ -139,6 +141,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, optimizer, train_cfg, batch = build(args.batch)
+    keep_freed_memory()  # as `train_step` does on the CPU
     nodes = NodeGroups()
     label_modules(model, nodes)
     torch.manual_seed(1)

@@ -22,10 +22,13 @@ log = logging.getLogger("icf.model")
 
 
 def _small_cnn(channels: tuple[int, ...]) -> nn.Sequential:
+    """conv–BN–ReLU–pool blocks, the max-pool applied before the ReLU: max and ReLU commute (same values and the
+    same gradients, the argmax of a window with a positive maximum being the same either way), and the ReLU then
+    runs on a quarter of the pixels."""
     layers: list[nn.Module] = []
     width = 1
     for out in channels:
-        layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
         width = out
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 

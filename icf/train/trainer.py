@@ -32,6 +32,7 @@ from icf.augment.frames import clip_transform
 from icf.augment.negatives import training_negatives
 from icf.train import checkpoint, select
 from icf.train.binding import check_shards, shard_binding
+from icf.train.host_memory import keep_freed_memory
 from icf.train.logs import METRICS_FILE, append_metrics, plot_losses, progress_bar, trim_metrics
 from icf.train.run import RUN_FILE, RunSpec, build_model, pick_device, read_run_file, seed_everything, shards_path, write_run_file
 
@@ -108,7 +109,10 @@ def autocast(device: torch.device, cfg: TrainConfig) -> torch.autocast:
 
 def train_step(model: nn.Module, loss_of: Any, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
                scheduler: Any, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """One optimisation step; returns every scalar loss term, the gradient norm and the learning rate."""
+    """One optimisation step; returns every scalar loss term, the gradient norm and the learning rate.
+    On the CPU the process first keeps freed memory for the next step (`keep_freed_memory`, once)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     model.train()
     with autocast(device, cfg):
         out = model(batch)

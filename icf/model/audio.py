@@ -39,7 +39,12 @@ class AudioEncoder(nn.Module):
 
     Attributes:
         width: the output width (d, or the body's embedding width without the projection).
+        layout: the memory format of the body's weights and input, channels-last (NHWC strides): the same values
+            as NCHW, but CPU max-pooling and BatchNorm over NCHW maps with few channels are several times slower
+            (tiny preset: the audio CNN took a fifth of a training step).
     """
+
+    layout = torch.channels_last
 
     def __init__(self, cfg: ModelConfig, project: bool = True):
         super().__init__()
@@ -54,13 +59,11 @@ class AudioEncoder(nn.Module):
         else:
             self.body = _small_cnn(cfg.audio_channels)
             width = cfg.audio_channels[-1]
-        self.body.to(memory_format=torch.channels_last)  # see `forward`
+        self.body.to(memory_format=self.layout)
         self.proj = nn.Sequential(nn.Linear(width, cfg.d_model), nn.LayerNorm(cfg.d_model)) if project else nn.Identity()
         self.width = cfg.d_model if project else width
 
     def forward(self, mel: Tensor) -> Tensor:
         b, t = mel.shape[:2]
-        # channels-last (NHWC) weights and input: the same values, but CPU max-pooling and BatchNorm over NCHW maps
-        # with few channels are several times slower (tiny preset: the audio CNN took a fifth of a training step)
-        feats = self.body(mel.reshape(b * t, 1, *mel.shape[2:]).contiguous(memory_format=torch.channels_last))
+        feats = self.body(mel.reshape(b * t, 1, *mel.shape[2:]).contiguous(memory_format=self.layout))
         return self.proj(feats).view(b, t, -1)

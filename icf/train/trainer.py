@@ -65,7 +65,8 @@ def build_configs(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over ``model.parameter_groups`` (the backbone at ``lr · backbone_lr_mult``); with
     ``decay_norms=False`` each group is split so that 1-D parameters (norm scales, biases) get no weight decay.
-    ``foreach``: one multi-tensor update per group instead of a Python loop over ~300 tensors (the CPU default)."""
+    ``fused``: one kernel per group over all its tensors, instead of the CPU default's Python loop over ~250 tensors
+    (``foreach`` was 3x slower than fused on the tiny preset); the same update up to float rounding."""
     groups = [g for g in model.parameter_groups(cfg) if g["params"]]
     if not cfg.decay_norms:
         split = []
@@ -73,7 +74,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
             flat = [p for p in g["params"] if p.ndim <= 1]
             split += [{**g, "params": [p for p in g["params"] if p.ndim > 1]}, {**g, "params": flat, "weight_decay": 0.0}]
         groups = [g for g in split if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 DECAYS: dict[str, Callable[[float], float]] = {  # decay over the run's progress in [0, 1] (after warm-up)

@@ -3,27 +3,33 @@
     python bench/profile_step.py [--threads 1] [--batch 4] [--steps 2] [--top 25]
 
 The model and batch are `bench/train_speed.py`'s (tiny preset, AVSS, tiny CLIP/CLAP towers). One warm-up step,
-then ``--steps`` steps under ``torch.profiler``. Every op is charged to a group: forward ops to the innermost
-labelled module whose ``forward`` they ran in (segmenter backbone, pixel decoder, audio CNN, channel context,
-query decoder, mask head, MIT, SC) or to the loss / optimiser / clipping phases; backward ops to the group of
-the forward op that created their autograd node (matched by sequence number). Prints ms per step per group
-(forward, backward) and the top ops by self time.
+then ``--steps`` steps of the tree's own `icf.train.trainer.train_step` under ``torch.profiler``. Every op is
+charged to a group: forward ops to the innermost labelled module whose ``forward`` they ran in (backbone, pixel
+decoder, audio CNN, channel context, query decoder, mask head, text hook, MIT, SC; "forward other" for the rest
+of the model's forward), to the loss call, or to the optimiser; backward ops to the group whose forward created
+their autograd node (the nodes behind each labelled module's outputs, by sequence number); ops outside all of
+these (gradient clipping, zero_grad) to "outside". Prints ms of self CPU per step per group (forward, backward)
+and the top ops. Another commit's code: ``PYTHONPATH=<git archive of it> python bench/profile_step.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
+from icf.config import preset
+from icf.data.datasets import load_info
+from icf.encoders import EncoderSpec, load, text_bank
+from icf.model import ICF
+from icf.model.bidir import BidirSegmenter
+from icf.train.trainer import make_optimizer, train_step
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import make_batch  # noqa: E402
-
-from icf.train.host_memory import keep_freed_memory  # noqa: E402
 
 GROUPS = {  # module path prefix in ICF → group name
     "segmenter.backbone": "backbone", "segmenter.pixel_decoder": "pixel decoder", "segmenter.audio": "audio CNN",
@@ -31,7 +37,8 @@ GROUPS = {  # module path prefix in ICF → group name
     "segmenter.mask_head": "mask head", "segmenter.text_attn": "text hook", "mit": "MIT", "sc": "SC",
 }
 LABEL = "grp::"
-PENDING = "forward other"  # nodes made outside every labelled module (relabelled if a module owns them later: never)
+OPTIMIZER = "Optimizer."  # torch's own ranges around optimizer.step / zero_grad
+PENDING = "forward other"  # the model's forward outside every labelled module
 
 
 class NodeGroups:
@@ -67,8 +74,8 @@ def label_modules(model: torch.nn.Module, nodes: NodeGroups) -> None:
     """Wrap each grouped module's forward in a ``record_function`` range named after its group, and charge the
     autograd nodes it creates to that group (its inputs' nodes are marked first, so they stay with their makers)."""
     for path, module in model.named_modules():
-        if path in GROUPS:
-            name = GROUPS[path]
+        if path in GROUPS or path == "":
+            name = GROUPS.get(path, PENDING)
             forward = module.forward
 
             def wrapped(*args, _f=forward, _n=name, **kwargs):
@@ -82,13 +89,7 @@ def label_modules(model: torch.nn.Module, nodes: NodeGroups) -> None:
 
 
 def build(batch_size: int):
-    from icf.config import preset
-    from icf.data.datasets import load_info
-    from icf.encoders import EncoderSpec, load, text_bank
-    from icf.model import ICF
-    from icf.model.bidir import BidirSegmenter
-    from icf.train.trainer import make_optimizer
-
+    """`bench/train_speed.py`'s model (seed 0), optimiser and batch."""
     torch.manual_seed(0)
     cfg, train_cfg = preset("tiny", "avss")
     enc = load(EncoderSpec.tiny())
@@ -98,31 +99,26 @@ def build(batch_size: int):
     return model, optimizer, train_cfg, make_batch(cfg, dims, batch_size)
 
 
-def step(model, optimizer, train_cfg, batch, nodes: NodeGroups) -> None:
-    """`icf.train.trainer.train_step` with each phase labelled."""
-    rf = torch.profiler.record_function
-    model.train()
-    with rf(LABEL + PENDING):
-        out = model(batch)
-    nodes.mark(out, PENDING)
-    with rf(LABEL + "loss"):
-        losses = model.loss(out, batch)
-    nodes.mark(losses, "loss")
-    optimizer.zero_grad(set_to_none=True)
-    losses["total"].backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    with rf(LABEL + "clip grad"):
-        torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
-    with rf(LABEL + "optimizer"):
-        optimizer.step()
+def step(model, optimizer, scheduler, train_cfg, batch, nodes: NodeGroups) -> None:
+    """One `icf.train.trainer.train_step` (the tree's own step: clipping, optimiser and whatever else it does), with
+    the loss call labelled."""
+
+    def loss_of(out, batch):
+        nodes.mark(out, PENDING)
+        with torch.profiler.record_function(LABEL + "loss"):
+            losses = model.loss(out, batch)
+        nodes.mark(losses, "loss")
+        return losses
+
+    train_step(model, loss_of, batch, optimizer, scheduler, train_cfg, torch.device("cpu"))
 
 
 def group_of(event, memo: dict) -> str | None:
     """The innermost ``grp::`` range holding a CPU event (None outside every range)."""
     chain, node = [], event
     while node is not None and id(node) not in memo:
-        if node.name.startswith(LABEL):
-            memo[id(node)] = node.name[len(LABEL):]
+        if node.name.startswith(LABEL) or node.name.startswith(OPTIMIZER):
+            memo[id(node)] = node.name[len(LABEL):] if node.name.startswith(LABEL) else "optimizer"
             break
         chain.append(node)
         node = node.cpu_parent
@@ -141,18 +137,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, optimizer, train_cfg, batch = build(args.batch)
-    keep_freed_memory()  # as `train_step` does on the CPU
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     nodes = NodeGroups()
     label_modules(model, nodes)
     torch.manual_seed(1)
-    model.loss_calls.fill_(1)  # past the first call: no gradient-share passes (logged every 25th step only)
-    step(model, optimizer, train_cfg, batch, nodes)  # warm-up
+    if hasattr(model, "loss_calls"):
+        model.loss_calls.fill_(1)  # past the first call: no gradient-share passes (logged every 25th step only)
+    step(model, optimizer, scheduler, train_cfg, batch, nodes)  # warm-up
     table: dict[tuple[str, str], float] = collections.defaultdict(float)
     ops: dict[tuple[str, str, str], float] = collections.defaultdict(float)
     for _ in range(args.steps):
         nodes.seq.clear()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step(model, optimizer, train_cfg, batch, nodes)
+            step(model, optimizer, scheduler, train_cfg, batch, nodes)
         memo: dict = {}
         for ev in prof.profiler.function_events:
             if ev.name.startswith(LABEL):
@@ -163,10 +160,10 @@ def main() -> None:
                 while node is not None and not node.name.startswith("autograd::engine::evaluate_function"):
                     node = node.cpu_parent
                 if node is None:
-                    g, phase = "other", "-"
+                    g, phase = "outside (clipping, zero_grad)", "-"
                 else:
                     g, phase = ("accumulate grad", "-") if "AccumulateGrad" in node.name else (nodes.seq.get(node.sequence_nr, "unmatched"), "bwd")
-            elif g in ("clip grad", "optimizer"):
+            elif g == "optimizer":
                 phase = "-"
             table[(g, phase)] += ev.self_cpu_time_total / 1e3 / args.steps
             ops[(g, phase, ev.name)] += ev.self_cpu_time_total / 1e3 / args.steps

@@ -88,7 +88,7 @@ class _SoftmaxLosses(torch.autograd.Function):
         a, b = -2 / denom, (2 * inter + 1.0) / denom**2  # (N, K)
         a_y = a.gather(1, target.flatten(1)).view_as(p_y)
         shared = torch.einsum("nk,nkhw->nhw", b, p) + a_y * p_y  # Σ_j p_j·∂dice/∂p_j, per pixel
-        out = p * ((c - w * shared)[:, None] + w * b[..., None, None])
+        out = torch.mul(p, (c - w * shared)[:, None]).addcmul_(p, w * b[..., None, None])  # no full-size temporary
         out.scatter_add_(1, target[:, None], (w * a_y * p_y - c)[:, None])  # the δ_ky terms
         return out, None, None
 

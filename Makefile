@@ -24,7 +24,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	for b in "pipeline.py --quick" cdcl.py "loader.py --clips 24" train_step.py "train_speed.py --steps 3"; do echo "== $$b"; $(BIN)/python bench/$$b || exit 1; done
+	for b in "pipeline.py --quick" cdcl.py "loader.py --clips 24" train_step.py "train_speed.py --steps 3" "profile_step.py --steps 1 --top 10"; do echo "== $$b"; $(BIN)/python bench/$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) icf-work

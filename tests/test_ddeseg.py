@@ -160,6 +160,8 @@ def test_code_variant_dem_takes_the_official_initial_forms() -> None:
 ])
 def test_staged_backbone_with_identity_hook_equals_the_plain_backbone(name: str, kwargs: dict) -> None:
     plain, staged = Backbone(name, None, kwargs).eval(), StagedBackbone(name, None, kwargs).eval()
+    plain.layout = torch.contiguous_format  # the staged backbone runs NCHW: in the same layout, the same bits
+    plain.to(memory_format=torch.contiguous_format)
     state = {re.sub(r"^stages_(\d)", r"stages.\1", k): v for k, v in plain.body.state_dict().items()}
     staged.body.load_state_dict(state)
     x = torch.randn(2, 3, 64, 64)

@@ -73,7 +73,7 @@ def test_binary_forward_losses_and_gradients(encoders) -> None:
     model = make_icf(cfg, encoders).train()
     batch = make_batch(cfg, encoders, b=3)
     out = model(batch)
-    assert out["logits"].shape == (3, 5, 1, 64, 64)
+    assert out["logits"].shape == (3, 5, 1, 16, 16)  # training: stride 4, Eq. 18 upsamples the scored frames
     losses = model.loss(out, batch)
     assert {"total", "seg", "mit", "cf", "cdcl", "v_a", "v_l", "a_l"} <= set(losses)
     assert {"pos_frac", "z_xcos", "cf_degree", "cf_cos", "cf_cos_mix"} <= set(losses)  # diagnostics
@@ -101,7 +101,7 @@ def test_multiclass_with_padding(encoders) -> None:
     model = make_icf(cfg, encoders).train()
     batch = make_batch(cfg, encoders, b=2, n_real=[5, 10])
     out = model(batch)
-    assert out["logits"].shape == (2, 10, 71, 64, 64)
+    assert out["logits"].shape == (2, 10, 71, 16, 16)  # training: stride 4
     losses = model.loss(out, batch)
     assert torch.isfinite(losses["total"])
     losses["total"].backward()
@@ -428,5 +428,6 @@ def test_paper_presets_forward_backward(encoders, name: str) -> None:
     losses["total"].backward()
     print(f"\n{name}: forward+backward {time.perf_counter() - start:.1f} s, "
           f"{sum(p.numel() for p in model.trainable_parameters()) / 1e6:.1f} M trainable parameters")
-    assert model(batch)["logits"].shape == (2, 5, 1, 224, 224)
+    with torch.no_grad():
+        assert model.eval()(batch)["logits"].shape == (2, 5, 1, 224, 224)  # frame-sized in eval (training: stride 4)
     assert torch.isfinite(losses["total"]) and _grad_norm(model.segmenter.backbone) > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import Tensor, nn
 
 from icf.config import ModelConfig
@@ -21,10 +22,13 @@ log = logging.getLogger("icf.model")
 
 
 def _small_cnn(channels: tuple[int, ...]) -> nn.Sequential:
+    """conv–BN–ReLU–pool blocks, the max-pool applied before the ReLU: max and ReLU commute (same values and the
+    same gradients, the argmax of a window with a positive maximum being the same either way), and the ReLU then
+    runs on a quarter of the pixels."""
     layers: list[nn.Module] = []
     width = 1
     for out in channels:
-        layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
         width = out
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
@@ -35,7 +39,12 @@ class AudioEncoder(nn.Module):
 
     Attributes:
         width: the output width (d, or the body's embedding width without the projection).
+        layout: the memory format of the body's weights and input, channels-last (NHWC strides): the same values
+            as NCHW, but CPU max-pooling and BatchNorm over NCHW maps with few channels are several times slower
+            (tiny preset: the audio CNN took a fifth of a training step).
     """
+
+    layout = torch.channels_last
 
     def __init__(self, cfg: ModelConfig, project: bool = True):
         super().__init__()
@@ -50,10 +59,11 @@ class AudioEncoder(nn.Module):
         else:
             self.body = _small_cnn(cfg.audio_channels)
             width = cfg.audio_channels[-1]
+        self.body.to(memory_format=self.layout)
         self.proj = nn.Sequential(nn.Linear(width, cfg.d_model), nn.LayerNorm(cfg.d_model)) if project else nn.Identity()
         self.width = cfg.d_model if project else width
 
     def forward(self, mel: Tensor) -> Tensor:
         b, t = mel.shape[:2]
-        feats = self.body(mel.reshape(b * t, 1, *mel.shape[2:]))
+        feats = self.body(mel.reshape(b * t, 1, *mel.shape[2:]).contiguous(memory_format=self.layout))
         return self.proj(feats).view(b, t, -1)

@@ -6,6 +6,11 @@ cross-attention and self-attention to enhance the spatiotemporal context modelli
 audio-conditioned bidirectional query decoder (the modality interaction; its text hook is one zero-gated
 cross-attention per decoder layer) → mask head, on frames ``(B, T, 3, H, W)`` and log-Mel ``(B, T, 96, 64)``.
 
+In training the logits stay at the mask head's stride 4: Eq. 18 upsamples only the frames with ground truth to
+the mask size (`icf.model.losses.segmentation_loss`), the same values as upsampling every frame first (resizing
+is per frame) without the full-size logits of unannotated and padded frames (AVSS v1s: 4 of 5 frames; S4 train:
+4 of 5). In eval they are frame-sized.
+
 ``vis_feat`` (CDCL, note 3) is the per-frame mean of the decoder-updated per-pixel embedding, taken before its
 final ReLU (``cdcl_visual = "pre_relu"``; after it every mean lies in the positive orthant, which compresses the
 distances between clips), ``aud_feat`` the per-frame mean of the decoded audio queries, both L2-normalised.
@@ -58,7 +63,9 @@ class BidirSegmenter(Segmenter):
         hook = (lambda i, q: self.read_text(i, q, text)) if text is not None else None
         queries, levels = self.decoder(levels, level_pos, enc.audio, valid, hook)
         pixels, pre = self.pixel_decoder.mask_features_tapped(levels, enc.state["lateral"])
-        logits = resize_bilinear(self.mask_head(queries, pixels), frames.shape[-2:])  # = F.interpolate(bilinear), faster on CPU
+        logits = self.mask_head(queries, pixels)  # (B·T, K, H/4, W/4)
+        if not self.training:  # training: Eq. 18 resizes the frames it scores (`segmentation_loss`)
+            logits = resize_bilinear(logits, frames.shape[-2:])  # = F.interpolate(bilinear), faster on CPU
         aud = F.normalize(queries[:, -self.decoder.num_audio :].mean(1).view(b, t, -1), dim=-1)
         vis = frame_features(pre if self.cfg.cdcl_visual == "pre_relu" else pixels, b)
         return {"logits": logits.view(b, t, *logits.shape[1:]), "vis_feat": vis, "aud_feat": aud}

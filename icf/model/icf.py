@@ -108,7 +108,8 @@ class ICF(SegModel):
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        """Batch (ARCHITECTURE.md) → ``logits`` ``(B, T, K, H, W)``; in training mode also ``vis_feat``/``aud_feat``
+        """Batch (ARCHITECTURE.md) → ``logits`` ``(B, T, K, H, W)`` (in training the segmenter's, e.g. bidir's at stride 4:
+        Eq. 18 upsamples the scored frames); in training mode also ``vis_feat``/``aud_feat``
         ``(B, T, d)`` and, when on, ``z``, ``z_frames``, ``ell_a``, ``loss_mit`` (MIT), ``cf``, ``cf_alpha``,
         ``loss_cf`` and SC's diagnostics."""
         enc = self.segmenter.encode(batch)

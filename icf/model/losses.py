@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from icf.config import ModelConfig
+from icf.model.resize import resize_bilinear
 
 
 def dice_loss(prob: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
@@ -87,7 +88,7 @@ class _SoftmaxLosses(torch.autograd.Function):
         a, b = -2 / denom, (2 * inter + 1.0) / denom**2  # (N, K)
         a_y = a.gather(1, target.flatten(1)).view_as(p_y)
         shared = torch.einsum("nk,nkhw->nhw", b, p) + a_y * p_y  # Σ_j p_j·∂dice/∂p_j, per pixel
-        out = p * ((c - w * shared)[:, None] + w * b[..., None, None])
+        out = torch.mul(p, (c - w * shared)[:, None]).addcmul_(p, w * b[..., None, None])  # no full-size temporary
         out.scatter_add_(1, target[:, None], (w * a_y * p_y - c)[:, None])  # the δ_ky terms
         return out, None, None
 
@@ -105,7 +106,9 @@ def segmentation_loss(logits: Tensor, masks: Tensor, gt: Tensor, valid: Tensor, 
     """Eq. 18 on the frames with ground truth.
 
     Args:
-        logits: ``(B, T, K, H, W)``; masks: ``(B, T, H, W)`` int64; gt, valid: ``(B, T)`` bool.
+        logits: ``(B, T, K, h, w)``; masks: ``(B, T, H, W)`` int64; gt, valid: ``(B, T)`` bool. Logits of another
+            size than the masks (a segmenter's stride-4 training logits) are resized bilinearly
+            (``align_corners=False``) to H×W on the scored frames only.
     Returns: ``seg`` (weighted sum) and its parts ``bce`` (CE in the multi-class form), ``dice``, ``focal``.
     """
     keep = gt & valid
@@ -113,6 +116,8 @@ def segmentation_loss(logits: Tensor, masks: Tensor, gt: Tensor, valid: Tensor, 
         zero = logits.sum() * 0.0  # keeps the graph connected when a batch has no annotated frame
         return {"seg": zero, "bce": zero, "dice": zero, "focal": zero}
     picked, target = logits[keep], masks[keep]
+    if picked.shape[-2:] != target.shape[-2:]:
+        picked = resize_bilinear(picked, target.shape[-2:])
     if cfg.binary:
         parts = binary_losses(picked[:, 0], target, cfg.focal_gamma, cfg.focal_alpha)
     else:

@@ -177,7 +177,8 @@ class Segmenter(SegModel, metaclass=abc.ABCMeta):
         """Modality interaction (text hook when ``text`` is given) and mask head → logits, vis_feat, aud_feat."""
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        """``encode`` then ``decode`` without text: ``logits`` ``(B, T, K, H, W)`` (+ ``vis_feat``/``aud_feat`` in training)."""
+        """``encode`` then ``decode`` without text: ``logits`` ``(B, T, K, H, W)`` (+ ``vis_feat``/``aud_feat`` in training,
+        where the logits may be smaller than the frames: Eq. 18 upsamples the frames it scores, `segmentation_loss`)."""
         out = self.decode(batch, self.encode(batch))
         return out if self.training else {"logits": out["logits"]}
 

@@ -32,6 +32,7 @@ from icf.augment.frames import clip_transform
 from icf.augment.negatives import training_negatives
 from icf.train import checkpoint, select
 from icf.train.binding import check_shards, shard_binding
+from icf.train.host_memory import keep_freed_memory
 from icf.train.logs import METRICS_FILE, append_metrics, plot_losses, progress_bar, trim_metrics
 from icf.train.run import RUN_FILE, RunSpec, build_model, pick_device, read_run_file, seed_everything, shards_path, write_run_file
 
@@ -64,7 +65,8 @@ def build_configs(spec: RunSpec) -> tuple[ModelConfig, TrainConfig]:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over ``model.parameter_groups`` (the backbone at ``lr · backbone_lr_mult``); with
     ``decay_norms=False`` each group is split so that 1-D parameters (norm scales, biases) get no weight decay.
-    ``foreach``: one multi-tensor update per group instead of a Python loop over ~300 tensors (the CPU default)."""
+    ``fused``: one kernel per group over all its tensors, instead of the CPU default's Python loop over ~250 tensors
+    (``foreach`` was 3x slower than fused on the tiny preset); the same update up to float rounding."""
     groups = [g for g in model.parameter_groups(cfg) if g["params"]]
     if not cfg.decay_norms:
         split = []
@@ -72,7 +74,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
             flat = [p for p in g["params"] if p.ndim <= 1]
             split += [{**g, "params": [p for p in g["params"] if p.ndim > 1]}, {**g, "params": flat, "weight_decay": 0.0}]
         groups = [g for g in split if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 DECAYS: dict[str, Callable[[float], float]] = {  # decay over the run's progress in [0, 1] (after warm-up)
@@ -108,7 +110,10 @@ def autocast(device: torch.device, cfg: TrainConfig) -> torch.autocast:
 
 def train_step(model: nn.Module, loss_of: Any, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
                scheduler: Any, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """One optimisation step; returns every scalar loss term, the gradient norm and the learning rate."""
+    """One optimisation step; returns every scalar loss term, the gradient norm and the learning rate.
+    On the CPU the process first keeps freed memory for the next step (`keep_freed_memory`, once)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     model.train()
     with autocast(device, cfg):
         out = model(batch)

@@ -12,6 +12,9 @@ loss terms at the first step and over all steps (the same seed, batch and RNG dr
 where both trees hold the same model; after the first step the weights differ by the rounding of the updates,
 which training amplifies — float32 AdamW at lr 1e-3: 1e-6 at the first step, 1e-3 by the fifth).
 
+Idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE`` unless set): on a shared machine a spinning thread waits
+for its descheduled sibling at every parallel region, which made both trees ~30x slower at 2 threads.
+
 ``--base`` defaults to the last commit before the step speed-ups (issue 24); any other commit or branch works.
 The model has changed since then (CDCL's defaults, merged in c3d0485), so this tree's losses differ from the
 base's; ``--equal-to REV`` runs a third, untimed worker on REV (a commit with this tree's model, e.g. where
@@ -108,8 +111,8 @@ def unpack(rev: str, into: Path) -> Path:
 
 
 def start(tree: Path, threads: int, batch: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, __file__, "--worker", "--threads", str(threads), "--batch", str(batch)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tree)
     assert read(proc)["ready"]

@@ -17,7 +17,8 @@ split, clean and under background noise (``--snr-db``) and frame mixing (``--fra
 Everything is cached: the data, the towers, the stages, and every finished run (a rerun only evaluates); a run
 stopped part-way resumes from its checkpoint. ``--eval-only`` trains nothing and compares the runs finished so far
 (rows and seeds with no finished run are left out), so a partial measurement can be published while the rest runs.
-Besides the JSON, ``table.md`` (mean ± std ×100 per row and setting, with the seeds each row had) is written.
+Besides the JSON, ``table.md`` (mean ± std ×100 per row and setting, with the seeds each row had, then every row
+minus ``--paired-to`` paired by seed) is written.
 
     python bench/ablation.py --work /tmp/ablation [--seeds 0,1,2] [--steps 600] [--clips 200]
     python bench/ablation.py --work /tmp/abl-smoke --seeds 0 --steps 3 --clips 24 --rows baseline,full  # smoke
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from icf.clitools import out
 from icf.demo import LAYOUT, TOWER_EPOCHS, _icf, epochs_for_steps, semantic_towers
-from icf.eval.compare import comparison, settings_from_options, table, write_outputs
+from icf.eval.compare import comparison, mean_std, settings_from_options, table, write_outputs
 from icf.train import checkpoint
 from icf.train.run import RunSpec
 from icf.train.trainer import train
@@ -118,6 +119,49 @@ def markdown(doc: dict, rows: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(doc: dict, rows: list[str], reference: str, metric: str = "J_present") -> dict[str, dict]:
+    """Each row minus ``reference`` on ``metric``, paired by seed: ``{row: {setting: {mean, std, n, above}}}``.
+
+    Seeds trained by both rows only; ``above`` counts the seeds where the row scores higher. Pairing removes what a
+    seed does to both rows alike (data order, initialisation), so a difference can show inside the rows' spread.
+    """
+    by_name = {g["name"]: g for g in doc["groups"]}
+    if reference not in by_name:
+        return {}
+    per_run = {r["run"]: r["results"] for r in doc["runs"]}
+
+    def by_seed(group: dict) -> dict[int, dict]:
+        return {seed: per_run[run] for run, seed in zip(group["runs"], group["seeds"])}
+
+    ref = by_seed(by_name[reference])
+    out = {}
+    for row in (r for r in rows if r in by_name and r != reference):
+        own = by_seed(by_name[row])
+        seeds = sorted(set(own) & set(ref))
+        if not seeds:
+            continue
+        out[row] = {}
+        for setting in doc["settings"]:
+            deltas = [own[s][setting][metric] - ref[s][setting][metric] for s in seeds]
+            out[row][setting] = {**mean_std(deltas), "above": sum(d > 0 for d in deltas)}
+    return out
+
+
+def paired_markdown(doc: dict, rows: list[str], reference: str) -> str:
+    """``paired`` as a markdown table: Δ J_present ×100 (mean ± std over shared seeds, rows above on k of n seeds)."""
+    deltas = paired(doc, rows, reference)
+    if not deltas:
+        return ""
+    head = ["row", "seeds", *(f"Δ J_present {s}" for s in doc["settings"])]
+    lines = [f"Paired by seed against {reference} (row − {reference}, ×100; k/n: seeds where the row is higher):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, by_setting in deltas.items():
+        first = next(iter(by_setting.values()))
+        cells = [f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} ({d['above']}/{d['n']})" for d in by_setting.values()]
+        lines.append("| " + " | ".join([row, str(first["n"]), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, required=True)
@@ -134,6 +178,8 @@ def main() -> None:
     p.add_argument("--executor", default="local")
     p.add_argument("--results", type=Path, help="Also write ablation.json here (a folder, e.g. bench/results/).")
     p.add_argument("--eval-only", action="store_true", help="Train nothing: compare the runs finished so far.")
+    p.add_argument("--paired-to", default="baseline",
+                   help="table.md also lists every row minus this one, paired by seed (if it is among the rows run).")
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     unknown = sorted(set(rows) - set(ROWS)) + sorted(set(args.towers.split(",")) - set(TOWERS))
@@ -163,7 +209,8 @@ def main() -> None:
         out.print(f"{kind}: {time.time() - t0:.0f} s, outputs in {work / 'compare'}")
     text = json.dumps(summary, indent=1, sort_keys=True)
     tables = "".join(f"\n{kind} towers, {args.steps} steps, {args.split} split (×100, mean ± std over seeds):\n\n"
-                     + markdown(doc, rows) for kind, doc in summary["tables"].items())
+                     + markdown(doc, rows) + "\n" + paired_markdown(doc, rows, args.paired_to)
+                     for kind, doc in summary["tables"].items())
     for folder in filter(None, (args.work, args.results)):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "ablation.json").write_text(text)

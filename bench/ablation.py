@@ -7,7 +7,8 @@ the tiny random towers) the synthetic tree is staged into its own workspace, the
     objective off: does MIT's text help only through its own loss?)
 
 (``--rows`` also takes the per-term controls ``lambda_cf=0``, ``lambda_va=0``, ``lambda_vl=0``, ``lambda_al=0``,
-``lambda_z=0``, ``lambda_ortho=0``: full ICF with that one loss weight off)
+``lambda_z=0``, ``lambda_ortho=0``: full ICF with that one loss weight off; and ``cdcl_visual_pool=mask``: full ICF
+with CDCL's visual vectors pooled over the predicted foreground)
 
 is trained with each seed for the same number of steps, and ``icf compare`` evaluates them all on one
 split, clean and under background noise (``--snr-db``) and frame mixing (``--frame-mix``). The tables
@@ -53,6 +54,8 @@ ROWS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
 # Per-term controls (issue 24, item 3): full ICF with one loss weight of Eq. 19 (or Eq. 3's) set to 0.
 TERMS = ("cf", "va", "vl", "al", "z", "ortho")
 ROWS.update({f"lambda_{t}=0": (frozenset(), (f"model.lambda_{t}=0",)) for t in TERMS})
+# Full ICF with CDCL's F^v masked-average-pooled by the predicted foreground (supplement note 6) instead of the frame mean.
+ROWS["cdcl_visual_pool=mask"] = (frozenset(), ("model.cdcl_visual_pool=mask",))
 TABLE2 = ("baseline", "MIT", "CDCL", "MIT+SC", "MIT+CDCL", "full", "lambda_mit=0")
 TOWERS = ("semantic", "random")
 

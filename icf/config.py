@@ -45,6 +45,7 @@ _CHOICES = {
     "sc_detach": ("auto", "always", "never"),
     "text_distribution": ("frames", "point"),
     "cdcl_visual": ("pre_relu", "post_relu"),
+    "cdcl_visual_pool": ("mean", "mask"),
     "text_negatives": ("counterfactual", "counterfactual+batch"),
 }
 
@@ -112,6 +113,7 @@ class ModelConfig:
     entropy_per_dim: bool = True  # use H/d in Eq. 15 (d-independent scale)
     # --- CDCL signal (issue 24; ARCHITECTURE.md faithfulness table, measured)
     cdcl_visual: str = "pre_relu"  # F^v tap: the per-pixel embedding "pre_relu" (signed) | "post_relu" (positive orthant)
+    cdcl_visual_pool: str = "mean"  # F^v per frame: "mean" over all pixels | "mask": weighted by the predicted (detached) foreground
     text_tau: float = 0.5  # Eq. 17's own temperature (L_v↔l, L_a↔l; was τ = 0.1: saturated by step 5); τ stays Eq. 16's
     text_negatives: str = "counterfactual+batch"  # Eq. 17's negatives: ℓ^cf plus the other clips' texts | "counterfactual" (paper)
     grad_share_every: int = 25  # log each loss term's gradient share at the segmenter every N training steps (0: never)

@@ -268,6 +268,66 @@ def test_visual_tap_before_the_last_relu_is_signed_and_leaves_the_logits() -> No
     torch.testing.assert_close(pre["vis_feat"].norm(dim=-1), torch.ones(2, cfg.frames))
 
 
+def test_masked_frame_features_match_a_float64_reference() -> None:
+    """``frame_features`` with a weight map is the weighted spatial mean (masked average pooling), L2-normalised;
+    a constant weight gives the plain mean; ``foreground_probability`` is σ (binary) or 1 − P(background)."""
+    from icf.model.segmenter import foreground_probability, frame_features
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 5, 4, 3, generator=g), torch.rand(6, 4, 3, generator=g)
+    xs, ws = x.double().numpy(), w.double().numpy()
+    ref = np.einsum("ndhw,nhw->nd", xs, ws) / ws.sum((1, 2))[:, None]
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(frame_features(x, 2, w).reshape(6, 5).numpy(), ref, atol=1e-6)
+    torch.testing.assert_close(frame_features(x, 2, torch.full_like(w, 0.3)), frame_features(x, 2))
+    logits = torch.randn(6, 4, 4, 3, generator=g)
+    ls = logits.double().numpy()
+    np.testing.assert_allclose(foreground_probability(logits[:, :1], True).numpy(), 1 / (1 + np.exp(-ls[:, 0])), atol=1e-6)
+    soft = np.exp(ls) / np.exp(ls).sum(1, keepdims=True)
+    np.testing.assert_allclose(foreground_probability(logits, False).numpy(), 1 - soft[:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("segmenter", ["bidir", "tpavi"])
+def test_masked_visual_pool_reads_the_predicted_foreground_without_training_it(segmenter: str) -> None:
+    """``cdcl_visual_pool = "mask"``: F^v changes (it averages where the model predicts a sounding object), the
+    logits do not, and no gradient of F^v reaches what only shapes the logits (the mask is detached): CDCL moves
+    the features, never the mask it pools with."""
+    import dataclasses
+
+    from icf.config import preset
+    from icf.model.bidir import BidirSegmenter
+    from icf.model.tpavi import TPAVISegmenter
+
+    cfg = preset("tiny", "avss")[0]
+    g = torch.Generator().manual_seed(0)
+    batch = {"frames": torch.randn(2, cfg.frames, 3, 64, 64, generator=g), "mel": torch.randn(2, cfg.frames, 96, 64, generator=g),
+             "valid": torch.ones(2, cfg.frames, dtype=torch.bool)}
+    torch.manual_seed(0)
+    model = (BidirSegmenter if segmenter == "bidir" else TPAVISegmenter)(cfg).train()
+    logit_only = model.mask_head if segmenter == "bidir" else model.head
+    # At initialisation 1 − P(background) ≈ 70/71 everywhere (pooling ≈ the mean): give the classifier a trained
+    # model's contrast, so some pixels are predicted background and some not.
+    torch.nn.init.normal_((model.mask_head.pixel if segmenter == "bidir" else model.head.cls).weight, std=2.0)
+    mean = model(batch)
+    model.cfg = dataclasses.replace(cfg, cdcl_visual_pool="mask")
+    seen = {}
+    if segmenter == "tpavi":  # the fused map the head reads is F^v's map: pool it by hand (block means, float64)
+        model.head.register_forward_hook(lambda m, args, out: seen.update(x=args[0].detach(), logits=out.detach()))
+    masked = model(batch)
+    torch.testing.assert_close(mean["logits"], masked["logits"])
+    assert float((mean["vis_feat"] - masked["vis_feat"]).abs().max()) > (1e-3 if segmenter == "bidir" else 1e-5)
+    if seen:
+        x, probs = seen["x"].double().numpy(), seen["logits"].double().softmax(1).numpy()
+        n, d, h, w = x.shape
+        fg = (1 - probs[:, 0]).reshape(n, h, probs.shape[-2] // h, w, probs.shape[-1] // w).mean((2, 4))
+        ref = np.einsum("ndhw,nhw->nd", x, fg) / fg.sum((1, 2))[:, None]
+        ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+        np.testing.assert_allclose(masked["vis_feat"].detach().reshape(n, d).numpy(), ref, atol=1e-5)
+    masked["vis_feat"].sum().backward()
+    assert all(p.grad is None for p in logit_only.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.backbone.parameters())
+
+
 @pytest.mark.parametrize("detach", [True, False])
 def test_which_terms_reach_the_segmenter(detach: bool) -> None:
     """`gradient_shares` on the full tiny model (MIT's query projections non-zero, as after the first steps): the

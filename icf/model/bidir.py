@@ -13,7 +13,9 @@ is per frame) without the full-size logits of unannotated and padded frames (AVS
 
 ``vis_feat`` (CDCL, note 3) is the per-frame mean of the decoder-updated per-pixel embedding, taken before its
 final ReLU (``cdcl_visual = "pre_relu"``; after it every mean lies in the positive orthant, which compresses the
-distances between clips), ``aud_feat`` the per-frame mean of the decoded audio queries, both L2-normalised.
+distances between clips; ``cdcl_visual_pool = "mask"`` weights the mean by the predicted, detached foreground
+probability instead: masked average pooling, supplement note 6), ``aud_feat`` the per-frame mean of the decoded
+audio queries, both L2-normalised.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from icf.model.backbone import Backbone
 from icf.model.decoder import MaskHead, QueryDecoder
 from icf.model.pixel_decoder import PixelDecoder
 from icf.model.resize import resize_bilinear
-from icf.model.segmenter import Batch, Encoded, Segmenter, TextTokens, frame_features
+from icf.model.segmenter import Batch, Encoded, Segmenter, TextTokens, foreground_probability, frame_features
 
 
 class BidirSegmenter(Segmenter):
@@ -64,8 +66,9 @@ class BidirSegmenter(Segmenter):
         queries, levels = self.decoder(levels, level_pos, enc.audio, valid, hook)
         pixels, pre = self.pixel_decoder.mask_features_tapped(levels, enc.state["lateral"])
         logits = self.mask_head(queries, pixels)  # (B·T, K, H/4, W/4)
+        pool = foreground_probability(logits.detach(), self.cfg.binary) if self.cfg.cdcl_visual_pool == "mask" else None
+        vis = frame_features(pre if self.cfg.cdcl_visual == "pre_relu" else pixels, b, pool)
         if not self.training:  # training: Eq. 18 resizes the frames it scores (`segmentation_loss`)
             logits = resize_bilinear(logits, frames.shape[-2:])  # = F.interpolate(bilinear), faster on CPU
         aud = F.normalize(queries[:, -self.decoder.num_audio :].mean(1).view(b, t, -1), dim=-1)
-        vis = frame_features(pre if self.cfg.cdcl_visual == "pre_relu" else pixels, b)
         return {"logits": logits.view(b, t, *logits.shape[1:]), "vis_feat": vis, "aud_feat": aud}

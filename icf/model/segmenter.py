@@ -183,6 +183,19 @@ class Segmenter(SegModel, metaclass=abc.ABCMeta):
         return out if self.training else {"logits": out["logits"]}
 
 
-def frame_features(pixels: Tensor, b: int) -> Tensor:
-    """CDCL's per-frame visual feature: L2-normalised spatial mean of a per-pixel map ``(B·T, d, h, w)`` → ``(B, T, d)``."""
-    return F.normalize(pixels.mean((-1, -2)).view(b, -1, pixels.shape[1]), dim=-1)
+def frame_features(pixels: Tensor, b: int, weight: Tensor | None = None) -> Tensor:
+    """CDCL's per-frame visual feature (Eq. 13's F^v_t): the L2-normalised spatial mean of a per-pixel map
+    ``(B·T, d, h, w)`` → ``(B, T, d)``; with ``weight`` ``(B·T, h, w)`` ≥ 0 the weighted mean (masked average pooling,
+    supplement note 6)."""
+    if weight is None:
+        pooled = pixels.mean((-1, -2))
+    else:
+        w = weight[:, None]
+        pooled = (pixels * w).sum((-1, -2)) / w.sum((-1, -2)).clamp_min(1e-6)
+    return F.normalize(pooled.view(b, -1, pixels.shape[1]), dim=-1)
+
+
+def foreground_probability(logits: Tensor, binary: bool) -> Tensor:
+    """P(pixel belongs to a sounding object) ``(N, h, w)`` from mask logits ``(N, K, h, w)``: σ of the one logit for
+    the binary subsets, 1 − softmax's background (class 0) share for AVSS."""
+    return logits[:, 0].sigmoid() if binary else 1 - logits.softmax(1)[:, 0]

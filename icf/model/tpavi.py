@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from icf.config import ModelConfig
 from icf.model.audio import AudioEncoder
 from icf.model.backbone import Backbone
-from icf.model.segmenter import Batch, Encoded, Segmenter, TextTokens, frame_features
+from icf.model.segmenter import Batch, Encoded, Segmenter, TextTokens, foreground_probability, frame_features
 
 STAGES = (0, 1, 2, 3)
 DILATIONS = (3, 6, 12, 18)
@@ -267,9 +267,13 @@ class TPAVISegmenter(Segmenter):
             size = maps[i - 1].shape[-2:] if i > 0 else tuple(2 * s for s in maps[0].shape[-2:])
             x = self.fusion[i](maps[i], None, size) if x is None else self.fusion[i](x, maps[i], size)
         logits = self.head(x, frames.shape[-2:])
+        pool = None
+        if self.cfg.cdcl_visual_pool == "mask":  # the foreground probability area-averaged to the fused map's size
+            fg = foreground_probability(logits.detach(), self.cfg.binary)
+            pool = F.interpolate(fg[:, None], size=x.shape[-2:], mode="area")[:, 0]
         out = {
             "logits": logits.view(b, -1, *logits.shape[1:]),
-            "vis_feat": frame_features(x, b),
+            "vis_feat": frame_features(x, b, pool),
             "aud_feat": F.normalize(enc.audio, dim=-1),
         }
         if self.training and self.avm_weight > 0 and self.stages:

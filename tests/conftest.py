@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ---------------------------------------------------------------------------------------- shards by hand
 
 import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Callable, Mapping, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -112,3 +113,11 @@ def avss_shards() -> Callable[..., Path]:
 def shard_set_writer() -> Callable[..., Path]:
     """`write_shard_set`: tars + shards.json from clips encoded with `encode_clip`."""
     return write_shard_set
+
+
+def load_bench(name: str):
+    """The script ``bench/<name>.py`` as a module (``bench/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -160,7 +160,8 @@ def paired_markdown(doc: dict, rows: list[str], reference: str) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, by_setting in deltas.items():
         first = next(iter(by_setting.values()))
-        cells = [f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} ({d['above']}/{d['n']})" for d in by_setting.values()]
+        cells = [(f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}" if d["n"] > 1 else f"{100 * d['mean']:+.2f}")
+                 + f" ({d['above']}/{d['n']})" for d in by_setting.values()]
         lines.append("| " + " | ".join([row, str(first["n"]), *cells]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -50,6 +50,8 @@ def test_paired_markdown_prints_sign_spread_and_seed_count(ablation):
     row = next(line for line in text.splitlines() if line.startswith("| full"))
     # clean: +2 and +6 → +4.00 ± 2.83, above on both; 0 dB: −5 and −10 → −7.50 ± 3.54, above on none.
     assert row == "| full | 2 | +4.00 ± 2.83 (2/2) | -7.50 ± 3.54 (0/2) |"
+    one = {row: {0: scores[row][0]} for row in scores}  # one seed: no spread to print
+    assert "| full | 1 | +2.00 (1/1) | -5.00 (0/1) |" in ablation.paired_markdown(_doc(one), ["baseline", "full"], "baseline")
 
 
 def test_no_reference_row_no_paired_table(ablation):

@@ -91,6 +91,20 @@ def test_groups_ignore_only_the_seed() -> None:
     assert configuration(a) != configuration({**a, "method": "x"})
 
 
+def test_a_run_written_before_a_config_field_existed_groups_with_newer_runs(runs: list[Path], tmp_path: Path) -> None:
+    """A run.json without a field added later (here ``cdcl_visual_pool``, whose default keeps the old behaviour)
+    is the same configuration as a newer run that records the default: one group, both seeds."""
+    older = tmp_path / "older"
+    shutil.copytree(runs[1], older)
+    doc = json.loads((older / "run.json").read_text())
+    assert doc["model"].pop("cdcl_visual_pool") == "mean"
+    (older / "run.json").write_text(json.dumps(doc))
+    res = CliRunner().invoke(app, ["compare", str(runs[0]), str(older), "--split", "val", "--json"])
+    assert res.exit_code == 0, res.output
+    groups = json.loads(res.output.strip().splitlines()[-1])["groups"]
+    assert [(g["name"], sorted(g["seeds"])) for g in groups] == [("icf tiny", [7, 8])]
+
+
 def test_settings_registry_parses_values_and_takes_new_entries() -> None:
     labels = [s.label for s in settings_from_options(["10,0", "-10"], ["0.25"], [])]
     assert labels == ["clean", "snr 10 dB", "snr 0 dB", "snr -10 dB", "frame-mix 0.25"]

@@ -174,12 +174,16 @@ def evaluate_runs(runs: Sequence[Path], split: str, settings: Sequence[EvalSetti
     input order; ``which`` picks each run's checkpoint (`icf.train.run.checkpoint_path`), ``loaded`` says which was
     scored; ``other_shards`` says what differs when ``allow_other_shards`` let a run be evaluated on shards other
     than those it trained on (`icf.train.binding`)."""
+    from icf.config import to_dict
     from icf.eval.evaluate import model_predictor
     from icf.train.run import load_trained
 
     out = []
     for run in runs:
         model, shards, doc, model_cfg, train_cfg = load_trained(run, which=which, allow_other_shards=allow_other_shards)
+        # The configs as the model was built from them: a field added since the run was written counts as its
+        # default, so older and newer runs of one configuration still form one group (`configuration`).
+        doc = {**doc, **to_dict(model_cfg, train_cfg)}
         device = next(model.parameters()).device
         predict = model_predictor(model)
         results = {}
